@@ -1,0 +1,1 @@
+"""The Fluxgate gateway: a stateless FastAPI app that validates jobs and enqueues them by task name."""

@@ -1,0 +1,1 @@
+"""Benchmarks: the serving benchmark and the GPU pipeline benchmark."""

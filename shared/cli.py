@@ -1,0 +1,91 @@
+"""The ``fluxgate`` command: gateway, worker, tiny models and API keys.
+
+Worker commands import ``worker`` lazily, so the gateway's install (no torch) runs the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from shared.settings import load_settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    port = args.port or int(os.environ.get("PORT", "8000"))
+    uvicorn.run(create_app(load_settings()), host=args.host, port=port, log_level="info", access_log=False)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    try:
+        from worker.cli import run_worker
+    except ImportError as error:  # the gateway image has no torch
+        raise SystemExit(
+            f"the worker needs the 'worker' extra (pip install 'fluxgate[worker]'): {error}"
+        ) from error
+    return run_worker(args)
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from worker.tiny_model import save_tiny_model
+
+    path = save_tiny_model(args.directory, kind=args.kind, seed=args.seed)
+    print(path)
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from shared.keys import KeyStore
+    from shared.redis_client import connect
+
+    keys = KeyStore(connect(load_settings().redis_url))
+    print(keys.create(args.owner, args.role))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluxgate", description="FLUX image generation as a job-queue API")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP gateway")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
+    serve.set_defaults(handler=_serve)
+
+    worker = commands.add_parser("worker", help="run a GPU worker for one model")
+    from worker.cli import add_worker_arguments  # torch-free: the engine is imported only when it runs
+
+    add_worker_arguments(worker)
+    worker.set_defaults(handler=_worker)
+
+    tiny = commands.add_parser("make-tiny-model", help="build a tiny random-weight FLUX pipeline in DIR")
+    tiny.add_argument("directory")
+    tiny.add_argument("--kind", default="flux1", choices=["flux1", "schnell", "kontext"])
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_make_tiny_model)
+
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="create a key and print it once")
+    create.add_argument("--owner", required=True)
+    create.add_argument("--role", choices=["user", "admin"], default="user")
+    create.set_defaults(handler=_keys_create)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The job store: job records, their indexes and events in Redis.
+
+Only :meth:`JobStore.transition` changes a status. It refuses moves outside :data:`LEGAL_MOVES` and
+compares the current status (and, where asked, attempt and worker) inside one Lua script, so two
+workers can never both own an attempt and a stale attempt can never write a result.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+
+from shared.ids import now_iso
+from shared.schemas import TERMINAL_STATUSES, GenerationParams, JobError, JobMetrics, Progress, StoredImage
+from shared.store_scripts import PROGRESS, TRANSITION
+from shared.workers import alive_key
+
+PREFIX = "fg"
+EVENT_MAXLEN = 1000
+
+# queued -> running -> succeeded | failed | canceled; running -> queued is a requeue (worker lost),
+# running -> running a reclaim of a dead worker's job by a new attempt; terminal -> queued an admin retry.
+LEGAL_MOVES: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "canceled", "failed"}),
+    "running": frozenset({"succeeded", "failed", "canceled", "queued", "running"}),
+    "succeeded": frozenset({"queued"}),
+    "failed": frozenset({"queued"}),
+    "canceled": frozenset({"queued"}),
+}
+
+
+# The event a move appends by default: running is announced as "started".
+EVENT_FOR_STATUS = {"queued": "job.requeued", "running": "job.started"}
+
+
+class IllegalTransition(Exception):
+    """A status change the lifecycle forbids, or one whose expectations (attempt, worker) no longer hold."""
+
+    def __init__(self, job_id: str, reason: str, status: str, attempt: str) -> None:
+        super().__init__(f"{job_id}: {reason} (status={status or '-'}, attempt={attempt or '-'})")
+        self.reason = reason
+        self.status = status
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:events"
+
+
+JSON_FIELDS = ("params", "progress", "images", "error", "metrics", "metadata")
+
+
+class JobRecord(BaseModel):
+    """A job as stored in its Redis hash (structured fields are JSON there)."""
+
+    id: str
+    owner: str
+    model: str
+    status: str
+    attempt: int
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    worker: str | None = None
+    params: GenerationParams
+    progress: Progress = Field(default_factory=Progress)
+    images: list[StoredImage] | None = None
+    error: JobError | None = None
+    error_detail: str | None = None
+    metrics: JobMetrics | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_hash(cls, fields: dict[Any, Any]) -> JobRecord:
+        decoded = {_text(name): _text(value) for name, value in fields.items()}
+        values: dict[str, Any] = {name: value or None for name, value in decoded.items()}
+        for name in JSON_FIELDS:
+            if values.get(name):
+                values[name] = json.loads(values[name])
+        return cls.model_validate(values)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    return json.dumps(value, separators=(",", ":"))
+
+
+class JobStore:
+    """Job records in Redis. Synchronous (redis-py); the gateway calls it from its thread pool."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._transition = client.register_script(TRANSITION)
+        self._progress = client.register_script(PROGRESS)
+
+    def create(
+        self, job_id: str, owner: str, params: GenerationParams, metadata: dict[str, Any] | None = None
+    ) -> JobRecord:
+        """Write a new queued job (attempt 1), index it and append its ``job.queued`` event."""
+        progress = Progress(step=0, total=params.num_inference_steps)
+        fields: dict[Any, str] = {
+            "id": job_id,
+            "owner": owner,
+            "model": params.model,
+            "status": "queued",
+            "attempt": "1",
+            "created_at": now_iso(),
+            "params": _encode(params),
+            "progress": _encode(progress),
+            "metadata": _encode(metadata or {}),
+        }
+        event = {"type": "job.queued", "job_id": job_id, "status": "queued", "attempt": 1}
+        event["progress"] = progress.model_dump()
+        sequence = self.redis.incr(f"{PREFIX}:seq")
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(job_key(job_id), mapping=fields)
+        pipe.zadd(f"{PREFIX}:owner:{owner}:jobs", {job_id: 0})
+        pipe.zadd(f"{PREFIX}:owner:{owner}:status:queued", {job_id: 0})
+        pipe.zadd(f"{PREFIX}:queue:{params.model}", {job_id: sequence})
+        pipe.xadd(events_key(job_id), {"type": "job.queued", "data": _encode(event)}, maxlen=EVENT_MAXLEN)
+        pipe.execute()
+        return JobRecord.from_hash(fields)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        fields = self.redis.hgetall(job_key(job_id))
+        return JobRecord.from_hash(fields) if fields else None
+
+    def transition(
+        self,
+        job_id: str,
+        to: str,
+        *,
+        allowed_from: Iterable[str],
+        expect_attempt: int | None = None,
+        expect_worker: str | None = None,
+        bump_attempt: bool = False,
+        fields: dict[str, Any] | None = None,
+        events: Iterable[str] | None = None,
+        event_extra: dict[str, Any] | None = None,
+    ) -> JobRecord:
+        """Move a job to ``to`` if its status is in ``allowed_from`` and expectations hold.
+
+        Sets ``fields`` and appends ``events`` (default: ``job.<to>``) in the same atomic step.
+        Raises :class:`IllegalTransition` otherwise (reason ``not_found``, ``illegal`` or ``stale``).
+        """
+        sources = sorted(set(allowed_from))
+        for source in sources:
+            if to not in LEGAL_MOVES[source]:
+                raise IllegalTransition(job_id, f"move {source} -> {to} is not in the lifecycle", source, "")
+        pairs: list[str] = []
+        for name, value in (fields or {}).items():
+            pairs += [name, _encode(value)]
+        args = [
+            to,
+            ",".join(sources),
+            "" if expect_attempt is None else str(expect_attempt),
+            expect_worker or "",
+            "1" if bump_attempt else "0",
+            ",".join(events or [EVENT_FOR_STATUS.get(to, f"job.{to}")]),
+            _encode(event_extra or {}),
+            str(EVENT_MAXLEN),
+            *pairs,
+        ]
+        keys = [job_key(job_id), events_key(job_id)]
+        reply = [_text(part) for part in self._transition(keys=keys, args=args)]
+        if reply[0] != "ok":
+            raise IllegalTransition(job_id, reply[1], reply[2], reply[3])
+        record = self.get(job_id)
+        assert record is not None
+        return record
+
+    def claim(self, job_id: str, attempt: int, worker_id: str, max_attempts: int) -> JobRecord | None:
+        """Take a job for a task message ``(job_id, attempt)``; None means: acknowledge and drop it.
+
+        A queued job of that attempt is claimed as is. A running one means the message was
+        redelivered: if its worker stopped heartbeating the job is reclaimed as attempt + 1 (or
+        fails ``worker_lost`` past ``max_attempts``); if its worker lives, the message is a duplicate.
+        Terminal jobs and other attempts' messages are stale.
+        """
+        record = self.get(job_id)
+        if record is None or record.is_terminal or record.attempt != attempt:
+            return None
+        fields = {
+            "worker": worker_id,
+            "started_at": now_iso(),
+            "progress": record.progress.model_copy(update={"step": 0}),
+        }
+        try:
+            if record.status == "queued":
+                return self.transition(
+                    job_id, "running", allowed_from={"queued"}, expect_attempt=attempt, fields=fields
+                )
+            previous = record.worker or ""
+            if previous == worker_id or (previous and self.is_worker_alive(previous)):
+                return None
+            if attempt >= max_attempts:
+                lost = {
+                    "code": "worker_lost",
+                    "message": f"The worker stopped during attempt {attempt} of {max_attempts}.",
+                }
+                self.transition(
+                    job_id,
+                    "failed",
+                    allowed_from={"running"},
+                    expect_attempt=attempt,
+                    expect_worker=previous,
+                    fields={"error": lost, "finished_at": now_iso()},
+                )
+                return None
+            return self.transition(
+                job_id,
+                "running",
+                allowed_from={"running"},
+                expect_attempt=attempt,
+                expect_worker=previous,
+                bump_attempt=True,
+                fields=fields,
+                events=["job.requeued", "job.started"],
+            )
+        except IllegalTransition:
+            return None  # another worker moved it first
+
+    def record_progress(self, job_id: str, attempt: int, worker: str, step: int, total: int) -> str:
+        """Record step progress of the owning attempt; returns the job's current status."""
+        progress = _encode(Progress(step=step, total=total))
+        reply = self._progress(
+            keys=[job_key(job_id), events_key(job_id)],
+            args=[str(attempt), worker, progress, str(EVENT_MAXLEN)],
+        )
+        return _text(reply)
+
+    def queue_position(self, model: str, job_id: str) -> int | None:
+        """How many queued jobs of the same model were submitted before this one."""
+        rank = self.redis.zrank(f"{PREFIX}:queue:{model}", job_id)
+        return None if rank is None else int(rank)  # type: ignore[arg-type]
+
+    def list_for_owner(
+        self, owner: str, status: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[JobRecord], str | None]:
+        """The owner's jobs, newest first; ``cursor`` is the last id of the previous page."""
+        index = f"{PREFIX}:owner:{owner}:" + (f"status:{status}" if status else "jobs")
+        upper = f"({cursor}" if cursor else "+"
+        ids = [_text(i) for i in self.redis.zrevrangebylex(index, upper, "-", start=0, num=limit + 1)]
+        page, more = ids[:limit], len(ids) > limit
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in page:
+            pipe.hgetall(job_key(job_id))
+        records = [JobRecord.from_hash(fields) for fields in pipe.execute() if fields]
+        return records, (page[-1] if more and page else None)
+
+    def is_worker_alive(self, worker_id: str) -> bool:
+        return bool(self.redis.exists(alive_key(worker_id)))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

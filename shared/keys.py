@@ -1,0 +1,79 @@
+"""API keys: stored hashed in Redis, each mapping to an owner and a role.
+
+Keys are 256-bit random tokens, so a plain SHA-256 is enough to store them (no password hashing
+needed: there is nothing to brute-force), and a lookup is one Redis read per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+
+from shared.ids import now_iso
+
+Role = Literal["user", "admin"]
+ROLES: tuple[Role, ...] = ("user", "admin")
+KEY_PREFIX = "fg:apikey:"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the owner of the key and its role."""
+
+    key_id: str
+    owner: str
+    role: Role
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def _digest(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class KeyStore:
+    """Create and look up API keys."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def create(self, owner: str, role: Role = "user") -> str:
+        """A new key for ``owner``; the plaintext is returned once and never stored."""
+        api_key = "fg_" + secrets.token_urlsafe(32)
+        self._store(api_key, owner, role)
+        return api_key
+
+    def ensure(self, api_key: str, owner: str, role: Role) -> None:
+        """Make ``api_key`` valid for ``owner`` with ``role`` (the bootstrap admin key)."""
+        self._store(api_key, owner, role)
+
+    def _store(self, api_key: str, owner: str, role: Role) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if not owner or len(owner) > 128:
+            raise ValueError("owner must be 1 to 128 characters")
+        digest = _digest(api_key)
+        fields: dict[Any, Any] = {
+            "key_id": "key_" + digest[:16],
+            "owner": owner,
+            "role": role,
+            "created_at": now_iso(),
+        }
+        self.redis.hset(KEY_PREFIX + digest, mapping=fields)
+
+    def lookup(self, api_key: str) -> Principal | None:
+        """The principal of a valid key, or None."""
+        fields = self.redis.hgetall(KEY_PREFIX + _digest(api_key))
+        if not fields:
+            return None
+        decoded: dict[str, str] = dict(fields)  # type: ignore[arg-type]  # clients decode responses
+        if decoded.get("revoked") or decoded.get("role") not in ROLES:
+            return None
+        role: Role = "admin" if decoded["role"] == "admin" else "user"
+        return Principal(key_id=decoded["key_id"], owner=decoded["owner"], role=role)

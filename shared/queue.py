@@ -1,0 +1,42 @@
+"""The Celery application both sides share: the gateway sends tasks by name, the worker runs them.
+
+Job state lives in our own Redis records; Celery only carries messages (results are ignored).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.settings import Settings
+
+GENERATE_TASK = "fluxgate.generate"
+
+
+def create_celery(settings: Settings) -> Celery:
+    """A Celery app on the Redis broker, configured for long GPU tasks.
+
+    Acks late with reject-on-worker-lost, prefetch 1: a message leaves the broker only when its job
+    has ended, so a worker that dies mid-job gets its message redelivered (the job store's attempt
+    check then decides whether it still runs). The visibility timeout must exceed the longest job,
+    else Redis redelivers a message whose job is still running.
+    """
+    app = Celery("fluxgate", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        result_backend=None,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.job_time_limit_s * 2},
+        task_default_queue="fluxgate.default",
+    )
+    return app
+
+
+def enqueue_generation(app: Celery, queue: str, job_id: str, attempt: int) -> None:
+    """Send the generation task for one attempt of a job to its model's queue."""
+    app.send_task(GENERATE_TASK, args=[job_id, attempt], queue=queue)

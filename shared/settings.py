@@ -1,0 +1,138 @@
+"""Fluxgate settings: one pydantic-settings object, prefix ``FLUXGATE_``, built by a function.
+
+Nothing reads the environment at import time: call :func:`load_settings` (tests pass overrides).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+DEFAULT_DATA_DIR = ".fluxgate"
+
+
+class ModelCapabilities(BaseModel):
+    """What a configured model can do; the gateway validates requests against it."""
+
+    generate: bool = True
+    edit: bool = False
+    max_reference_images: int = Field(default=0, ge=0, le=16)
+    negative_prompt: bool = False
+
+
+class ModelDefaults(BaseModel):
+    """Generation defaults for a model (FLUX.1-dev's unless the configuration says otherwise)."""
+
+    width: int = 1024
+    height: int = 1024
+    num_inference_steps: int = 28
+    guidance_scale: float = 3.5
+
+
+class ModelConfig(BaseModel):
+    """One served model: the API's ``model`` value, its weights and its capabilities."""
+
+    name: str
+    path: str
+    capabilities: ModelCapabilities = Field(default_factory=ModelCapabilities)
+    defaults: ModelDefaults = Field(default_factory=ModelDefaults)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_queue_name(cls, value: str) -> str:
+        if not MODEL_NAME_PATTERN.match(value):
+            raise ValueError(f"model name {value!r} must match {MODEL_NAME_PATTERN.pattern}")
+        return value
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue this model's workers consume."""
+        return f"gen.{self.name}"
+
+
+def tiny_model_config(data_dir: str) -> ModelConfig:
+    """The embedded default: the tiny random-weight pipeline ``make run`` builds and serves."""
+    return ModelConfig(
+        name="flux-tiny",
+        path=str(Path(data_dir, "models", "flux-tiny").resolve()),
+        defaults=ModelDefaults(width=256, height=256, num_inference_steps=8),
+    )
+
+
+class Limits(BaseModel):
+    """Request bounds. Pixels are capped as well as sides: 2048x2048 is 4.19 MP."""
+
+    max_body_bytes: int = 1_048_576
+    max_prompt_chars: int = 4000
+    min_side: int = 64
+    max_side: int = 2048
+    max_pixels: int = 2048 * 2048
+    max_num_images: int = 4
+    max_inference_steps: int = 100
+    max_guidance_scale: float = 30.0
+    max_metadata_bytes: int = 4096
+    max_list_limit: int = 100
+
+
+class Settings(BaseSettings):
+    """Every setting of the gateway and the worker. Environment: ``FLUXGATE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUXGATE_", env_nested_delimiter="__", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    data_dir: str = DEFAULT_DATA_DIR
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    public_base_url: str = "http://127.0.0.1:8000"
+    bootstrap_admin_key: str | None = None
+    file_signing_key: str | None = None
+    outbound_allow_cidrs: str = ""
+    models: list[ModelConfig] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+
+    result_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    job_ttl_s: int = Field(default=7 * 24 * 3600, ge=3600)
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=30.0, gt=0)
+    job_time_limit_s: int = Field(default=1800, ge=10)
+    redis_retry_after_s: int = 5
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else []
+        return value
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        data_dir = Path(self.data_dir).resolve()
+        self.data_dir = str(data_dir)
+        if not self.storage_url:
+            self.storage_url = f"file://{data_dir / 'files'}"
+        if not self.models:
+            self.models = [tiny_model_config(self.data_dir)]
+        names = [model.name for model in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"FLUXGATE_MODELS names must be unique, got {names}")
+        if not self.storage_url.startswith(("file://", "s3://")):
+            raise ValueError("FLUXGATE_STORAGE_URL must start with file:// or s3://")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("FLUXGATE_HEARTBEAT_TIMEOUT_S must exceed FLUXGATE_HEARTBEAT_INTERVAL_S")
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        """The configured model called ``name``, or None."""
+        return next((model for model in self.models if model.name == name), None)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment, with explicit overrides winning."""
+    return Settings(**overrides)

@@ -1,0 +1,32 @@
+"""Worker registry and heartbeats in Redis (read by the gateway, written by workers)."""
+
+from __future__ import annotations
+
+import redis
+
+WORKERS_KEY = "fg:workers"
+
+
+def worker_key(worker_id: str) -> str:
+    return f"fg:worker:{worker_id}"
+
+
+def alive_key(worker_id: str) -> str:
+    return f"fg:worker:{worker_id}:alive"
+
+
+def live_worker_counts(client: redis.Redis) -> dict[str, int]:
+    """Live workers per model: registered workers whose heartbeat key has not expired."""
+    worker_ids = sorted(str(worker_id) for worker_id in client.smembers(WORKERS_KEY))
+    if not worker_ids:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for worker_id in worker_ids:
+        pipe.exists(alive_key(worker_id))
+        pipe.hget(worker_key(worker_id), "model")
+    replies = pipe.execute()
+    counts: dict[str, int] = {}
+    for alive, model in zip(replies[::2], replies[1::2], strict=True):
+        if alive and model:
+            counts[model] = counts.get(model, 0) + 1
+    return counts

@@ -1,0 +1,171 @@
+"""``run_job``: one attempt of one job, from claim to terminal state. Plain Python, no Celery here."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from PIL import Image
+
+from shared.ids import now_iso, parse_iso, utcnow
+from shared.jobstore import IllegalTransition, JobRecord, JobStore
+from shared.schemas import CONTENT_TYPES, GenerationParams, JobMetrics, StoredImage
+from shared.storage import Storage, StorageError
+from worker.encode import EXTENSIONS, encode_image
+
+log = logging.getLogger("fluxgate.runner")
+
+
+@dataclass
+class GenerationOutput:
+    images: list[Image.Image]
+    peak_memory_mb: float | None = None
+    cached_steps: int = 0
+
+
+class Engine(Protocol):
+    def generate(self, params: GenerationParams, on_step: StepCallback) -> GenerationOutput: ...
+
+
+class StepCallback(Protocol):
+    def __call__(self, step: int, total: int) -> None: ...
+
+
+class CurrentJob(Protocol):
+    def set_current_job(self, job_id: str | None) -> None: ...
+
+
+@dataclass
+class WorkerRuntime:
+    """Everything a worker process holds for the lifetime of its pipeline."""
+
+    store: JobStore
+    storage: Storage
+    engine: Engine
+    worker_id: str
+    max_attempts: int
+    heartbeat: CurrentJob | None = None
+    jobs_done: int = field(default=0)
+
+
+def _fail(
+    runtime: WorkerRuntime, record: JobRecord, code: str, message: str, detail: str | None = None
+) -> str:
+    fields = {"error": {"code": code, "message": message}, "finished_at": now_iso()}
+    if detail:
+        fields["error_detail"] = detail
+    try:
+        runtime.store.transition(
+            record.id,
+            "failed",
+            allowed_from={"running"},
+            expect_attempt=record.attempt,
+            expect_worker=runtime.worker_id,
+            fields=fields,
+        )
+    except IllegalTransition as error:
+        log.info("job %s left running before it failed: %s", record.id, error)
+        return "dropped"
+    return "failed"
+
+
+def _upload(runtime: WorkerRuntime, record: JobRecord, output: GenerationOutput) -> list[StoredImage]:
+    params = record.params
+    stored = []
+    for index, image in enumerate(output.images):
+        data = encode_image(image, params.output_format, params.output_quality)
+        key = f"{record.id}/{record.attempt}/{index}.{EXTENSIONS[params.output_format]}"
+        content_type = CONTENT_TYPES[params.output_format]
+        runtime.storage.put(key, data, content_type)
+        stored.append(
+            StoredImage(
+                key=key,
+                content_type=content_type,
+                width=image.width,
+                height=image.height,
+                seed=params.image_seed(index),
+                sha256=hashlib.sha256(data).hexdigest(),
+                bytes=len(data),
+            )
+        )
+    return stored
+
+
+def _generate(runtime: WorkerRuntime, record: JobRecord) -> GenerationOutput:
+    def on_step(step: int, total: int) -> None:
+        runtime.store.record_progress(record.id, record.attempt, runtime.worker_id, step, total)
+
+    return runtime.engine.generate(record.params, on_step)
+
+
+def run_job(job_id: str, attempt: int, runtime: WorkerRuntime) -> str:
+    """Run attempt ``attempt`` of ``job_id``; returns the outcome: succeeded, failed or dropped.
+
+    Every failure ends the job with a code and a user-safe message (the traceback is kept for
+    admins); nothing is swallowed, and the worker stays up for the next job.
+    """
+    record = runtime.store.claim(job_id, attempt, runtime.worker_id, runtime.max_attempts)
+    if record is None:
+        log.info("dropped message for %s attempt %s (stale, duplicate or terminal)", job_id, attempt)
+        return "dropped"
+    if runtime.heartbeat:
+        runtime.heartbeat.set_current_job(record.id)
+    try:
+        return _run_claimed(runtime, record)
+    finally:
+        if runtime.heartbeat:
+            runtime.heartbeat.set_current_job(None)
+
+
+def _run_claimed(runtime: WorkerRuntime, record: JobRecord) -> str:
+    queue_s = (utcnow() - parse_iso(record.created_at)).total_seconds()
+    started = time.perf_counter()
+    try:
+        output = _generate(runtime, record)
+    except Exception as error:
+        log.exception("job %s failed in the pipeline", record.id)
+        code, message = _describe_pipeline_error(error)
+        return _fail(runtime, record, code, message, traceback.format_exc())
+    inference_s = time.perf_counter() - started
+    started = time.perf_counter()
+    try:
+        images = _upload(runtime, record, output)
+    except StorageError as error:
+        return _fail(runtime, record, "storage_error", f"Uploading the result failed: {error}")
+    metrics = JobMetrics(
+        queue_s=round(queue_s, 4),
+        inference_s=round(inference_s, 4),
+        upload_s=round(time.perf_counter() - started, 4),
+        peak_memory_mb=None if output.peak_memory_mb is None else round(output.peak_memory_mb, 1),
+        cached_steps=output.cached_steps,
+    )
+    total = record.params.num_inference_steps
+    try:
+        runtime.store.transition(
+            record.id,
+            "succeeded",
+            allowed_from={"running"},
+            expect_attempt=record.attempt,
+            expect_worker=runtime.worker_id,
+            fields={
+                "images": [image.model_dump() for image in images],
+                "metrics": metrics,
+                "progress": {"step": total, "total": total},
+                "finished_at": now_iso(),
+            },
+        )
+    except IllegalTransition as error:
+        log.info("job %s result dropped: %s", record.id, error)
+        return "dropped"
+    runtime.jobs_done += 1
+    return "succeeded"
+
+
+def _describe_pipeline_error(error: Exception) -> tuple[str, str]:
+    if type(error).__name__ == "OutOfMemoryError":
+        return "out_of_memory", "The GPU ran out of memory for this job; try a smaller size or fewer images."
+    return "generation_failed", f"The pipeline failed ({type(error).__name__}); the error was recorded."
