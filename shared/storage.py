@@ -56,8 +56,11 @@ class LocalStorage:
         return f"{self.public_base_url}/v1/files/{token}"
 
     def read(self, key: str) -> tuple[bytes, str] | None:
-        """The bytes and content type of ``key``, or None if it is gone."""
-        path = self.path(key)
+        """The bytes and content type of ``key``, or None if it is gone (or would leave the root)."""
+        try:
+            path = self.path(key)
+        except StorageError:
+            return None
         if not path.is_file():
             return None
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"

@@ -47,7 +47,7 @@ class FluxEngine:
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         started = time.perf_counter()
-        pipeline = DiffusionPipeline.from_pretrained(model_path, torch_dtype=dtype)
+        pipeline = DiffusionPipeline.from_pretrained(model_path, dtype=dtype)
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)
         log.info(
