@@ -69,7 +69,7 @@ def test_s3_storage_uploads_and_presigns_a_downloadable_url(s3_endpoint: str, aw
 
 def test_s3_missing_bucket_is_a_clear_storage_error(s3_endpoint: str, aws_env: None) -> None:
     storage = open_storage("s3://no-such-bucket", "http://unused", b"k", s3_endpoint)
-    with pytest.raises(StorageError, match="no-such-bucket.*does not exist"):
+    with pytest.raises(StorageError, match=r"no-such-bucket.*does not exist"):
         storage.put("job/1/0.png", b"x", "image/png")
     with pytest.raises(StorageError, match="does not exist"):
         storage.check()
