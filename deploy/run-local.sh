@@ -8,8 +8,6 @@ export PORT=${PORT:-8000}
 export FLUXGATE_PUBLIC_BASE_URL=${FLUXGATE_PUBLIC_BASE_URL:-http://127.0.0.1:$PORT}
 # A local-only admin key so that the README's curl examples work at once; set your own anywhere else.
 export FLUXGATE_BOOTSTRAP_ADMIN_KEY=${FLUXGATE_BOOTSTRAP_ADMIN_KEY:-fg-local-admin}
-# Reference images and webhooks to local servers are allowed in local runs.
-export FLUXGATE_OUTBOUND_ALLOW_CIDRS=${FLUXGATE_OUTBOUND_ALLOW_CIDRS:-127.0.0.0/8}
 
 tiny="$FLUXGATE_DATA_DIR/models/flux-tiny"
 if [ -z "${FLUXGATE_MODELS:-}" ] && [ ! -f "$tiny/model_index.json" ]; then

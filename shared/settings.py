@@ -92,12 +92,10 @@ class Settings(BaseSettings):
     public_base_url: str = "http://127.0.0.1:8000"
     bootstrap_admin_key: str | None = None
     file_signing_key: str | None = None
-    outbound_allow_cidrs: str = ""
     models: list[ModelConfig] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
 
     result_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
-    job_ttl_s: int = Field(default=7 * 24 * 3600, ge=3600)
     max_attempts: int = Field(default=3, ge=1, le=10)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     heartbeat_timeout_s: float = Field(default=30.0, gt=0)
