@@ -62,6 +62,24 @@ def check_metadata(metadata: dict[str, object] | None, limits: Limits) -> None:
         raise invalid("metadata", f"metadata must be at most {limits.max_metadata_bytes} bytes of JSON.")
 
 
+def _resolve_cache(body: JobCreate, model: ModelConfig) -> str:
+    cache = body.cache if body.cache is not None else model.default_cache
+    if cache not in model.cache_choices:
+        raise invalid("cache", f"cache must be one of {model.cache_choices} for the model {model.name!r}.")
+    return cache
+
+
+def _check_scalars(body: JobCreate, steps: int, guidance: float, limits: Limits) -> None:
+    _bounded("num_inference_steps", steps, 1, limits.max_inference_steps)
+    _bounded("guidance_scale", guidance, 0, limits.max_guidance_scale)
+    if body.true_cfg_scale is not None:
+        _bounded("true_cfg_scale", body.true_cfg_scale, 1, limits.max_guidance_scale)
+    _bounded("num_images", body.num_images, 1, limits.max_num_images)
+    _bounded("output_quality", body.output_quality, 1, 100)
+    if body.seed is not None:
+        _bounded("seed", body.seed, 0, MAX_SEED - 1)
+
+
 def resolve_params(body: JobCreate, model: ModelConfig, limits: Limits) -> GenerationParams:
     """Every generation parameter, defaults from the model filled in and the seed drawn if unset."""
     if not model.capabilities.generate:
@@ -74,15 +92,8 @@ def resolve_params(body: JobCreate, model: ModelConfig, limits: Limits) -> Gener
     height = body.height if body.height is not None else defaults.height
     _check_size(width, height, limits)
     steps = body.num_inference_steps if body.num_inference_steps is not None else defaults.num_inference_steps
-    _bounded("num_inference_steps", steps, 1, limits.max_inference_steps)
     guidance = body.guidance_scale if body.guidance_scale is not None else defaults.guidance_scale
-    _bounded("guidance_scale", guidance, 0, limits.max_guidance_scale)
-    if body.true_cfg_scale is not None:
-        _bounded("true_cfg_scale", body.true_cfg_scale, 1, limits.max_guidance_scale)
-    _bounded("num_images", body.num_images, 1, limits.max_num_images)
-    _bounded("output_quality", body.output_quality, 1, 100)
-    if body.seed is not None:
-        _bounded("seed", body.seed, 0, MAX_SEED - 1)
+    _check_scalars(body, steps, guidance, limits)
     negative = (
         _check_prompt("negative_prompt", body.negative_prompt, limits) if body.negative_prompt else None
     )
@@ -99,4 +110,5 @@ def resolve_params(body: JobCreate, model: ModelConfig, limits: Limits) -> Gener
         num_images=body.num_images,
         output_format=body.output_format,
         output_quality=body.output_quality,
+        cache=_resolve_cache(body, model),
     )

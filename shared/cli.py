@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny-model", help="build a tiny random-weight FLUX pipeline in DIR")
     tiny.add_argument("directory")
-    tiny.add_argument("--kind", default="flux1", choices=["flux1", "schnell", "kontext"])
+    from worker.tiny_model import TINY_KINDS  # imports torch lazily, only when a model is built
+
+    tiny.add_argument("--kind", default="flux1", choices=TINY_KINDS)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=_make_tiny_model)
 

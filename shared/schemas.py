@@ -35,6 +35,7 @@ class JobCreate(BaseModel):
     num_images: int = 1
     output_format: OutputFormat = "png"
     output_quality: int = 90
+    cache: str | None = None
     metadata: dict[str, Any] | None = None
 
 
@@ -57,6 +58,7 @@ class GenerationParams(BaseModel):
     num_images: int
     output_format: OutputFormat
     output_quality: int
+    cache: str = "off"
 
     def image_seed(self, index: int) -> int:
         """The seed image ``index`` was generated from (wraps at 2**32)."""

@@ -42,6 +42,10 @@ class ModelConfig(BaseModel):
     path: str
     capabilities: ModelCapabilities = Field(default_factory=ModelCapabilities)
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
+    # Cache-DiT presets this model's workers configure and warm at start; requests choose one with
+    # `cache` ("off" or a name here). Each is a different compiled graph, so the list is fixed.
+    cache_presets: list[str] = Field(default_factory=list)
+    default_cache: str = "off"
 
     @field_validator("name")
     @classmethod
@@ -49,6 +53,18 @@ class ModelConfig(BaseModel):
         if not MODEL_NAME_PATTERN.match(value):
             raise ValueError(f"model name {value!r} must match {MODEL_NAME_PATTERN.pattern}")
         return value
+
+    @model_validator(mode="after")
+    def _default_cache_is_offered(self) -> ModelConfig:
+        if self.default_cache not in self.cache_choices:
+            raise ValueError(
+                f"model {self.name!r}: default_cache {self.default_cache!r} is not in {self.cache_choices}"
+            )
+        return self
+
+    @property
+    def cache_choices(self) -> list[str]:
+        return ["off", *self.cache_presets]
 
     @property
     def queue(self) -> str:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
 import socket
 from typing import Any
+
+from pydantic import ValidationError
 
 from shared.jobstore import JobStore
 from shared.queue import create_celery
@@ -19,32 +22,73 @@ from worker.options import EngineOptions
 log = logging.getLogger("fluxgate.worker")
 
 
+# Flag -> EngineOptions field; each is also the setting FLUXGATE_<FIELD>.
+FLAG_FIELDS = (
+    "model_path",
+    "model_name",
+    "device",
+    "dtype",
+    "warmup",
+    "vae_path",
+    "vae_tiling",
+    "dit_cpu_offload",
+    "text_encoder_cpu_offload",
+    "vae_cpu_offload",
+    "pin_cpu_memory",
+    "gpu_memory_budget_gb",
+    "offload_blocks_per_group",
+    "attention_backend",
+    "compile",
+    "compile_mode",
+    "compile_cache_dir",
+    "warmup_resolutions",
+)
+
+
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model-path", help="hub id or local directory (default: the configured model's path)"
-    )
-    parser.add_argument("--model-name", help="configured model to serve (default: the first configured)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
+    """The worker's flags (mirroring ``sglang serve``); unset flags fall back to ``FLUXGATE_`` settings."""
+    add = parser.add_argument
+    add("--model-path", help="hub id or local directory (default: the configured model's path)")
+    add("--model-name", help="configured model to serve (default: the first configured)")
+    add("--device", choices=["auto", "cpu", "cuda"])
+    add("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
+    add("--no-warmup", dest="warmup", action="store_false", default=None, help="skip warm-up generations")
+    add("--warmup-resolutions", help="comma list of WIDTHxHEIGHT compiled and warmed at start")
+    add("--vae-path", help="custom VAE or tiny autoencoder (hub id or directory), e.g. madebyollin/taef1")
+    add("--vae-tiling", action="store_true", default=None, help="decode in tiles (bounded memory)")
+    add("--dit-cpu-offload", action="store_true", default=None, help="stream the transformer from CPU")
+    add("--text-encoder-cpu-offload", action="store_true", default=None, help="stream text encoders from CPU")
+    add("--vae-cpu-offload", action="store_true", default=None, help="stream the VAE from CPU")
+    add("--pin-cpu-memory", action="store_true", default=None, help="pin offloaded weights (faster copies)")
+    add("--gpu-memory-budget-gb", type=float, help="keep resident what fits this budget, stream the rest")
+    add("--offload-blocks-per-group", type=int, help="transformer blocks streamed together (default 1)")
+    add("--attention-backend", help="diffusers attention backend, e.g. native, _native_cudnn, flash, sage")
+    add("--compile", action="store_true", default=None, help="regionally compile the transformer blocks")
+    add("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    add("--compile-cache-dir", help="persistent torch compile cache (survives restarts)")
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
-    """Flags override ``FLUXGATE_`` environment settings."""
-    overrides = {
-        name: getattr(args, name)
-        for name in ("model_path", "model_name", "device", "dtype", "warmup")
-        if getattr(args, name, None) is not None
-    }
-    return EngineOptions(**overrides)
+    """Flags override ``FLUXGATE_`` environment settings; bad values and combinations raise, naming them."""
+    overrides = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name, None) is not None}
+    try:
+        return EngineOptions(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(_describe(issue) for issue in error.errors())
+        raise SystemExit(f"invalid worker options: {problems}") from None
+
+
+def _describe(issue: Any) -> str:
+    message = str(issue["msg"]).removeprefix("Value error, ")
+    flag = "-".join(str(part) for part in issue["loc"]).replace("_", "-")
+    return f"--{flag}: {message}" if flag else message
 
 
 def run_worker(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    """Start a GPU worker; returns the exit code."""
-    from worker.capabilities import check_capabilities
-    from worker.engine import FluxEngine
+    """Start a GPU worker: load and warm the engine, then consume the model's queue; returns the exit code."""
     from worker.heartbeat import Heartbeat
     from worker.runner import WorkerRuntime
+    from worker.startup import StartupError, load_engine
     from worker.tasks import register_generate_task
 
     settings = settings or load_settings()
@@ -53,22 +97,20 @@ def run_worker(args: argparse.Namespace, settings: Settings | None = None) -> in
     if model is None:
         names = ", ".join(m.name for m in settings.models)
         raise SystemExit(f"--model-name {options.model_name!r} is not a configured model ({names})")
-    engine = FluxEngine.load(options.model_path or model.path, options)
-    check_capabilities(engine.pipeline_class, model.name, model.capabilities)
-    if options.warmup:
-        engine.warmup()
+    try:
+        engine = load_engine(model, options, os.environ)
+    except StartupError as error:
+        raise SystemExit(f"worker for {model.name!r} cannot start: {error}") from None
     client = connect(settings.redis_url)
-    storage = open_storage(
-        settings.storage_url,
-        settings.public_base_url,
-        file_signing_secret(settings.file_signing_key, client),
-        settings.s3_endpoint_url,
-    )
+    secret = file_signing_secret(settings.file_signing_key, client)
+    storage = open_storage(settings.storage_url, settings.public_base_url, secret, settings.s3_endpoint_url)
     worker_id = f"{model.name}-{socket.gethostname()}-{secrets.token_hex(4)}"
-    info: dict[str, Any] = {
+    info = {
         "model": model.name,
         "pipeline": engine.pipeline_class,
         "device": str(engine.device),
+        "offloaded": ",".join(sorted(engine.offloaded)),
+        "cache_presets": ",".join(model.cache_choices),
     }
     heartbeat = Heartbeat(
         client, worker_id, info, settings.heartbeat_interval_s, settings.heartbeat_timeout_s
@@ -79,26 +121,30 @@ def run_worker(args: argparse.Namespace, settings: Settings | None = None) -> in
     heartbeat.start()
     log.info("worker %s serving %s on queue %s", worker_id, model.name, model.queue)
     try:
-        # Solo pool: the pipeline lives in this process; CUDA is never initialised before a fork.
-        app.worker_main(
-            [
-                "worker",
-                "--pool",
-                "solo",
-                "--queues",
-                model.queue,
-                "--concurrency",
-                "1",
-                "--prefetch-multiplier",
-                "1",
-                "--hostname",
-                f"{worker_id}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel",
-                "INFO",
-            ]
-        )
+        consume(app, model.queue, worker_id)
     finally:
         heartbeat.stop()
     return 0
+
+
+def consume(app: Any, queue: str, worker_id: str) -> None:
+    """Run the Celery worker in this process (solo pool: the pipeline lives here, CUDA never forks)."""
+    app.worker_main(
+        [
+            "worker",
+            "--pool",
+            "solo",
+            "--queues",
+            queue,
+            "--concurrency",
+            "1",
+            "--prefetch-multiplier",
+            "1",
+            "--hostname",
+            f"{worker_id}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "INFO",
+        ]
+    )

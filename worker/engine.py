@@ -1,22 +1,38 @@
-"""The FLUX engine: one diffusers pipeline loaded once per process, run per job."""
+"""The FLUX engine: one diffusers pipeline loaded once per process, optimised at load, run per job."""
 
 from __future__ import annotations
 
 import logging
 import resource
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from diffusers import DiffusionPipeline
 
 from shared.schemas import GenerationParams
+from worker.optimizations.attention import apply_attention_backend
+from worker.optimizations.compile import CompileConfig, apply_regional_compile
+from worker.optimizations.offload import OffloadConfig, apply_offload
+from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
 from worker.options import EngineOptions
-from worker.runner import GenerationOutput, StepCallback
+from worker.types import GenerationOutput, StepCallback
 
 log = logging.getLogger("fluxgate.engine")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class CacheRunner(Protocol):
+    """Per-request cache presets (Cache-DiT): set up before a call, counted after it."""
+
+    def prepare(self, preset: str, num_inference_steps: int, true_cfg: bool = False) -> None: ...
+
+    def cached_steps(self) -> int: ...
+
+
+CacheFactory = Callable[[Any], CacheRunner]
 
 
 def resolve_device(option: str) -> torch.device:
@@ -34,58 +50,117 @@ def resolve_dtype(option: str, device: torch.device) -> torch.dtype:
     return DTYPES[option]
 
 
-class FluxEngine:
-    """A warm FLUX pipeline. ``from_pretrained`` picks the class from ``model_index.json``."""
+def load_pipeline(model_path: str, options: EngineOptions, device: torch.device) -> Any:
+    """``from_pretrained`` on a hub id or a local directory; the class comes from ``model_index.json``."""
+    dtype = resolve_dtype(options.dtype, device)
+    components = {"vae": load_vae(options.vae_path, dtype)} if options.vae_path else {}
+    return DiffusionPipeline.from_pretrained(model_path, dtype=dtype, **components)
 
-    def __init__(self, pipeline: Any, device: torch.device) -> None:
+
+def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device) -> set[str]:
+    """The load-time options, in order: VAE checks, attention backend, placement (offload or resident).
+
+    Returns the names of the offloaded components.
+    """
+    if options.vae_path:
+        check_vae_fits(pipeline, options.vae_path)
+    if options.vae_tiling:
+        apply_vae_tiling(pipeline)
+    if options.attention_backend:
+        apply_attention_backend(pipeline, options.attention_backend)
+    offload = OffloadConfig(
+        dit=options.dit_cpu_offload,
+        text_encoder=options.text_encoder_cpu_offload,
+        vae=options.vae_cpu_offload,
+        pin_memory=options.pin_cpu_memory,
+        gpu_memory_budget_gb=options.gpu_memory_budget_gb,
+        blocks_per_group=options.offload_blocks_per_group,
+    )
+    offloaded = apply_offload(pipeline, offload, device)
+    pipeline.set_progress_bar_config(disable=True)
+    return offloaded
+
+
+class FluxEngine:
+    """A warm FLUX pipeline with its load-time optimisations applied."""
+
+    def __init__(self, pipeline: Any, device: torch.device, cache: CacheRunner | None = None) -> None:
         self.pipeline = pipeline
         self.device = device
+        self.cache = cache
+        self.offloaded: set[str] = set()
 
     @classmethod
-    def load(cls, model_path: str, options: EngineOptions) -> FluxEngine:
-        """Load the pipeline from a hub id or a local directory onto the configured device."""
+    def load(cls, model_path: str, options: EngineOptions, cache: CacheFactory | None = None) -> FluxEngine:
+        """Load the pipeline and apply the load-time options."""
         device = resolve_device(options.device)
-        dtype = resolve_dtype(options.dtype, device)
         started = time.perf_counter()
-        pipeline = DiffusionPipeline.from_pretrained(model_path, dtype=dtype)
-        pipeline.to(device)
-        pipeline.set_progress_bar_config(disable=True)
+        engine = cls.from_pipeline(load_pipeline(model_path, options, device), options, device, cache)
         log.info(
-            "loaded %s from %s on %s in %.1fs",
-            type(pipeline).__name__,
+            "loaded %s from %s on %s in %.1fs (offloaded: %s)",
+            engine.pipeline_class,
             model_path,
             device,
             time.perf_counter() - started,
+            ", ".join(sorted(engine.offloaded)) or "nothing",
         )
-        return cls(pipeline, device)
+        return engine
+
+    @classmethod
+    def from_pipeline(
+        cls, pipeline: Any, options: EngineOptions, device: torch.device, cache: CacheFactory | None = None
+    ) -> FluxEngine:
+        """Apply the load-time options to a built pipeline (the GPU benchmark builds its own)."""
+        offloaded = prepare_pipeline(pipeline, options, device)
+        engine = cls(pipeline, device, cache(pipeline) if cache else None)
+        engine.offloaded = offloaded
+        if options.compile:
+            apply_regional_compile(
+                pipeline, CompileConfig(mode=options.compile_mode, cache_dir=options.compile_cache_dir)
+            )
+        return engine
 
     @property
     def pipeline_class(self) -> str:
         return type(self.pipeline).__name__
 
-    def warmup(self) -> None:
-        """One small generation, so that the first user request pays no first-call costs."""
-        params = GenerationParams(
-            model="warmup",
-            prompt="warm-up",
-            width=256,
-            height=256,
-            num_inference_steps=2,
-            guidance_scale=3.5,
-            seed=0,
-            num_images=1,
-            output_format="png",
-            output_quality=90,
-        )
-        self.generate(params, lambda step, total: None)
+    def warmup(self, resolutions: list[tuple[int, int]], presets: list[str], steps: int = 2) -> float:
+        """Run every (resolution, cache preset) once at start, so compilation never lands on a user."""
+        started = time.perf_counter()
+        for width, height in resolutions or [(256, 256)]:
+            for preset in presets or ["off"]:
+                params = GenerationParams(
+                    model="warmup",
+                    prompt="warm-up",
+                    width=width,
+                    height=height,
+                    num_inference_steps=steps,
+                    guidance_scale=3.5,
+                    seed=0,
+                    num_images=1,
+                    output_format="png",
+                    output_quality=90,
+                    cache=preset,
+                )
+                self.generate(params, lambda step, total: None)
+        return time.perf_counter() - started
 
     def generate(self, params: GenerationParams, on_step: StepCallback) -> GenerationOutput:
         """Run one job. Image ``i`` uses its own CPU generator seeded ``seed + i`` (device-independent)."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        generators = [
-            torch.Generator(device="cpu").manual_seed(params.image_seed(i)) for i in range(params.num_images)
-        ]
+        if self.cache is not None:
+            # True CFG runs the transformer twice per step; the cache must count both passes.
+            true_cfg = params.negative_prompt is not None and (params.true_cfg_scale or 1.0) > 1.0
+            self.cache.prepare(params.cache, params.num_inference_steps, true_cfg=true_cfg)
+        with torch.inference_mode():
+            images = self.pipeline(**self._call_arguments(params, on_step)).images
+        cached = self.cache.cached_steps() if self.cache is not None else 0
+        return GenerationOutput(
+            images=list(images), peak_memory_mb=self._peak_memory_mb(), cached_steps=cached
+        )
+
+    def _call_arguments(self, params: GenerationParams, on_step: StepCallback) -> dict[str, Any]:
         total = params.num_inference_steps
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +174,10 @@ class FluxEngine:
             "num_inference_steps": total,
             "guidance_scale": params.guidance_scale,
             "num_images_per_prompt": params.num_images,
-            "generator": generators,
+            "generator": [
+                torch.Generator(device="cpu").manual_seed(params.image_seed(i))
+                for i in range(params.num_images)
+            ],
             "output_type": "pil",
             "callback_on_step_end": step_end,
         }
@@ -107,9 +185,7 @@ class FluxEngine:
             kwargs["negative_prompt"] = params.negative_prompt
         if params.true_cfg_scale is not None:
             kwargs["true_cfg_scale"] = params.true_cfg_scale
-        with torch.inference_mode():
-            images = self.pipeline(**kwargs).images
-        return GenerationOutput(images=list(images), peak_memory_mb=self._peak_memory_mb())
+        return kwargs
 
     def _peak_memory_mb(self) -> float:
         """Peak GPU memory of this job on CUDA; on a CPU, the process's peak resident memory."""

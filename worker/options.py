@@ -1,18 +1,24 @@
-"""The worker's runtime options: ``fluxgate worker`` flags, each also a ``FLUXGATE_`` setting."""
+"""The worker's runtime options: ``fluxgate worker`` flags, each also a ``FLUXGATE_`` setting.
+
+They mirror ``sglang serve``'s FLUX options and are applied once, when the pipeline is loaded;
+per-request choices (the cache preset) travel with each job.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
+RESOLUTION = re.compile(r"^(\d+)x(\d+)$")
 
 
 class EngineOptions(BaseSettings):
-    """Options applied once, when the pipeline is loaded (per-request options come with the job)."""
+    """Load-time options of the FLUX engine. Environment: ``FLUXGATE_<NAME>``; flags override."""
 
     model_config = SettingsConfigDict(env_prefix="FLUXGATE_", extra="ignore")
 
@@ -21,10 +27,67 @@ class EngineOptions(BaseSettings):
     device: Device = "auto"
     dtype: DType = "auto"
     warmup: bool = True
+    vae_path: str | None = None
+    vae_tiling: bool = False
+    dit_cpu_offload: bool = False
+    text_encoder_cpu_offload: bool = False
+    vae_cpu_offload: bool = False
+    pin_cpu_memory: bool = False
+    gpu_memory_budget_gb: float | None = Field(default=None, gt=0)
+    offload_blocks_per_group: int = Field(default=1, ge=1)
+    attention_backend: str | None = None
+    compile: bool = False
+    compile_mode: str | None = None
+    compile_cache_dir: str | None = None
+    warmup_resolutions: str = ""
 
-    @field_validator("model_path")
+    @field_validator("model_path", "vae_path", "attention_backend", "compile_cache_dir")
     @classmethod
     def _non_empty(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
-            raise ValueError("--model-path must not be empty")
+            raise ValueError("must not be empty")
         return value
+
+    @field_validator("warmup_resolutions")
+    @classmethod
+    def _resolutions(cls, value: str) -> str:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            match = RESOLUTION.match(item)
+            if (
+                not match
+                or int(match[1]) % 16
+                or int(match[2]) % 16
+                or not int(match[1])
+                or not int(match[2])
+            ):
+                raise ValueError(f"{item!r} is not WIDTHxHEIGHT with both multiples of 16 (e.g. 1024x1024)")
+        return value
+
+    @model_validator(mode="after")
+    def _combinations(self) -> EngineOptions:
+        if self.gpu_memory_budget_gb is not None and (self.dit_cpu_offload or self.text_encoder_cpu_offload):
+            raise ValueError(
+                "--gpu-memory-budget-gb chooses what to offload itself; drop --dit-cpu-offload and "
+                "--text-encoder-cpu-offload, or drop the budget"
+            )
+        if self.pin_cpu_memory and not self.any_offload:
+            raise ValueError("--pin-cpu-memory only applies with an offload option or --gpu-memory-budget-gb")
+        return self
+
+    @property
+    def any_offload(self) -> bool:
+        return (
+            self.dit_cpu_offload
+            or self.text_encoder_cpu_offload
+            or self.vae_cpu_offload
+            or self.gpu_memory_budget_gb is not None
+        )
+
+    @property
+    def resolutions(self) -> list[tuple[int, int]]:
+        """The warm-up resolutions as (width, height) pairs."""
+        pairs = []
+        for item in filter(None, (part.strip() for part in self.warmup_resolutions.split(","))):
+            width, height = item.split("x")
+            pairs.append((int(width), int(height)))
+        return pairs

@@ -9,30 +9,14 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from PIL import Image
-
 from shared.ids import now_iso, parse_iso, utcnow
 from shared.jobstore import IllegalTransition, JobRecord, JobStore
-from shared.schemas import CONTENT_TYPES, GenerationParams, JobMetrics, StoredImage
+from shared.schemas import CONTENT_TYPES, JobMetrics, StoredImage
 from shared.storage import Storage, StorageError
 from worker.encode import EXTENSIONS, encode_image
+from worker.types import Engine, GenerationOutput
 
 log = logging.getLogger("fluxgate.runner")
-
-
-@dataclass
-class GenerationOutput:
-    images: list[Image.Image]
-    peak_memory_mb: float | None = None
-    cached_steps: int = 0
-
-
-class Engine(Protocol):
-    def generate(self, params: GenerationParams, on_step: StepCallback) -> GenerationOutput: ...
-
-
-class StepCallback(Protocol):
-    def __call__(self, step: int, total: int) -> None: ...
 
 
 class CurrentJob(Protocol):

@@ -1,4 +1,4 @@
-"""Tiny random-weight FLUX.1 pipelines, built entirely on this machine.
+"""Tiny random-weight FLUX.1 and FLUX.2 pipelines, built entirely on this machine.
 
 Why this exists:
 
@@ -12,6 +12,8 @@ Why this exists:
   VAE keeps FLUX's 8x spatial downsampling and 16 latent channels, so the transformer takes
   ``in_channels=64`` (16 channels x 2x2 packing) and a W x H job produces the same number of image tokens
   (``(W/16) * (H/16)``) as the real model; only the widths and depths are tiny.
+* **FLUX.2 too.** The ``"flux2"`` kind is a FLUX.2-dev-like ``Flux2Pipeline`` (32 latent channels at /8,
+  ``in_channels=128``, a Mistral3 text encoder); it is built in ``worker.tiny_flux2``, which documents it.
 * **Deterministic and small.** Torch is seeded before each component, so the same ``seed`` gives the same
   weights; a saved model is well under 1 MB and builds in well under a second.
 
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch and diffusers are imported lazily: importing this module must stay cheap.
     from diffusers import DiffusionPipeline
 
-TINY_KINDS = ("flux1", "schnell", "kontext")
+TINY_KINDS = ("flux1", "schnell", "kontext", "flux2")
 
 # FLUX.1-dev's scheduler_config.json (FLUX.1-Kontext-dev ships the same one).
 DEV_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -194,10 +196,15 @@ def build_tiny_pipeline(kind: str = "flux1", seed: int = 0) -> DiffusionPipeline
     """Build a tiny random-weight FLUX pipeline in memory (float32, CPU).
 
     ``kind`` is ``"flux1"`` (FLUX.1-dev-like ``FluxPipeline``), ``"schnell"`` (``FluxPipeline`` without
-    guidance embedding and with schnell's fixed-shift scheduler) or ``"kontext"`` (``FluxKontextPipeline``).
-    The weights are a deterministic function of ``seed``. Raises ``ValueError`` for an unknown ``kind``.
+    guidance embedding and with schnell's fixed-shift scheduler), ``"kontext"`` (``FluxKontextPipeline``) or
+    ``"flux2"`` (FLUX.2-dev-like ``Flux2Pipeline``, see ``worker.tiny_flux2``). The weights are a
+    deterministic function of ``seed``. Raises ``ValueError`` for an unknown ``kind``.
     """
     _check_kind(kind)
+    if kind == "flux2":
+        from worker.tiny_flux2 import build_tiny_flux2_pipeline
+
+        return build_tiny_flux2_pipeline(seed)
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
 

@@ -42,6 +42,7 @@ def test_submit_returns_202_with_location_and_the_queued_job(client: TestClient,
         "num_images": 1,
         "output_format": "png",
         "output_quality": 90,
+        "cache": "off",
     }
     assert job["progress"] == {"step": 0, "total": 2}
     assert job["metadata"] == {"order": 12}
@@ -96,6 +97,7 @@ def test_submit_enqueues_a_task_naming_job_and_attempt_on_the_model_queue(
         ({"prompt": "x", "cancel_after": 10}, "unsupported_parameter", "cancel_after"),
         ({"prompt": "x", "images": ["https://example.com/a.png"]}, "unsupported_parameter", "images"),
         ({"prompt": "x", "webhook_events": ["job.succeeded"]}, "unsupported_parameter", "webhook_events"),
+        ({"prompt": "x", "cache": "fast"}, "invalid_parameter", "cache"),
     ],
 )
 def test_bad_bodies_are_400_naming_the_field(

@@ -14,7 +14,8 @@ from shared.ids import new_job_id
 from shared.jobstore import JobStore
 from shared.schemas import GenerationParams
 from shared.storage import LocalStorage, StorageError
-from worker.runner import GenerationOutput, WorkerRuntime, run_job
+from worker.runner import WorkerRuntime, run_job
+from worker.types import GenerationOutput
 
 
 class FakeEngine:

@@ -1,0 +1,1 @@
+"""Load-time optimisations, one module per technique: apply_x(pipe, config)."""
