@@ -86,7 +86,9 @@ def cache_factory(preset: str | None) -> Any:
         return None
     from worker.optimizations.cache_dit import CacheDitConfig, apply_cache_dit
 
-    presets = {preset: CacheDitConfig(enabled=True, scm_preset=preset)}
+    # Static policy: the mask alone decides (as in ../shared/gpu/stock_cachedit_masks.py), since random
+    # weights would make a dynamic policy's residual checks meaningless.
+    presets = {preset: CacheDitConfig(enabled=True, scm_preset=preset, scm_policy="static", mc=-1)}
     return lambda pipe: apply_cache_dit(pipe, presets, default=preset)
 
 

@@ -181,6 +181,10 @@ class FluxEngine:
             "output_type": "pil",
             "callback_on_step_end": step_end,
         }
+        if self.pipeline_class == "FluxKontextPipeline":
+            # Kontext rescales the output to max_area (default 1 MP) keeping the aspect ratio; the
+            # requested size is the contract, so the area is exactly width x height.
+            kwargs["max_area"] = params.width * params.height
         if params.negative_prompt is not None:
             kwargs["negative_prompt"] = params.negative_prompt
         if params.true_cfg_scale is not None:
