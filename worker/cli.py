@@ -22,29 +22,6 @@ from worker.options import EngineOptions
 log = logging.getLogger("fluxgate.worker")
 
 
-# Flag -> EngineOptions field; each is also the setting FLUXGATE_<FIELD>.
-FLAG_FIELDS = (
-    "model_path",
-    "model_name",
-    "device",
-    "dtype",
-    "warmup",
-    "vae_path",
-    "vae_tiling",
-    "dit_cpu_offload",
-    "text_encoder_cpu_offload",
-    "vae_cpu_offload",
-    "pin_cpu_memory",
-    "gpu_memory_budget_gb",
-    "offload_blocks_per_group",
-    "attention_backend",
-    "compile",
-    "compile_mode",
-    "compile_cache_dir",
-    "warmup_resolutions",
-)
-
-
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """The worker's flags (mirroring ``sglang serve``); unset flags fall back to ``FLUXGATE_`` settings."""
     add = parser.add_argument
@@ -70,7 +47,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
     """Flags override ``FLUXGATE_`` environment settings; bad values and combinations raise, naming them."""
-    overrides = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name, None) is not None}
+    fields = EngineOptions.model_fields
+    overrides = {name: value for name, value in vars(args).items() if name in fields and value is not None}
     try:
         return EngineOptions(**overrides)
     except ValidationError as error:

@@ -1,0 +1,61 @@
+"""Attention kernels at FLUX.1-dev's shape (24 heads x 128, 4096 + 512 tokens), bf16, one GPU.
+
+Times torch SDPA per backend on [B, H, S, D] inputs made contiguous, and on the strided views that
+FLUX's processors hand over ([B, S, H, D] transposed), to see what layout costs each kernel.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def time_ms(fn: Callable[[], object], repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def main() -> None:
+    batch, heads, tokens, dim = 1, 24, 4096 + 512, 128
+    flops = 4 * batch * heads * tokens * tokens * dim
+    bshd = [torch.randn(batch, tokens, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    strided = [t.transpose(1, 2) for t in bshd]
+    contiguous = [t.contiguous() for t in strided]
+    results: dict[str, Any] = {}
+    for name, backend in (
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ):
+        for layout, (q, k, v) in (("contiguous", contiguous), ("strided", strided)):
+            try:
+                with sdpa_kernel(backend):
+                    ms = time_ms(partial(torch.nn.functional.scaled_dot_product_attention, q, k, v))
+                results[f"{name}/{layout}"] = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1)}
+            except RuntimeError as error:
+                results[f"{name}/{layout}"] = {"error": str(error)[:120]}
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        q, k, v = strided
+        ms = time_ms(
+            lambda: torch.nn.functional.scaled_dot_product_attention(
+                q.contiguous(), k.contiguous(), v.contiguous()
+            )
+        )
+    results["cudnn/strided+copy"] = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1)}
+    print("ATTENTION " + json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
