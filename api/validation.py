@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import secrets
+from urllib.parse import urlparse
 
 from shared.errors import ApiError, invalid
-from shared.schemas import GenerationParams, JobCreate
+from shared.schemas import EVENT_TYPES, GenerationParams, JobCreate
 from shared.settings import Limits, ModelConfig, Settings
 
 MAX_SEED = 2**32
@@ -112,3 +113,32 @@ def resolve_params(body: JobCreate, model: ModelConfig, limits: Limits) -> Gener
         output_quality=body.output_quality,
         cache=_resolve_cache(body, model),
     )
+
+
+MAX_CANCEL_AFTER_S = 7 * 24 * 3600
+MAX_WEBHOOK_URL_CHARS = 2048
+
+
+def check_job_options(body: JobCreate, settings: Settings) -> None:
+    """Deadline, webhook URL and event selection."""
+    if body.cancel_after is not None:
+        _bounded("cancel_after", body.cancel_after, 0.001, MAX_CANCEL_AFTER_S)
+    if body.webhook_events is not None:
+        if body.webhook_url is None:
+            raise invalid("webhook_events", "webhook_events needs a webhook_url.")
+        unknown = sorted(set(body.webhook_events) - set(EVENT_TYPES))
+        if unknown or not body.webhook_events:
+            raise invalid(
+                "webhook_events", f"webhook_events must be a non-empty list of {list(EVENT_TYPES)}."
+            )
+    if body.webhook_url is not None:
+        check_webhook_url(body.webhook_url, settings)
+
+
+def check_webhook_url(url: str, settings: Settings) -> None:
+    """http(s) only, bounded, and never to private, loopback, link-local or metadata addresses."""
+    if len(url) > MAX_WEBHOOK_URL_CHARS:
+        raise invalid("webhook_url", f"webhook_url must be at most {MAX_WEBHOOK_URL_CHARS} characters.")
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise invalid("webhook_url", "webhook_url must be an http(s) URL with a host.")

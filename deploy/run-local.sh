@@ -25,5 +25,6 @@ trap stop INT TERM EXIT
 
 fluxgate serve --host 127.0.0.1 --port "$PORT" & pids+=($!)
 fluxgate worker & pids+=($!)
+fluxgate sweeper & pids+=($!)
 echo "Fluxgate on http://127.0.0.1:$PORT (admin key: $FLUXGATE_BOOTSTRAP_ADMIN_KEY). Ctrl-C stops it."
 wait -n "${pids[@]}"

@@ -33,6 +33,21 @@ def _worker(args: argparse.Namespace) -> int:
     return run_worker(args)
 
 
+def _sweeper(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from shared.jobstore import JobStore
+    from shared.redis_client import connect
+    from shared.sweeper import run_sweeper
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    run_sweeper(JobStore(connect(load_settings().redis_url)), args.interval, stop)
+    return 0
+
+
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from worker.tiny_model import save_tiny_model
 
@@ -64,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_worker_arguments(worker)
     worker.set_defaults(handler=_worker)
+
+    sweeper = commands.add_parser("sweeper", help="run the periodic sweeper (deadlines)")
+    sweeper.add_argument("--interval", type=float, default=1.0, help="seconds between passes")
+    sweeper.set_defaults(handler=_sweeper)
 
     tiny = commands.add_parser("make-tiny-model", help="build a tiny random-weight FLUX pipeline in DIR")
     tiny.add_argument("directory")

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from pydantic import BaseModel, Field
 
-from shared.ids import now_iso
+from shared.ids import now_iso, parse_iso
 from shared.schemas import TERMINAL_STATUSES, GenerationParams, JobError, JobMetrics, Progress, StoredImage
-from shared.store_scripts import PROGRESS, TRANSITION
+from shared.store_scripts import CREATE, PROGRESS, TRANSITION
 from shared.workers import alive_key
 
 PREFIX = "fg"
@@ -31,6 +32,19 @@ LEGAL_MOVES: dict[str, frozenset[str]] = {
     "failed": frozenset({"queued"}),
     "canceled": frozenset({"queued"}),
 }
+
+
+DEADLINES_KEY = f"{PREFIX}:deadlines"
+CANCELED_BY_USER = "canceled"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+
+
+def canceled_fields(reason: str) -> dict[str, Any]:
+    """Fields of a canceled job: a deadline is an error the user should see; their own cancel is not."""
+    fields: dict[str, Any] = {"finished_at": now_iso()}
+    if reason == DEADLINE_EXCEEDED:
+        fields["error"] = {"code": DEADLINE_EXCEEDED, "message": "The job passed its cancel_after deadline."}
+    return fields
 
 
 # The event a move appends by default: running is announced as "started".
@@ -57,6 +71,17 @@ def events_key(job_id: str) -> str:
 JSON_FIELDS = ("params", "progress", "images", "error", "metrics", "metadata")
 
 
+@dataclass(frozen=True)
+class JobOptions:
+    """What a submission sets besides the generation parameters."""
+
+    metadata: dict[str, Any] = field(default_factory=dict)
+    priority: str = "normal"
+    webhook_url: str | None = None
+    webhook_events: tuple[str, ...] = ()
+    deadline_at: str | None = None
+
+
 class JobRecord(BaseModel):
     """A job as stored in its Redis hash (structured fields are JSON there)."""
 
@@ -76,6 +101,11 @@ class JobRecord(BaseModel):
     error_detail: str | None = None
     metrics: JobMetrics | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: str = "normal"
+    webhook_url: str | None = None
+    webhook_events: list[str] = Field(default_factory=list)
+    deadline_at: str | None = None
+    cancel_requested: str | None = None
 
     @classmethod
     def from_hash(cls, fields: dict[Any, Any]) -> JobRecord:
@@ -84,6 +114,7 @@ class JobRecord(BaseModel):
         for name in JSON_FIELDS:
             if values.get(name):
                 values[name] = json.loads(values[name])
+        values["webhook_events"] = [e for e in (values.get("webhook_events") or "").split(",") if e]
         return cls.model_validate(values)
 
     @property
@@ -106,13 +137,15 @@ class JobStore:
         self.redis = client
         self._transition = client.register_script(TRANSITION)
         self._progress = client.register_script(PROGRESS)
+        self._create = client.register_script(CREATE)
 
     def create(
-        self, job_id: str, owner: str, params: GenerationParams, metadata: dict[str, Any] | None = None
+        self, job_id: str, owner: str, params: GenerationParams, options: JobOptions | None = None
     ) -> JobRecord:
-        """Write a new queued job (attempt 1), index it and append its ``job.queued`` event."""
+        """Write a new queued job (attempt 1), index it and append its ``job.queued`` event, atomically."""
+        options = options or JobOptions()
         progress = Progress(step=0, total=params.num_inference_steps)
-        fields: dict[Any, str] = {
+        fields: dict[str, str] = {
             "id": job_id,
             "owner": owner,
             "model": params.model,
@@ -121,19 +154,48 @@ class JobStore:
             "created_at": now_iso(),
             "params": _encode(params),
             "progress": _encode(progress),
-            "metadata": _encode(metadata or {}),
+            "metadata": _encode(options.metadata),
+            "priority": options.priority,
+            "webhook_url": options.webhook_url or "",
+            "webhook_events": ",".join(options.webhook_events),
+            "deadline_at": options.deadline_at or "",
         }
         event = {"type": "job.queued", "job_id": job_id, "status": "queued", "attempt": 1}
         event["progress"] = progress.model_dump()
-        sequence = self.redis.incr(f"{PREFIX}:seq")
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(job_key(job_id), mapping=fields)
-        pipe.zadd(f"{PREFIX}:owner:{owner}:jobs", {job_id: 0})
-        pipe.zadd(f"{PREFIX}:owner:{owner}:status:queued", {job_id: 0})
-        pipe.zadd(f"{PREFIX}:queue:{params.model}", {job_id: sequence})
-        pipe.xadd(events_key(job_id), {"type": "job.queued", "data": _encode(event)}, maxlen=EVENT_MAXLEN)
-        pipe.execute()
+        pairs = [part for item in fields.items() for part in item]
+        args = [str(EVENT_MAXLEN), owner, params.model, _encode(event), *pairs]
+        if not self._create(keys=[job_key(job_id), events_key(job_id)], args=args):
+            raise IllegalTransition(job_id, "exists", "", "")
+        if options.deadline_at:
+            self.redis.zadd(DEADLINES_KEY, {job_id: parse_iso(options.deadline_at).timestamp()})
         return JobRecord.from_hash(fields)
+
+    def cancel(self, job_id: str, reason: str = CANCELED_BY_USER) -> JobRecord | None:
+        """Cancel a job: a queued one never runs; a running one is flagged and its worker stops at the
+        next denoising step (no decode, no upload); a terminal one is left as it is."""
+        for _ in range(3):  # a queued job may start between the read and the move: look again
+            record = self.get(job_id)
+            if record is None or record.is_terminal:
+                return record
+            if record.status == "running":
+                self.redis.hset(job_key(job_id), "cancel_requested", reason)
+                return self.get(job_id)
+            try:
+                return self.transition(
+                    job_id, "canceled", allowed_from={"queued"}, fields=canceled_fields(reason)
+                )
+            except IllegalTransition:
+                continue
+        return self.get(job_id)
+
+    def due_deadlines(self, now: float, limit: int = 100) -> list[str]:
+        """Jobs whose ``cancel_after`` deadline has passed (the sweeper cancels them)."""
+        return [
+            str(job_id) for job_id in self.redis.zrangebyscore(DEADLINES_KEY, "-inf", now, start=0, num=limit)
+        ]
+
+    def forget_deadline(self, job_id: str) -> None:
+        self.redis.zrem(DEADLINES_KEY, job_id)
 
     def get(self, job_id: str) -> JobRecord | None:
         fields = self.redis.hgetall(job_key(job_id))

@@ -10,6 +10,7 @@ from celery import Celery
 from shared.settings import Settings
 
 GENERATE_TASK = "fluxgate.generate"
+PRIORITY_STEPS = {"high": 0, "normal": 3, "low": 6}
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -31,12 +32,18 @@ def create_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.job_time_limit_s * 2},
         task_default_queue="fluxgate.default",
+        # Priorities on the Redis broker: one list per step, consumed lowest step first (0 = highest).
+        broker_transport_options={
+            "visibility_timeout": settings.job_time_limit_s * 2,
+            "priority_steps": list(PRIORITY_STEPS.values()),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
     )
     return app
 
 
-def enqueue_generation(app: Celery, queue: str, job_id: str, attempt: int) -> None:
-    """Send the generation task for one attempt of a job to its model's queue."""
-    app.send_task(GENERATE_TASK, args=[job_id, attempt], queue=queue)
+def enqueue_generation(app: Celery, queue: str, job_id: str, attempt: int, priority: str = "normal") -> None:
+    """Send the generation task for one attempt of a job to its model's queue, at the job's priority."""
+    app.send_task(GENERATE_TASK, args=[job_id, attempt], queue=queue, priority=PRIORITY_STEPS[priority])

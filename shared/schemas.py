@@ -13,9 +13,20 @@ CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp
 
 # Fields of the job contract whose behaviour lands with later issues (client integration, editing).
 # Until then they are refused with 400 `unsupported_parameter`, never silently ignored.
-NOT_YET_SUPPORTED_FIELDS: frozenset[str] = frozenset(
-    {"webhook_url", "webhook_events", "priority", "cancel_after", "images"}
+NOT_YET_SUPPORTED_FIELDS: frozenset[str] = frozenset({"images"})
+
+EVENT_TYPES: tuple[str, ...] = (
+    "job.queued",
+    "job.started",
+    "job.progress",
+    "job.succeeded",
+    "job.failed",
+    "job.canceled",
+    "job.requeued",
 )
+# Webhooks get every event type but progress unless the job selects its own.
+DEFAULT_WEBHOOK_EVENTS: tuple[str, ...] = tuple(t for t in EVENT_TYPES if t != "job.progress")
+Priority = Literal["low", "normal", "high"]
 
 
 class JobCreate(BaseModel):
@@ -37,6 +48,10 @@ class JobCreate(BaseModel):
     output_quality: int = 90
     cache: str | None = None
     metadata: dict[str, Any] | None = None
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
+    priority: Priority = "normal"
+    cancel_after: float | None = None
 
 
 class GenerationParams(BaseModel):

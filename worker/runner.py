@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from shared.ids import now_iso, parse_iso, utcnow
-from shared.jobstore import IllegalTransition, JobRecord, JobStore
+from shared.jobstore import (
+    CANCELED_BY_USER,
+    DEADLINE_EXCEEDED,
+    IllegalTransition,
+    JobRecord,
+    JobStore,
+    canceled_fields,
+)
 from shared.schemas import CONTENT_TYPES, JobMetrics, StoredImage
 from shared.storage import Storage, StorageError
 from worker.encode import EXTENSIONS, encode_image
@@ -79,15 +86,45 @@ def _upload(runtime: WorkerRuntime, record: JobRecord, output: GenerationOutput)
     return stored
 
 
+class JobInterrupted(Exception):
+    """Raised from the step callback: the job was canceled, or this attempt no longer owns it."""
+
+    def __init__(self, canceled: bool) -> None:
+        super().__init__("canceled" if canceled else "no longer owned by this attempt")
+        self.canceled = canceled
+
+
 def _generate(runtime: WorkerRuntime, record: JobRecord) -> GenerationOutput:
     def on_step(step: int, total: int) -> None:
-        runtime.store.record_progress(record.id, record.attempt, runtime.worker_id, step, total)
+        status = runtime.store.record_progress(record.id, record.attempt, runtime.worker_id, step, total)
+        if status != "running":  # raising inside the pipeline's step callback skips decode and upload
+            raise JobInterrupted(canceled=status == "cancel")
 
     return runtime.engine.generate(record.params, on_step)
 
 
+def _cancel(runtime: WorkerRuntime, record: JobRecord, reason: str) -> str:
+    try:
+        runtime.store.transition(
+            record.id,
+            "canceled",
+            allowed_from={"running"},
+            expect_attempt=record.attempt,
+            expect_worker=runtime.worker_id,
+            fields=canceled_fields(reason),
+        )
+    except IllegalTransition as error:
+        log.info("job %s left running before it was canceled: %s", record.id, error)
+        return "dropped"
+    return "canceled"
+
+
+def _past_deadline(record: JobRecord) -> bool:
+    return record.deadline_at is not None and parse_iso(record.deadline_at) <= utcnow()
+
+
 def run_job(job_id: str, attempt: int, runtime: WorkerRuntime) -> str:
-    """Run attempt ``attempt`` of ``job_id``; returns the outcome: succeeded, failed or dropped.
+    """Run attempt ``attempt`` of ``job_id``; returns the outcome: succeeded, failed, canceled or dropped.
 
     Every failure ends the job with a code and a user-safe message (the traceback is kept for
     admins); nothing is swallowed, and the worker stays up for the next job.
@@ -107,9 +144,16 @@ def run_job(job_id: str, attempt: int, runtime: WorkerRuntime) -> str:
 
 def _run_claimed(runtime: WorkerRuntime, record: JobRecord) -> str:
     queue_s = (utcnow() - parse_iso(record.created_at)).total_seconds()
+    if _past_deadline(record):
+        return _cancel(runtime, record, DEADLINE_EXCEEDED)
     started = time.perf_counter()
     try:
         output = _generate(runtime, record)
+    except JobInterrupted as stop:
+        if not stop.canceled:
+            return "dropped"
+        current = runtime.store.get(record.id)
+        return _cancel(runtime, record, (current and current.cancel_requested) or CANCELED_BY_USER)
     except Exception as error:
         log.exception("job %s failed in the pipeline", record.id)
         code, message = _describe_pipeline_error(error)

@@ -8,11 +8,10 @@ from fastapi import APIRouter, Header, Query, Response
 
 from api.deps import CurrentPrincipal, ServicesDep
 from api.presenters import job_public
-from api.validation import check_metadata, resolve_model, resolve_params
+from api.submission import parse_prefer_wait, submit_job, wait_for_terminal
 from shared.errors import ApiError, not_found
-from shared.ids import is_job_id, new_job_id, now_iso
+from shared.ids import is_job_id
 from shared.jobstore import JobRecord
-from shared.queue import enqueue_generation
 from shared.schemas import JobCreate, JobList, JobPublic
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -20,13 +19,7 @@ router = APIRouter(prefix="/v1", tags=["jobs"])
 StatusFilter = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
 
-def _refuse_headers_not_yet_supported(idempotency_key: str | None, prefer: str | None) -> None:
-    if idempotency_key is not None:
-        raise ApiError(
-            400, "unsupported_parameter", "Idempotency-Key is not supported yet.", "Idempotency-Key"
-        )
-    if prefer is not None and "wait" in prefer.lower():
-        raise ApiError(400, "unsupported_parameter", "Prefer: wait is not supported yet.", "Prefer")
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
 @router.post("/jobs", status_code=202, response_model=JobPublic)
@@ -38,28 +31,22 @@ def create_job(
     idempotency_key: Annotated[str | None, Header()] = None,
     prefer: Annotated[str | None, Header()] = None,
 ) -> JobPublic:
-    """Submit a generation job; it is queued and runs on a worker of its model."""
-    _refuse_headers_not_yet_supported(idempotency_key, prefer)
-    settings = services.settings
-    model = resolve_model(settings, body.model)
-    params = resolve_params(body, model, settings.limits)
-    check_metadata(body.metadata, settings.limits)
-    record = services.store.create(new_job_id(), principal.owner, params, body.metadata)
-    try:
-        enqueue_generation(services.celery, model.queue, record.id, record.attempt)
-    except Exception:
-        # The record exists but no message does: fail it rather than leave it queued forever.
-        services.store.transition(
-            record.id,
-            "failed",
-            allowed_from={"queued"},
-            fields={
-                "error": {"code": "enqueue_failed", "message": "The job could not be queued."},
-                "finished_at": now_iso(),
-            },
+    """Submit a generation job; 202 and its Location, or 200 with the finished job under ``Prefer: wait``."""
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise ApiError(
+            400, "invalid_parameter", "Idempotency-Key must be 1 to 255 characters.", "Idempotency-Key"
         )
-        raise
+    wait_s = parse_prefer_wait(prefer)
+    submission = submit_job(services, principal, body, idempotency_key)
+    record = submission.record
     response.headers["Location"] = f"/v1/jobs/{record.id}"
+    if submission.replayed:
+        response.status_code = 200
+    if wait_s is not None:
+        response.headers["Preference-Applied"] = f"wait={wait_s}"
+        finished = wait_for_terminal(services, record.id, wait_s)
+        if finished is not None:
+            record, response.status_code = finished, 200
     return job_public(record, services)
 
 
@@ -75,6 +62,18 @@ def owned_job(services: ServicesDep, principal: CurrentPrincipal, job_id: str) -
 def get_job(job_id: str, principal: CurrentPrincipal, services: ServicesDep) -> JobPublic:
     """Read a job: status, progress, parameters, result links, error and metrics."""
     return job_public(owned_job(services, principal, job_id), services)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, principal: CurrentPrincipal, services: ServicesDep) -> JobPublic:
+    """Cancel a job: a queued one never runs, a running one stops at its next step (no decode, no upload)."""
+    record = owned_job(services, principal, job_id)
+    if record.status in ("succeeded", "failed"):
+        raise ApiError(409, "job_not_cancelable", f"The job already {record.status}.", "id")
+    canceled = services.store.cancel(record.id) or record
+    if canceled.status in ("succeeded", "failed"):  # it finished while we were canceling
+        raise ApiError(409, "job_not_cancelable", f"The job already {canceled.status}.", "id")
+    return job_public(canceled, services)
 
 
 @router.get("/jobs", response_model=JobList)

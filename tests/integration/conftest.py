@@ -129,6 +129,7 @@ def start_stack(tmp: Path, tiny_model_dir: Path, storage_url: str, extra_env: di
     stack = Stack(base_url=f"http://127.0.0.1:{port}", env=env, logs=tmp)
     stack.start("gateway", "serve", "--port", str(port))
     stack.start("worker", "worker", "--model-name", "flux-tiny", "--device", "cpu")
+    stack.start("sweeper", "sweeper", "--interval", "0.2")
 
     def ready() -> bool:
         try:

@@ -11,7 +11,7 @@ import redis
 from PIL import Image
 
 from shared.ids import new_job_id
-from shared.jobstore import JobStore
+from shared.jobstore import JobOptions, JobStore
 from shared.schemas import GenerationParams
 from shared.storage import LocalStorage, StorageError
 from worker.runner import WorkerRuntime, run_job
@@ -145,3 +145,63 @@ def test_progress_events_follow_each_step(runtime: WorkerRuntime) -> None:
         "job.progress",
         "job.succeeded",
     ]
+
+
+class CancelingEngine(FakeEngine):
+    """Cancels its own job (as a user would, from outside) after the first step."""
+
+    def __init__(self, store: JobStore, reason: str = "canceled") -> None:
+        super().__init__()
+        self.store, self.reason, self.steps_run = store, reason, 0
+
+    def generate(self, params: GenerationParams, on_step) -> GenerationOutput:  # type: ignore[no-untyped-def]
+        for step in range(1, params.num_inference_steps + 1):
+            if step == 2:
+                jobs, _ = self.store.list_for_owner("alice", "running", 1, None)
+                self.store.cancel(jobs[0].id, self.reason)
+            on_step(step, params.num_inference_steps)
+            self.steps_run = step
+        raise AssertionError("a canceled job must not reach decode")
+
+
+def test_canceled_running_job_stops_at_the_next_step_without_upload(runtime: WorkerRuntime) -> None:
+    engine = CancelingEngine(runtime.store)
+    runtime.engine = engine
+    job_id = submit(runtime, num_inference_steps=10)
+    assert run_job(job_id, 1, runtime) == "canceled"
+    record = runtime.store.get(job_id)
+    assert record is not None
+    assert (record.status, record.error, record.images, engine.steps_run) == ("canceled", None, None, 1)
+    storage = runtime.storage
+    assert isinstance(storage, LocalStorage) and not any(storage.root.rglob("*.png"))
+
+
+def test_deadline_reached_while_running_cancels_with_deadline_exceeded(runtime: WorkerRuntime) -> None:
+    runtime.engine = CancelingEngine(runtime.store, reason="deadline_exceeded")
+    job_id = submit(runtime, num_inference_steps=10)
+    assert run_job(job_id, 1, runtime) == "canceled"
+    assert runtime.store.get(job_id).error.code == "deadline_exceeded"  # type: ignore[union-attr]
+
+
+def test_job_past_its_deadline_at_claim_is_canceled_before_generating(runtime: WorkerRuntime) -> None:
+    job_id = runtime.store.create(
+        new_job_id(), "alice", params(), JobOptions(deadline_at="2020-01-01T00:00:00.000Z")
+    ).id
+    runtime.engine = FakeEngine(fail_with=AssertionError("must not generate"))
+    assert run_job(job_id, 1, runtime) == "canceled"
+    assert runtime.store.get(job_id).error.code == "deadline_exceeded"  # type: ignore[union-attr]
+
+
+def test_attempt_that_loses_its_job_mid_run_stops_and_drops(runtime: WorkerRuntime) -> None:
+    class LosingEngine(FakeEngine):
+        def generate(self, params: GenerationParams, on_step) -> GenerationOutput:  # type: ignore[no-untyped-def]
+            on_step(1, params.num_inference_steps)
+            runtime.store.claim(job_id, 1, "w2", max_attempts=3)  # w1 looked dead: another worker took over
+            on_step(2, params.num_inference_steps)
+            raise AssertionError("unreachable")
+
+    runtime.engine = LosingEngine()
+    job_id = submit(runtime)
+    assert run_job(job_id, 1, runtime) == "dropped"
+    record = runtime.store.get(job_id)
+    assert record is not None and (record.status, record.attempt, record.worker) == ("running", 2, "w2")
