@@ -32,6 +32,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-warmup", dest="warmup", action="store_false", default=None, help="skip warm-up generations")
     add("--warmup-resolutions", help="comma list of WIDTHxHEIGHT compiled and warmed at start")
     add("--vae-path", help="custom VAE or tiny autoencoder (hub id or directory), e.g. madebyollin/taef1")
+    add(
+        "--vae-trust-remote-code",
+        action="store_true",
+        default=None,
+        help="allow a VAE's own code (FLUX.2 tiny AE)",
+    )
     add("--vae-tiling", action="store_true", default=None, help="decode in tiles (bounded memory)")
     add("--dit-cpu-offload", action="store_true", default=None, help="stream the transformer from CPU")
     add("--text-encoder-cpu-offload", action="store_true", default=None, help="stream text encoders from CPU")

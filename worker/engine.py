@@ -53,7 +53,8 @@ def resolve_dtype(option: str, device: torch.device) -> torch.dtype:
 def load_pipeline(model_path: str, options: EngineOptions, device: torch.device) -> Any:
     """``from_pretrained`` on a hub id or a local directory; the class comes from ``model_index.json``."""
     dtype = resolve_dtype(options.dtype, device)
-    components = {"vae": load_vae(options.vae_path, dtype)} if options.vae_path else {}
+    vae = load_vae(options.vae_path, dtype, options.vae_trust_remote_code) if options.vae_path else None
+    components = {"vae": vae} if vae is not None else {}
     return DiffusionPipeline.from_pretrained(model_path, dtype=dtype, **components)
 
 

@@ -29,6 +29,7 @@ class EngineOptions(BaseSettings):
     warmup: bool = True
     vae_path: str | None = None
     vae_tiling: bool = False
+    vae_trust_remote_code: bool = False
     dit_cpu_offload: bool = False
     text_encoder_cpu_offload: bool = False
     vae_cpu_offload: bool = False

@@ -11,13 +11,29 @@ class VaeError(ValueError):
     """The VAE cannot serve this pipeline; the message names ``--vae-path``."""
 
 
-def load_vae(vae_path: str, dtype: torch.dtype) -> Any:
-    """Load a VAE whose class comes from its ``config.json`` (AutoencoderKL, AutoencoderTiny, ...)."""
+def load_vae(vae_path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:
+    """Load a VAE whose class comes from its ``config.json`` (AutoencoderKL, AutoencoderTiny, ...).
+
+    FLUX.2's tiny autoencoder (fal/FLUX.2-Tiny-AutoEncoder) ships its class as remote code and is
+    wrapped to serve as a Flux2Pipeline VAE; running a repository's code needs the operator's
+    explicit ``--vae-trust-remote-code``.
+    """
     from diffusers import AutoModel
 
+    from worker.optimizations.flux2_tiny_vae import is_flux2_tiny_autoencoder, load_flux2_tiny_vae
+
     try:
+        if is_flux2_tiny_autoencoder(vae_path):
+            if not trust_remote_code:
+                raise VaeError(
+                    f"--vae-path {vae_path!r} is FLUX.2's tiny autoencoder, whose class is remote code: "
+                    "add --vae-trust-remote-code to run it"
+                )
+            return load_flux2_tiny_vae(vae_path, dtype)
         return AutoModel.from_pretrained(vae_path, dtype=dtype)
     except (OSError, ValueError) as error:
+        if isinstance(error, VaeError):
+            raise
         raise VaeError(f"--vae-path {vae_path!r} could not be loaded: {error}") from error
 
 
