@@ -38,13 +38,16 @@ def _sweeper(args: argparse.Namespace) -> int:
     import threading
 
     from shared.jobstore import JobStore
+    from shared.queue import create_celery
     from shared.redis_client import connect
     from shared.sweeper import run_sweeper
 
+    settings = load_settings()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    run_sweeper(JobStore(connect(load_settings().redis_url)), args.interval, stop)
+    store = JobStore(connect(settings.redis_url))
+    run_sweeper(store, create_celery(settings), settings, args.interval, stop)
     return 0
 
 
@@ -65,6 +68,19 @@ def _keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _webhooks(args: argparse.Namespace) -> int:
+    """The webhook process: the data of a delivery is the job object the gateway serves."""
+    from api.presenters import job_public
+    from api.services import Services
+    from worker.webhooks import run_webhook_service  # torch-free
+
+    settings = load_settings()
+    services = Services(settings)
+    return run_webhook_service(
+        settings, lambda record: job_public(record, services).model_dump(mode="json"), args.concurrency
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxgate", description="FLUX image generation as a job-queue API")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_arguments(worker)
     worker.set_defaults(handler=_worker)
 
-    sweeper = commands.add_parser("sweeper", help="run the periodic sweeper (deadlines)")
+    sweeper = commands.add_parser("sweeper", help="run the periodic sweeper (deadlines, lost workers)")
     sweeper.add_argument("--interval", type=float, default=1.0, help="seconds between passes")
     sweeper.set_defaults(handler=_sweeper)
 
@@ -91,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--kind", default="flux1", choices=TINY_KINDS)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=_make_tiny_model)
+
+    webhooks = commands.add_parser(
+        "webhooks", help="deliver webhooks (outbox dispatcher + CPU delivery worker)"
+    )
+    webhooks.add_argument(
+        "--concurrency", type=int, default=None, help="delivery threads (default: settings)"
+    )
+    webhooks.set_defaults(handler=_webhooks)
 
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True

@@ -35,6 +35,7 @@ LEGAL_MOVES: dict[str, frozenset[str]] = {
 
 
 DEADLINES_KEY = f"{PREFIX}:deadlines"
+RUNNING_KEY = f"{PREFIX}:running"
 CANCELED_BY_USER = "canceled"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 
@@ -187,6 +188,47 @@ class JobStore:
             except IllegalTransition:
                 continue
         return self.get(job_id)
+
+    def running_job_ids(self) -> list[str]:
+        return sorted(str(job_id) for job_id in self.redis.smembers(RUNNING_KEY))
+
+    def requeue_lost(self, job_id: str, max_attempts: int) -> JobRecord | None:
+        """A running job whose worker stopped heartbeating: back to the queue as attempt + 1 (the caller
+        enqueues its message), or failed ``worker_lost`` once ``max_attempts`` were used. None when the
+        job is not lost (its worker lives, or it moved on meanwhile)."""
+        record = self.get(job_id)
+        if (
+            record is None
+            or record.status != "running"
+            or (record.worker and self.is_worker_alive(record.worker))
+        ):
+            return None
+        try:
+            if record.attempt >= max_attempts:
+                message = f"The worker stopped during attempt {record.attempt} of {max_attempts}."
+                return self.transition(
+                    job_id,
+                    "failed",
+                    allowed_from={"running"},
+                    expect_attempt=record.attempt,
+                    expect_worker=record.worker or "",
+                    fields={"error": {"code": "worker_lost", "message": message}, "finished_at": now_iso()},
+                )
+            return self.transition(
+                job_id,
+                "queued",
+                allowed_from={"running"},
+                expect_attempt=record.attempt,
+                expect_worker=record.worker or "",
+                bump_attempt=True,
+                fields={
+                    "worker": "",
+                    "cancel_requested": "",
+                    "progress": record.progress.model_copy(update={"step": 0}),
+                },
+            )
+        except IllegalTransition:
+            return None
 
     def due_deadlines(self, now: float, limit: int = 100) -> list[str]:
         """Jobs whose ``cancel_after`` deadline has passed (the sweeper cancels them)."""

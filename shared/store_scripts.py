@@ -9,6 +9,7 @@ Key layout (prefix ``fg:``):
   seq                           string submission sequence counter
   worker:{id}:alive             string present while the worker heartbeats (expires)
   outbox                        stream events a job's webhook selected, for the delivery dispatcher
+  running                       set    running job ids (the sweeper checks their workers' heartbeats)
 """
 
 # Shared by every script: append an event to the job's stream and, when the job's webhook selected
@@ -63,6 +64,7 @@ local prefix = 'fg:owner:' .. owner
 redis.call('ZREM', prefix .. ':status:' .. status, id)
 redis.call('ZADD', prefix .. ':status:' .. to, 0, id)
 if status == 'queued' and to ~= 'queued' then redis.call('ZREM', 'fg:queue:' .. model, id) end
+if to == 'running' then redis.call('SADD', 'fg:running', id) else redis.call('SREM', 'fg:running', id) end
 if to == 'queued' and status ~= 'queued' then
   redis.call('ZADD', 'fg:queue:' .. model, queue_score(job), id)
 end
