@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from pydantic import BaseModel, Field
 
 from shared.ids import now_iso, parse_iso
-from shared.schemas import TERMINAL_STATUSES, GenerationParams, JobError, JobMetrics, Progress, StoredImage
+from shared.jobrecord import JobOptions, JobRecord, text
+from shared.schemas import GenerationParams, Progress
 from shared.store_scripts import CREATE, PROGRESS, TRANSITION
 from shared.workers import alive_key
 
@@ -67,60 +66,6 @@ def job_key(job_id: str) -> str:
 
 def events_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
-
-
-JSON_FIELDS = ("params", "progress", "images", "error", "metrics", "metadata")
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    """What a submission sets besides the generation parameters."""
-
-    metadata: dict[str, Any] = field(default_factory=dict)
-    priority: str = "normal"
-    webhook_url: str | None = None
-    webhook_events: tuple[str, ...] = ()
-    deadline_at: str | None = None
-
-
-class JobRecord(BaseModel):
-    """A job as stored in its Redis hash (structured fields are JSON there)."""
-
-    id: str
-    owner: str
-    model: str
-    status: str
-    attempt: int
-    created_at: str
-    started_at: str | None = None
-    finished_at: str | None = None
-    worker: str | None = None
-    params: GenerationParams
-    progress: Progress = Field(default_factory=Progress)
-    images: list[StoredImage] | None = None
-    error: JobError | None = None
-    error_detail: str | None = None
-    metrics: JobMetrics | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    priority: str = "normal"
-    webhook_url: str | None = None
-    webhook_events: list[str] = Field(default_factory=list)
-    deadline_at: str | None = None
-    cancel_requested: str | None = None
-
-    @classmethod
-    def from_hash(cls, fields: dict[Any, Any]) -> JobRecord:
-        decoded = {_text(name): _text(value) for name, value in fields.items()}
-        values: dict[str, Any] = {name: value or None for name, value in decoded.items()}
-        for name in JSON_FIELDS:
-            if values.get(name):
-                values[name] = json.loads(values[name])
-        values["webhook_events"] = [e for e in (values.get("webhook_events") or "").split(",") if e]
-        return cls.model_validate(values)
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in TERMINAL_STATUSES
 
 
 def _encode(value: Any) -> str:
@@ -280,7 +225,7 @@ class JobStore:
             *pairs,
         ]
         keys = [job_key(job_id), events_key(job_id)]
-        reply = [_text(part) for part in self._transition(keys=keys, args=args)]
+        reply = [text(part) for part in self._transition(keys=keys, args=args)]
         if reply[0] != "ok":
             raise IllegalTransition(job_id, reply[1], reply[2], reply[3])
         record = self.get(job_id)
@@ -345,7 +290,7 @@ class JobStore:
             keys=[job_key(job_id), events_key(job_id)],
             args=[str(attempt), worker, progress, str(EVENT_MAXLEN)],
         )
-        return _text(reply)
+        return text(reply)
 
     def queue_position(self, model: str, job_id: str) -> int | None:
         """How many queued jobs of the same model were submitted before this one."""
@@ -358,7 +303,7 @@ class JobStore:
         """The owner's jobs, newest first; ``cursor`` is the last id of the previous page."""
         index = f"{PREFIX}:owner:{owner}:" + (f"status:{status}" if status else "jobs")
         upper = f"({cursor}" if cursor else "+"
-        ids = [_text(i) for i in self.redis.zrevrangebylex(index, upper, "-", start=0, num=limit + 1)]
+        ids = [text(i) for i in self.redis.zrevrangebylex(index, upper, "-", start=0, num=limit + 1)]
         page, more = ids[:limit], len(ids) > limit
         pipe = self.redis.pipeline(transaction=False)
         for job_id in page:
@@ -370,5 +315,4 @@ class JobStore:
         return bool(self.redis.exists(alive_key(worker_id)))
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+__all__ = ["IllegalTransition", "JobOptions", "JobRecord", "JobStore"]
