@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import GatewayMetrics, MetricsMiddleware
-from api.routes import files, health, jobs, models
+from api.routes import events, files, health, jobs, models, webhooks
 from api.services import Services
 from shared.settings import Settings, load_settings
 
@@ -38,13 +38,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(_ensure_bootstrap_admin, services)
         yield
-        services.close()
+        await services.aclose()
 
     app = FastAPI(title="Fluxgate", version="0.1.0", lifespan=lifespan)
     app.state.services = services
     app.state.metrics = GatewayMetrics()
     install_error_handlers(app, settings.redis_retry_after_s)
-    for module in (jobs, files, models, health):
+    for module in (jobs, events, files, models, health, webhooks):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

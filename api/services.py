@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import redis
+import redis.asyncio as aioredis
 from celery import Celery
 
 from shared.jobstore import JobStore
@@ -15,6 +16,10 @@ from shared.redis_client import connect
 from shared.settings import Settings
 from shared.signing import file_signing_secret
 from shared.storage import Storage, open_storage
+
+# Above the longest XREAD BLOCK the gateway issues (api.sse.MAX_BLOCK_S, 5 s), so a blocked read is not
+# mistaken for a dead connection.
+ASYNC_SOCKET_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -42,5 +47,25 @@ class Services:
             self.settings.storage_url, self.settings.public_base_url, secret, self.settings.s3_endpoint_url
         )
 
+    @cached_property
+    def redis_async(self) -> aioredis.Redis:
+        """An asyncio client on the same Redis, for waits that must not hold a thread (SSE's XREAD BLOCK).
+
+        Built on first use, inside the serving event loop, which its connections belong to.
+        """
+        return aioredis.Redis.from_url(
+            self.settings.redis_url,
+            decode_responses=True,
+            socket_timeout=ASYNC_SOCKET_TIMEOUT_S,
+            socket_connect_timeout=2,
+            health_check_interval=30,
+        )
+
     def close(self) -> None:
         self.redis.close()
+
+    async def aclose(self) -> None:
+        """Close every client; the asyncio one is closed on its own event loop, hence async (the lifespan)."""
+        if "redis_async" in self.__dict__:
+            await self.__dict__.pop("redis_async").aclose()
+        self.close()

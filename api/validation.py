@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import secrets
-from urllib.parse import urlparse
 
 from shared.errors import ApiError, invalid
+from shared.outbound import OutboundPolicy, OutboundRefused
 from shared.schemas import EVENT_TYPES, GenerationParams, JobCreate
 from shared.settings import Limits, ModelConfig, Settings
 
@@ -139,6 +139,7 @@ def check_webhook_url(url: str, settings: Settings) -> None:
     """http(s) only, bounded, and never to private, loopback, link-local or metadata addresses."""
     if len(url) > MAX_WEBHOOK_URL_CHARS:
         raise invalid("webhook_url", f"webhook_url must be at most {MAX_WEBHOOK_URL_CHARS} characters.")
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise invalid("webhook_url", "webhook_url must be an http(s) URL with a host.")
+    try:
+        OutboundPolicy.from_setting(settings.outbound_allow_cidrs).check_url(url)
+    except OutboundRefused as error:
+        raise invalid("webhook_url", f"webhook_url refused: {error}") from None

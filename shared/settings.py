@@ -118,6 +118,40 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(default=1800, ge=10)
     redis_retry_after_s: int = 5
 
+    # Webhooks and outbound requests (docs/webhooks.md).
+    # CIDRs outbound requests may reach despite being private/loopback, comma list (e.g. 127.0.0.0/8).
+    outbound_allow_cidrs: str = ""
+    # How long a rotated-out webhook secret still signs deliveries (both signatures are sent meanwhile).
+    webhook_secret_overlap_s: int = Field(default=86400, ge=0, le=30 * 86400)
+    # Delay before each webhook retry, seconds, comma list; attempts = 1 + entries (default ~15 h in all).
+    webhook_retry_schedule_s: str = "5,30,120,600,1800,3600,7200,14400,28800"
+    # Fraction of each retry delay drawn at random (1.0 = full jitter, 0 = none).
+    webhook_retry_jitter: float = Field(default=0.5, ge=0, le=1)
+    # Seconds to connect to a webhook receiver.
+    webhook_connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    # Seconds for a whole webhook attempt (connect, send, response), enforced by a watchdog.
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    # At most one job.progress delivery per job per this many seconds; the ones between are dropped.
+    webhook_progress_interval_s: float = Field(default=2.0, ge=0)
+    # Delivery threads of one `fluxgate webhooks` process.
+    webhook_concurrency: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("outbound_allow_cidrs")
+    @classmethod
+    def _cidrs_are_cidrs(cls, value: str) -> str:
+        from shared.outbound import parse_allow_cidrs
+
+        parse_allow_cidrs(value)
+        return value
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _schedule_is_seconds(cls, value: str) -> str:
+        from shared.webhook_retry import parse_schedule
+
+        parse_schedule(value)
+        return value
+
     @field_validator("models", mode="before")
     @classmethod
     def _models_from_json(cls, value: Any) -> Any:

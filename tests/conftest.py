@@ -32,6 +32,8 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
         "data_dir": str(tmp_path / "data"),
         "public_base_url": "http://testserver",
         "file_signing_key": "test-signing-key",
+        # Webhook receivers in tests listen on loopback; every other private range stays refused.
+        "outbound_allow_cidrs": "127.0.0.0/8",
         "models": [
             ModelConfig(
                 name="flux-tiny",

@@ -70,7 +70,7 @@ def test_compose_file_matches_the_compose_spec() -> None:
 
 def test_every_build_context_and_dockerfile_exists(compose: dict[str, Any]) -> None:
     built = {name: service["build"] for name, service in compose["services"].items() if "build" in service}
-    assert set(built) == {"api", "worker"}
+    assert set(built) == {"api", "worker", "sweeper", "webhooks"}
     for name, build in built.items():
         context = ROOT / build["context"]
         assert context.is_dir(), f"{name}: build context {context} is missing"
@@ -147,3 +147,11 @@ def test_services_use_minio_root_credentials_and_a_valid_model_list(
         settings = load_settings()
         assert [model.name for model in settings.models] == ["flux-dev"]
         assert settings.storage_url == "s3://fluxgate/results"
+
+
+def test_sweeper_and_webhook_delivery_run_from_the_gateway_image(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, command in (("sweeper", "sweeper"), ("webhooks", "webhooks")):
+        assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile.api"
+        assert services[name]["command"][0] == command
+        assert "deploy" not in services[name]  # no GPU for CPU processes

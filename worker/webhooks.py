@@ -24,7 +24,8 @@ import redis
 from celery import Celery
 
 from shared.ids import now_iso
-from shared.jobstore import JobRecord, JobStore
+from shared.jobrecord import JobRecord
+from shared.jobstore import JobStore
 from shared.outbound import OutboundPolicy, OutboundRefused
 from shared.outbound_http import OutboundError, OutboundResponse, Timeouts, post
 from shared.queue import create_celery
@@ -103,7 +104,12 @@ def deliver_webhook(delivery_id: str, runtime: WebhookRuntime) -> str:
         result = AttemptResult(STOPPED, now_iso(), 0, error="the job no longer exists")
         runtime.deliveries.finish(delivery_id, claim.token, _attempt_record(claim, result), result)
         return STOPPED
-    result = _attempt(delivery, job, claim, runtime)
+    try:
+        result = _attempt(delivery, job, claim, runtime)
+    except Exception as error:  # rendering or signing failed (storage, Redis): record it, retry later
+        log.exception("webhook delivery %s: attempt %d could not be made", delivery_id, claim.attempt)
+        detail = f"internal error: {type(error).__name__}: {error}"[:ERROR_CHARS]
+        result = _unsuccessful(delivery, claim, runtime, now_iso(), 0, None, detail)
     if not runtime.deliveries.finish(delivery_id, claim.token, _attempt_record(claim, result), result):
         log.warning("webhook delivery %s: lease lost during attempt %d", delivery_id, claim.attempt)
     log.info(
@@ -123,10 +129,8 @@ def _attempt(
     """Render, sign and send; classify the response into the delivery's next state."""
     at = now_iso()
     body = webhook_body(delivery["type"], delivery["event_id"], runtime.render_job(job))
-    timestamp = int(runtime.clock())
-    headers = webhook_headers(
-        delivery["webhook_id"], timestamp, body, runtime.secrets.signing_secrets(job.owner)
-    )
+    secrets = runtime.secrets.signing_secrets(job.owner)
+    headers = webhook_headers(delivery["webhook_id"], int(runtime.clock()), body, secrets)
     started = time.monotonic()
     response: OutboundResponse | None = None
     error: str | None = None
@@ -145,23 +149,31 @@ def _attempt(
         )
     if response is not None:
         error = _describe_failure(response)
-    delay = None if delivery["type"] == PROGRESS_EVENT else _retry_delay(claim, response, runtime)
-    status_code = response.status if response is not None else None
-    if delay is None:
-        return AttemptResult(FAILED, at, duration_ms, status_code=status_code, error=error)
-    next_at = runtime.clock() + delay
-    return AttemptResult(
-        PENDING, at, duration_ms, status_code=status_code, error=error, next_attempt_at=next_at
-    )
+    return _unsuccessful(delivery, claim, runtime, at, duration_ms, response, error)
 
 
-def _retry_delay(claim: Claim, response: OutboundResponse | None, runtime: WebhookRuntime) -> float | None:
-    """Seconds until the next attempt (Retry-After honoured), or None: out of attempts.
+def _unsuccessful(
+    delivery: dict[str, Any],
+    claim: Claim,
+    runtime: WebhookRuntime,
+    at: str,
+    duration_ms: int,
+    response: OutboundResponse | None,
+    error: str | None,
+) -> AttemptResult:
+    """A failed attempt: retried by the schedule (Retry-After honoured), or failed when out of attempts.
 
     ``job.progress`` deliveries are never retried: the next progress or terminal event supersedes them.
     """
-    retry_after = parse_retry_after(response.headers.get("retry-after")) if response is not None else None
-    return runtime.retry.delay(claim.round_attempt, retry_after, runtime.rng)
+    status_code = response.status if response is not None else None
+    delay = None
+    if delivery["type"] != PROGRESS_EVENT:
+        retry_after = parse_retry_after(response.headers.get("retry-after")) if response is not None else None
+        delay = runtime.retry.delay(claim.round_attempt, retry_after, runtime.rng)
+    if delay is None:
+        return AttemptResult(FAILED, at, duration_ms, status_code=status_code, error=error)
+    next_at = runtime.clock() + delay
+    return AttemptResult(PENDING, at, duration_ms, status_code, error, next_at)
 
 
 def _describe_failure(response: OutboundResponse) -> str:

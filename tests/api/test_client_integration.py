@@ -139,16 +139,16 @@ def test_priority_orders_the_queue_and_the_broker_lists(client: TestClient, keys
 
 
 def test_webhook_options_are_recorded_with_default_events(client: TestClient, keys: Keys) -> None:
-    job = submit(client, keys.alice, {"prompt": "x", "webhook_url": "https://hooks.example/fg"}).json()
+    job = submit(client, keys.alice, {"prompt": "x", "webhook_url": "http://127.0.0.1:9/fg"}).json()
     record = store_of(client).get(job["id"])
-    assert record is not None and record.webhook_url == "https://hooks.example/fg"
+    assert record is not None and record.webhook_url == "http://127.0.0.1:9/fg"
     assert "job.progress" not in record.webhook_events and "job.succeeded" in record.webhook_events
     chosen = submit(
         client,
         keys.alice,
         {
             "prompt": "x",
-            "webhook_url": "https://hooks.example/fg",
+            "webhook_url": "http://127.0.0.1:9/fg",
             "webhook_events": ["job.succeeded", "job.progress"],
         },
     ).json()

@@ -123,6 +123,8 @@ def start_stack(tmp: Path, tiny_model_dir: Path, storage_url: str, extra_env: di
         "FLUXGATE_MODELS": models_config(tiny_model_dir),
         "FLUXGATE_HEARTBEAT_INTERVAL_S": "1",
         "FLUXGATE_HEARTBEAT_TIMEOUT_S": "5",
+        "FLUXGATE_OUTBOUND_ALLOW_CIDRS": "127.0.0.0/8",
+        "FLUXGATE_WEBHOOK_RETRY_SCHEDULE_S": "0.2,0.4",
         "PYTHONUNBUFFERED": "1",
         **extra_env,
     }
@@ -130,6 +132,7 @@ def start_stack(tmp: Path, tiny_model_dir: Path, storage_url: str, extra_env: di
     stack.start("gateway", "serve", "--port", str(port))
     stack.start("worker", "worker", "--model-name", "flux-tiny", "--device", "cpu")
     stack.start("sweeper", "sweeper", "--interval", "0.2")
+    stack.start("webhooks", "webhooks", "--concurrency", "2")
 
     def ready() -> bool:
         try:

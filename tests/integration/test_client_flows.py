@@ -50,3 +50,29 @@ def test_higher_priority_jobs_run_first_fifo_within_a_class(file_stack: Stack) -
     started = sorted(range(len(ids)), key=lambda i: finished[i]["started_at"])
     assert [order[i] for i in started] == ["high", "high", "normal", "normal", "low"]
     assert started[:2] == [2, 4] and started[2:4] == [1, 3]
+
+
+def test_webhook_receives_signed_events_of_a_job_run_by_the_worker(file_stack: Stack) -> None:
+    from standardwebhooks import Webhook
+
+    from tests.integration.test_webhooks import Receiver, serve
+
+    receiver = Receiver()
+    server = serve(receiver)
+    try:
+        url = receiver.url("/e2e")
+        job = submit(file_stack, {"prompt": "hooked", "webhook_url": url}).json()
+        received = wait_for(lambda: receiver.at("/e2e", at_least=3), 60, "three webhook deliveries")
+        with file_stack.client() as client:
+            secret = client.get("/v1/webhooks/default/secret").json()["key"]
+        types = []
+        for request in received:
+            Webhook(secret).verify(request.body, request.headers)
+            assert request.payload["data"]["id"] == job["id"]
+            types.append(request.payload["type"])
+        assert sorted(types) == ["job.queued", "job.started", "job.succeeded"]
+        succeeded = next(r.payload for r in received if r.payload["type"] == "job.succeeded")
+        assert succeeded["data"]["status"] == "succeeded" and succeeded["data"]["result"]["images"]
+    finally:
+        server.shutdown()
+        server.server_close()
