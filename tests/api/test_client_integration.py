@@ -154,3 +154,14 @@ def test_webhook_options_are_recorded_with_default_events(client: TestClient, ke
     ).json()
     assert store_of(client).get(chosen["id"]).webhook_events == ["job.succeeded", "job.progress"]  # type: ignore[union-attr]
     assert json.dumps(job).count("webhook") == 0  # the job object does not echo the webhook URL
+
+
+def test_queue_positions_stay_exact_under_concurrent_submissions(client: TestClient, keys: Keys) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        jobs = list(pool.map(lambda i: submit(client, keys.alice, {"prompt": f"p{i}"}).json(), range(24)))
+    positions = sorted(
+        client.get(f"/v1/jobs/{job['id']}", headers=auth(keys.alice)).json()["queue_position"] for job in jobs
+    )
+    assert positions == list(range(24))
