@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,13 +14,39 @@ import redis
 from shared.redis_client import connect
 from shared.settings import ModelConfig, ModelDefaults, Settings, load_settings
 
-# Tests own this database of the local Redis and flush it; `make test` starts Redis if none answers.
-TEST_REDIS_URL = os.environ.get("FLUXGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+REDIS_SERVER = pytest.StashKey[subprocess.Popen[bytes]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start a private redis-server for this test run, so that nothing else on the machine (another
+    run, a local deployment) shares or flushes the tests' databases. FLUXGATE_TEST_REDIS_URL set
+    in the environment skips it and uses that server instead."""
+    if os.environ.get("FLUXGATE_TEST_REDIS_URL"):
+        return
+    from tests.support import start_redis_server
+
+    server, port = start_redis_server(Path(tempfile.mkdtemp(prefix="fluxgate-test-redis-")))
+    config.stash[REDIS_SERVER] = server
+    os.environ["FLUXGATE_TEST_REDIS_URL"] = f"redis://127.0.0.1:{port}/15"
+    os.environ["FLUXGATE_TEST_INTEGRATION_REDIS_URL"] = f"redis://127.0.0.1:{port}/14"
+    os.environ["FLUXGATE_TEST_WEBHOOK_REDIS_URL"] = f"redis://127.0.0.1:{port}/13"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = config.stash.get(REDIS_SERVER, None)
+    if server is not None:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def unit_redis_url() -> str:
+    """The database unit tests own and flush (on the private server unless configured otherwise)."""
+    return os.environ.get("FLUXGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 @pytest.fixture
 def redis_client() -> Iterator[redis.Redis]:
-    client = connect(TEST_REDIS_URL)
+    client = connect(unit_redis_url())
     client.flushdb()
     yield client
     client.flushdb()
@@ -28,7 +56,7 @@ def redis_client() -> Iterator[redis.Redis]:
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     """Settings for tests: the test Redis, storage under tmp_path, a small tiny-model config."""
     values: dict[str, object] = {
-        "redis_url": TEST_REDIS_URL,
+        "redis_url": unit_redis_url(),
         "data_dir": str(tmp_path / "data"),
         "public_base_url": "http://testserver",
         "file_signing_key": "test-signing-key",

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
+
+import redis
 
 T = TypeVar("T")
 
@@ -26,3 +30,37 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def start_redis_server(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A throwaway redis-server on a free loopback port (no persistence), answering before it returns."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+            "--maxmemory-policy",
+            "noeviction",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=1)
+    wait_for(lambda: _pings(client), 10, f"redis-server on port {port}")
+    return server, port
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
