@@ -85,3 +85,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from worker.tiny_model import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "flux-tiny")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server over HTTP on a free loopback port."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.support import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

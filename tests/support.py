@@ -11,6 +11,8 @@ from typing import TypeVar
 
 import redis
 
+from shared.schemas import GenerationParams
+
 T = TypeVar("T")
 
 
@@ -64,3 +66,21 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+def generation_params(**overrides: object) -> GenerationParams:
+    """Small, valid generation parameters for the tiny model; tests override what they care about."""
+    values: dict[str, object] = {
+        "model": "flux-tiny",
+        "prompt": "a cat",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        "guidance_scale": 3.5,
+        "seed": 1,
+        "num_images": 1,
+        "output_format": "png",
+        "output_quality": 90,
+    }
+    values.update(overrides)
+    return GenerationParams.model_validate(values)

@@ -15,7 +15,6 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 
 from shared.redis_client import connect
 from tests.support import free_port, wait_for
@@ -99,15 +98,6 @@ def models_config(tiny_model_dir: Path) -> str:
             },
         ]
     )
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 def start_stack(tmp: Path, tiny_model_dir: Path, storage_url: str, extra_env: dict[str, str]) -> Stack:

@@ -9,23 +9,11 @@ from shared.ids import new_job_id
 from shared.jobstore import IllegalTransition, JobStore
 from shared.schemas import GenerationParams
 from shared.workers import alive_key
+from tests.support import generation_params
 
 
 def params(**overrides: object) -> GenerationParams:
-    values: dict[str, object] = {
-        "model": "flux-tiny",
-        "prompt": "a cat",
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 4,
-        "guidance_scale": 3.5,
-        "seed": 1,
-        "num_images": 1,
-        "output_format": "png",
-        "output_quality": 90,
-    }
-    values.update(overrides)
-    return GenerationParams.model_validate(values)
+    return generation_params(**{**{"num_inference_steps": 4}, **overrides})
 
 
 @pytest.fixture

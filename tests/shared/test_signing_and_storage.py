@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 import redis
 import requests
-from moto.server import ThreadedMotoServer
 
 from shared.signing import file_signing_secret, sign_file_token, verify_file_token
 from shared.storage import LocalStorage, S3Storage, StorageError, open_storage
-from tests.support import free_port
 
 
 def test_token_grants_its_key_until_it_expires() -> None:
@@ -38,15 +35,6 @@ def test_local_storage_writes_reads_and_refuses_escaping_keys(tmp_path: Path) ->
     with pytest.raises(StorageError):
         storage.put("../outside.png", b"x", "image/png")
     assert storage.url("job/1/0.webp", 60).startswith("http://h/v1/files/")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture

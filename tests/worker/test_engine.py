@@ -8,6 +8,7 @@ import pytest
 
 from shared.schemas import GenerationParams
 from shared.settings import ModelCapabilities
+from tests.support import generation_params
 from worker.capabilities import CapabilityMismatch, check_capabilities
 from worker.encode import encode_image
 from worker.engine import FluxEngine
@@ -20,20 +21,12 @@ def engine(tiny_model_dir: Path) -> FluxEngine:
 
 
 def params(**overrides: object) -> GenerationParams:
-    values: dict[str, object] = {
-        "model": "flux-tiny",
-        "prompt": "a lighthouse at dusk",
-        "width": 64,
-        "height": 80,
-        "num_inference_steps": 3,
-        "guidance_scale": 3.5,
-        "seed": 5,
-        "num_images": 1,
-        "output_format": "png",
-        "output_quality": 90,
-    }
-    values.update(overrides)
-    return GenerationParams.model_validate(values)
+    return generation_params(
+        **{
+            **{"prompt": "a lighthouse at dusk", "height": 80, "num_inference_steps": 3, "seed": 5},
+            **overrides,
+        }
+    )
 
 
 def png(engine: FluxEngine, **overrides: object) -> list[bytes]:

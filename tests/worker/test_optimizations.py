@@ -12,6 +12,7 @@ from diffusers import AutoencoderTiny
 from diffusers.hooks.group_offloading import _get_group_onload_device
 
 from shared.schemas import GenerationParams
+from tests.support import generation_params
 from worker.engine import FluxEngine
 from worker.optimizations.attention import AttentionBackendError, apply_attention_backend
 from worker.optimizations.compile import CompileConfig, apply_regional_compile
@@ -22,20 +23,7 @@ from worker.tiny_model import build_tiny_pipeline
 
 
 def params(**overrides: object) -> GenerationParams:
-    values: dict[str, object] = {
-        "model": "m",
-        "prompt": "a harbour",
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 2,
-        "guidance_scale": 3.5,
-        "seed": 3,
-        "num_images": 1,
-        "output_format": "png",
-        "output_quality": 90,
-    }
-    values.update(overrides)
-    return GenerationParams.model_validate(values)
+    return generation_params(**{**{"model": "m", "prompt": "a harbour", "seed": 3}, **overrides})
 
 
 def run(pipe_or_engine: Any) -> Any:

@@ -12,6 +12,7 @@ from shared.jobstore import JobStore
 from shared.schemas import GenerationParams
 from shared.settings import ModelCapabilities, ModelConfig
 from shared.storage import LocalStorage
+from tests.support import generation_params
 from worker.capabilities import CapabilityMismatch, check_capabilities
 from worker.engine import FluxEngine
 from worker.options import EngineOptions
@@ -34,20 +35,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def params(**overrides: object) -> GenerationParams:
-    values: dict[str, object] = {
-        "model": "m",
-        "prompt": "a red boat",
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 2,
-        "guidance_scale": 3.5,
-        "seed": 9,
-        "num_images": 1,
-        "output_format": "png",
-        "output_quality": 90,
-    }
-    values.update(overrides)
-    return GenerationParams.model_validate(values)
+    return generation_params(**{**{"model": "m", "prompt": "a red boat", "seed": 9}, **overrides})
 
 
 @pytest.mark.parametrize("kind", list(EXPECTED_CLASS))

@@ -14,6 +14,7 @@ from shared.ids import new_job_id
 from shared.jobstore import JobOptions, JobStore
 from shared.schemas import GenerationParams
 from shared.storage import LocalStorage, StorageError
+from tests.support import generation_params
 from worker.runner import WorkerRuntime, run_job
 from worker.types import GenerationOutput
 
@@ -42,20 +43,9 @@ class BrokenStorage(LocalStorage):
 
 
 def params(**overrides: object) -> GenerationParams:
-    values: dict[str, object] = {
-        "model": "flux-tiny",
-        "prompt": "a cat",
-        "width": 64,
-        "height": 48,
-        "num_inference_steps": 3,
-        "guidance_scale": 3.5,
-        "seed": 10,
-        "num_images": 2,
-        "output_format": "png",
-        "output_quality": 90,
-    }
-    values.update(overrides)
-    return GenerationParams.model_validate(values)
+    return generation_params(
+        **{**{"height": 48, "num_inference_steps": 3, "seed": 10, "num_images": 2}, **overrides}
+    )
 
 
 @pytest.fixture
