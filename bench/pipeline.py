@@ -31,11 +31,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "cudnn": ({"attention_backend": "_native_cudnn"}, None),
     "compiled": ({"compile": True}, None),
     "cudnn-compiled": ({"attention_backend": "_native_cudnn", "compile": True}, None),
-    "fused-compiled": ({"fuse_qkv": True, "compile": True}, None),
-    "fused-autotune": (
-        {"fuse_qkv": True, "compile": True, "compile_mode": "max-autotune-no-cudagraphs"},
-        None,
-    ),
+    "autotune": ({"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}, None),
+    "cudagraphs": ({"compile": True, "compile_mode": "reduce-overhead"}, None),
     "offload": ({"dit_cpu_offload": True, "text_encoder_cpu_offload": True, "pin_cpu_memory": True}, None),
     "offload-budget-24": ({"gpu_memory_budget_gb": 24, "pin_cpu_memory": True}, None),
     "cache-medium": ({"compile": True}, "medium"),
