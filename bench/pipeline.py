@@ -32,7 +32,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "compiled": ({"compile": True}, None),
     "cudnn-compiled": ({"attention_backend": "_native_cudnn", "compile": True}, None),
     "autotune": ({"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}, None),
-    "cudagraphs": ({"compile": True, "compile_mode": "reduce-overhead"}, None),
     "offload": ({"dit_cpu_offload": True, "text_encoder_cpu_offload": True, "pin_cpu_memory": True}, None),
     "offload-budget-24": ({"gpu_memory_budget_gb": 24, "pin_cpu_memory": True}, None),
     "cache-medium": ({"compile": True}, "medium"),
