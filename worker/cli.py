@@ -11,7 +11,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from shared.jobstore import JobStore
 from shared.queue import create_celery
 from shared.redis_client import connect
 from shared.settings import Settings, load_settings
@@ -71,6 +70,7 @@ def _describe(issue: Any) -> str:
 def run_worker(args: argparse.Namespace, settings: Settings | None = None) -> int:
     """Start a GPU worker: load and warm the engine, then consume the model's queue; returns the exit code."""
     from worker.heartbeat import Heartbeat
+    from worker.resilience import RetryingJobStore
     from worker.runner import WorkerRuntime
     from worker.startup import StartupError, load_engine
     from worker.tasks import register_generate_task
@@ -99,7 +99,9 @@ def run_worker(args: argparse.Namespace, settings: Settings | None = None) -> in
     heartbeat = Heartbeat(
         client, worker_id, info, settings.heartbeat_interval_s, settings.heartbeat_timeout_s
     )
-    runtime = WorkerRuntime(JobStore(client), storage, engine, worker_id, settings.max_attempts, heartbeat)
+    runtime = WorkerRuntime(
+        RetryingJobStore(client), storage, engine, worker_id, settings.max_attempts, heartbeat
+    )
     app = create_celery(settings)
     register_generate_task(app, runtime)
     heartbeat.start()
