@@ -93,7 +93,13 @@ def test_every_accepted_job_finishes_across_a_redis_restart(durable: tuple[Stack
                     return
                 try:
                     response = c.post(
-                        "/v1/jobs", json={"prompt": f"durable {index}", "width": 512, "height": 512, "num_inference_steps": 12}
+                        "/v1/jobs",
+                        json={
+                            "prompt": f"durable {index}",
+                            "width": 512,
+                            "height": 512,
+                            "num_inference_steps": 12,
+                        },
                     )
                 except httpx.HTTPError:
                     refused.append(0)
@@ -124,5 +130,7 @@ def test_every_accepted_job_finishes_across_a_redis_restart(durable: tuple[Stack
             if job["status"] == "failed" and job["error"]["code"] != "worker_lost"
         ]
         assert not lost
+        by_status = {status: sum(job["status"] == status for job in finished) for status in statuses}
+        print(f"redis restart: accepted={len(accepted)} refused={len(refused)} terminal={by_status} lost=0")
     finally:
         server.poll()
