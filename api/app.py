@@ -9,10 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from api.body_limits import RouteBodyLimits
 from api.errors import install_error_handlers
-from api.limits import BodySizeLimit
 from api.metrics import GatewayMetrics, MetricsMiddleware
-from api.routes import events, files, health, jobs, models, webhooks
+from api.routes import admin, events, files, health, jobs, models, openai, webhooks
 from api.services import Services
 from shared.settings import Settings, load_settings
 
@@ -44,8 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     app.state.metrics = GatewayMetrics()
     install_error_handlers(app, settings.redis_retry_after_s)
-    for module in (jobs, events, files, models, health, webhooks):
+    for module in (jobs, events, files, models, health, webhooks, openai, admin):
         app.include_router(module.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(RouteBodyLimits, limits=settings.limits)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

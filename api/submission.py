@@ -5,10 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from api.body_limits import check_body_without_images
+from api.image_checks import DecodedImage
+from api.references import load_references, store_references
 from api.services import Services
 from api.validation import check_job_options, check_metadata, resolve_model, resolve_params
 from shared.errors import ApiError
@@ -40,10 +44,13 @@ def job_options(body: JobCreate) -> JobOptions:
     )
 
 
-def _body_hash(body: JobCreate) -> str:
+def _body_hash(body: JobCreate, uploads: Sequence[DecodedImage] = ()) -> str:
+    """The request's identity for Idempotency-Key: the body as sent, plus the bytes of any uploads."""
     canonical = json.dumps(
         body.model_dump(mode="json", exclude_unset=True), sort_keys=True, separators=(",", ":")
     )
+    if uploads:
+        canonical += "|uploads:" + ",".join(image.source_sha256 for image in uploads)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -75,23 +82,34 @@ def _replay(services: Services, stored: str, body_hash: str) -> JobRecord:
 
 
 def submit_job(
-    services: Services, principal: Principal, body: JobCreate, idempotency_key: str | None
+    services: Services,
+    principal: Principal,
+    body: JobCreate,
+    idempotency_key: str | None,
+    uploads: Sequence[DecodedImage] = (),
 ) -> Submission:
-    """Validate, write the record, then enqueue the first attempt; a replayed key returns the first job."""
+    """Validate, write the record, then enqueue the first attempt; a replayed key returns the first job.
+
+    Reference images come from ``body.images`` (URLs and data URIs, fetched and checked here) or, for
+    the OpenAI edits route, as ``uploads`` already checked; either way they are stored under the new
+    job's id before its record is written, and the record's params name them.
+    """
     settings = services.settings
+    check_body_without_images(body, settings.limits)
     model = resolve_model(settings, body.model)
     params = resolve_params(body, model, settings.limits)
     check_metadata(body.metadata, settings.limits)
     check_job_options(body, settings)
-    job_id, reservation = new_job_id(), None
-    if idempotency_key is not None:
-        reservation, body_hash = _idempotency_key(principal.owner, idempotency_key), _body_hash(body)
-        claim = json.dumps({"job_id": job_id, "body": body_hash})
-        if not services.redis.set(reservation, claim, nx=True, ex=IDEMPOTENCY_TTL_S):
-            return Submission(
-                _replay(services, str(services.redis.get(reservation)), body_hash), replayed=True
-            )
+    references = list(uploads) or load_references(body.images or [], model, settings)
+    job_id = new_job_id()
+    body_hash = _body_hash(body, uploads) if idempotency_key is not None else ""
+    reservation, replayed = _reserve(services, principal, idempotency_key, job_id, body_hash)
+    if replayed is not None:
+        return Submission(replayed, replayed=True)
     try:
+        if references:
+            stored = store_references(services.storage, job_id, references)
+            params = params.model_copy(update={"images": stored})
         record = services.store.create(job_id, principal.owner, params, job_options(body))
     except Exception:
         if reservation:
@@ -99,6 +117,19 @@ def submit_job(
         raise
     _enqueue(services, record, model.queue)
     return Submission(record, replayed=False)
+
+
+def _reserve(
+    services: Services, principal: Principal, idempotency_key: str | None, job_id: str, body_hash: str
+) -> tuple[str | None, JobRecord | None]:
+    """Reserve the Idempotency-Key for ``job_id``: (the reservation, None), or (None, the first job)."""
+    if idempotency_key is None:
+        return None, None
+    reservation = _idempotency_key(principal.owner, idempotency_key)
+    claim = json.dumps({"job_id": job_id, "body": body_hash})
+    if services.redis.set(reservation, claim, nx=True, ex=IDEMPOTENCY_TTL_S):
+        return reservation, None
+    return None, _replay(services, str(services.redis.get(reservation)), body_hash)
 
 
 def _enqueue(services: Services, record: JobRecord, queue: str) -> None:

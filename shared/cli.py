@@ -6,10 +6,13 @@ Worker commands import ``worker`` lazily, so the gateway's install (no torch) ru
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 
+from shared.keys import KeyStore
+from shared.redis_client import connect
 from shared.settings import load_settings
 
 
@@ -59,12 +62,26 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keys_create(args: argparse.Namespace) -> int:
-    from shared.keys import KeyStore
-    from shared.redis_client import connect
+def _key_store() -> KeyStore:
+    return KeyStore(connect(load_settings().redis_url))
 
-    keys = KeyStore(connect(load_settings().redis_url))
-    print(keys.create(args.owner, args.role))
+
+def _keys_list(args: argparse.Namespace) -> int:
+    for key in _key_store().all_keys():
+        print(json.dumps(key))
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    if not _key_store().revoke(args.key_id):
+        print(f"no key {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    print(_key_store().create(args.owner, args.role))
     return 0
 
 
@@ -123,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--owner", required=True)
     create.add_argument("--role", choices=["user", "admin"], default="user")
     create.set_defaults(handler=_keys_create)
+    keys.add_parser("list", help="list keys (ids, owners, roles; never the keys)").set_defaults(
+        handler=_keys_list
+    )
+    revoke = keys.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=_keys_revoke)
     return parser
 
 

@@ -44,6 +44,11 @@ def new_job_id() -> str:
     return "job_" + _base32(millis, 10) + _base32(random_part, 16)
 
 
+def job_id_millis(job_id: str) -> int:
+    """The creation time of a job id, in Unix milliseconds (its first 10 characters)."""
+    return sum(_CROCKFORD.index(char) * 32**power for power, char in enumerate(reversed(job_id[4:14])))
+
+
 def is_job_id(value: str) -> bool:
     """Whether ``value`` has the shape of a job id (anything else is a 404 without a Redis round trip)."""
     return bool(JOB_ID_PATTERN.match(value))

@@ -18,6 +18,7 @@ from shared.ids import now_iso
 Role = Literal["user", "admin"]
 ROLES: tuple[Role, ...] = ("user", "admin")
 KEY_PREFIX = "fg:apikey:"
+KEY_INDEX = "fg:apikeys"  # key id -> digest, for listing and revoking
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,27 @@ class KeyStore:
             "role": role,
             "created_at": now_iso(),
         }
-        self.redis.hset(KEY_PREFIX + digest, mapping=fields)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(KEY_PREFIX + digest, mapping=fields)
+        pipe.hset(KEY_INDEX, fields["key_id"], digest)
+        pipe.execute()
+
+    def all_keys(self) -> list[dict[str, str]]:
+        """Every key's id, owner, role, creation time and revocation (never the key itself)."""
+        digests = self.redis.hgetall(KEY_INDEX)
+        pipe = self.redis.pipeline(transaction=False)
+        for digest in digests.values():
+            pipe.hgetall(KEY_PREFIX + str(digest))
+        keys = [dict(fields) for fields in pipe.execute() if fields]
+        return sorted(keys, key=lambda key: (key.get("created_at", ""), key["key_id"]))
+
+    def revoke(self, key_id: str) -> bool:
+        """Revoke a key by its id; False when there is no such key."""
+        digest = self.redis.hget(KEY_INDEX, key_id)
+        if digest is None:
+            return False
+        self.redis.hset(KEY_PREFIX + str(digest), "revoked", now_iso())
+        return True
 
     def lookup(self, api_key: str) -> Principal | None:
         """The principal of a valid key, or None."""

@@ -11,9 +11,9 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
-# Fields of the job contract whose behaviour lands with later issues (client integration, editing).
-# Until then they are refused with 400 `unsupported_parameter`, never silently ignored.
-NOT_YET_SUPPORTED_FIELDS: frozenset[str] = frozenset({"images"})
+# Fields of the job contract whose behaviour lands with later issues. Until then they are refused with
+# 400 `unsupported_parameter`, never silently ignored. (None left: `images` arrived with editing.)
+NOT_YET_SUPPORTED_FIELDS: frozenset[str] = frozenset()
 
 EVENT_TYPES: tuple[str, ...] = (
     "job.queued",
@@ -52,6 +52,20 @@ class JobCreate(BaseModel):
     webhook_events: list[str] | None = None
     priority: Priority = "normal"
     cancel_after: float | None = None
+    # Reference images for editing: http(s) URLs (fetched by the gateway under the outbound rules) or
+    # data URIs. The gateway validates and stores them; the job records ReferenceImage entries.
+    images: list[str] | None = None
+
+
+class ReferenceImage(BaseModel):
+    """A reference image as the gateway stored it (an RGB PNG): where it lives and what it is."""
+
+    key: str
+    content_type: str = "image/png"
+    width: int
+    height: int
+    sha256: str
+    bytes: int
 
 
 class GenerationParams(BaseModel):
@@ -74,6 +88,9 @@ class GenerationParams(BaseModel):
     output_format: OutputFormat
     output_quality: int
     cache: str = "off"
+    # Stored reference images (editing); left out of the job object when there are none, so a
+    # text-to-image job's params read as before.
+    images: list[ReferenceImage] = Field(default_factory=list, exclude_if=lambda images: not images)
 
     def image_seed(self, index: int) -> int:
         """The seed image ``index`` was generated from (wraps at 2**32)."""

@@ -85,6 +85,10 @@ class Limits(BaseModel):
     """Request bounds. Pixels are capped as well as sides: 2048x2048 is 4.19 MP."""
 
     max_body_bytes: int = 1_048_576
+    # Bodies of the routes that carry reference images (POST /v1/jobs with data URIs, POST
+    # /v1/images/edits with uploads): room for a 20 MiB image as base64. Everything but the images
+    # must still fit max_body_bytes.
+    max_image_body_bytes: int = 32 * 1024 * 1024
     max_prompt_chars: int = 4000
     min_side: int = 64
     max_side: int = 2048
@@ -94,6 +98,13 @@ class Limits(BaseModel):
     max_guidance_scale: float = 30.0
     max_metadata_bytes: int = 4096
     max_list_limit: int = 100
+    # Reference images (editing), each: encoded bytes (upload, decoded data URI or fetched body), decoded
+    # pixels (checked from the header before decoding: decompression bombs), and FLUX.2's own checks
+    # (at least 64 px a side, aspect ratio at most 8:1) so that a bad image is a 400, not a failed job.
+    max_reference_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_reference_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+    min_reference_image_side: int = Field(default=64, ge=1)
+    max_reference_image_aspect_ratio: float = Field(default=8.0, ge=1.0)
 
 
 class Settings(BaseSettings):
@@ -117,6 +128,11 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(default=30.0, gt=0)
     job_time_limit_s: int = Field(default=1800, ge=10)
     redis_retry_after_s: int = 5
+    # How long the OpenAI routes wait for their job (queue + run) before canceling it and answering 504;
+    # well under the OpenAI SDK's 600 s default timeout, so the client sees our error, not its own.
+    openai_timeout_s: float = Field(default=300.0, gt=0, le=3600)
+    # Whole fetch of one reference-image URL (connect, request, body), seconds.
+    reference_fetch_timeout_s: float = Field(default=15.0, gt=0, le=120)
 
     # Webhooks and outbound requests (docs/webhooks.md).
     # CIDRs outbound requests may reach despite being private/loopback, comma list (e.g. 127.0.0.0/8).

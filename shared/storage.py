@@ -20,6 +20,8 @@ class StorageError(Exception):
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
 
+    def get(self, key: str) -> bytes: ...
+
     def url(self, key: str, expires_in: int) -> str: ...
 
     def check(self) -> None: ...
@@ -50,6 +52,15 @@ class LocalStorage:
             os.replace(handle.name, path)
         except OSError as error:
             raise StorageError(f"could not write {key} to local storage: {error.strerror}") from error
+
+    def get(self, key: str) -> bytes:
+        """The bytes stored under ``key``; StorageError when it is missing or unreadable."""
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{key} is not in local storage") from None
+        except OSError as error:
+            raise StorageError(f"could not read {key} from local storage: {error.strerror}") from error
 
     def url(self, key: str, expires_in: int) -> str:
         token = sign_file_token(key, int(time.time()) + expires_in, self.secret)
@@ -94,6 +105,14 @@ class S3Storage:
         except Exception as error:
             raise StorageError(_describe_s3_error(error, self.bucket)) from error
 
+    def get(self, key: str) -> bytes:
+        """The object's bytes; StorageError (with the S3 reason) when missing or unreachable."""
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            return bytes(body.read())
+        except Exception as error:
+            raise StorageError(_describe_s3_error(error, self.bucket, key)) from error
+
     def url(self, key: str, expires_in: int) -> str:
         params = {"Bucket": self.bucket, "Key": self._key(key)}
         return str(self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_in))
@@ -105,9 +124,11 @@ class S3Storage:
             raise StorageError(_describe_s3_error(error, self.bucket)) from error
 
 
-def _describe_s3_error(error: Exception, bucket: str) -> str:
+def _describe_s3_error(error: Exception, bucket: str, key: str | None = None) -> str:
     response = getattr(error, "response", None)
     code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+    if key is not None and code in {"NoSuchKey", "404"}:
+        return f"{key} is not in S3 bucket {bucket!r}"
     if code in {"NoSuchBucket", "404"}:
         return f"S3 bucket {bucket!r} does not exist"
     if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:

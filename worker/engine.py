@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 
 from shared.schemas import GenerationParams
 from worker.optimizations.attention import apply_attention_backend
@@ -146,8 +147,13 @@ class FluxEngine:
                 self.generate(params, lambda step, total: None)
         return time.perf_counter() - started
 
-    def generate(self, params: GenerationParams, on_step: StepCallback) -> GenerationOutput:
-        """Run one job. Image ``i`` uses its own CPU generator seeded ``seed + i`` (device-independent)."""
+    def generate(
+        self, params: GenerationParams, on_step: StepCallback, references: Sequence[Image.Image] = ()
+    ) -> GenerationOutput:
+        """Run one job. Image ``i`` uses its own CPU generator seeded ``seed + i`` (device-independent).
+
+        ``references`` are the job's reference images (editing), decoded from storage by the runner.
+        """
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.cache is not None:
@@ -155,13 +161,15 @@ class FluxEngine:
             true_cfg = params.negative_prompt is not None and (params.true_cfg_scale or 1.0) > 1.0
             self.cache.prepare(params.cache, params.num_inference_steps, true_cfg=true_cfg)
         with torch.inference_mode():
-            images = self.pipeline(**self._call_arguments(params, on_step)).images
+            images = self.pipeline(**self._call_arguments(params, on_step, references)).images
         cached = self.cache.cached_steps() if self.cache is not None else 0
         return GenerationOutput(
             images=list(images), peak_memory_mb=self._peak_memory_mb(), cached_steps=cached
         )
 
-    def _call_arguments(self, params: GenerationParams, on_step: StepCallback) -> dict[str, Any]:
+    def _call_arguments(
+        self, params: GenerationParams, on_step: StepCallback, references: Sequence[Image.Image] = ()
+    ) -> dict[str, Any]:
         total = params.num_inference_steps
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +198,19 @@ class FluxEngine:
             kwargs["negative_prompt"] = params.negative_prompt
         if params.true_cfg_scale is not None:
             kwargs["true_cfg_scale"] = params.true_cfg_scale
+        if references:
+            kwargs["image"] = self._image_argument(references)
         return kwargs
+
+    def _image_argument(self, references: Sequence[Image.Image]) -> Any:
+        """Kontext takes one PIL image (``image=``); FLUX.2 a list of them (multi-reference editing)."""
+        if self.pipeline_class == "FluxKontextPipeline":
+            if len(references) != 1:
+                raise ValueError(f"FLUX.1 Kontext takes one reference image, got {len(references)}")
+            return references[0]
+        if self.pipeline_class == "Flux2Pipeline":
+            return list(references)
+        raise ValueError(f"{self.pipeline_class} does not take reference images")
 
     def _peak_memory_mb(self) -> float:
         """Peak GPU memory of this job on CUDA; on a CPU, the process's peak resident memory."""

@@ -7,7 +7,7 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from shared.ids import now_iso, parse_iso, utcnow
 from shared.jobstore import (
@@ -21,6 +21,7 @@ from shared.jobstore import (
 from shared.schemas import CONTENT_TYPES, JobMetrics, StoredImage
 from shared.storage import Storage, StorageError
 from worker.encode import EXTENSIONS, encode_image
+from worker.references import EditingEngine, ReferenceUnavailable, load_reference_images
 from worker.types import Engine, GenerationOutput
 
 log = logging.getLogger("fluxgate.runner")
@@ -100,7 +101,10 @@ def _generate(runtime: WorkerRuntime, record: JobRecord) -> GenerationOutput:
         if status != "running":  # raising inside the pipeline's step callback skips decode and upload
             raise JobInterrupted(canceled=status == "cancel")
 
-    return runtime.engine.generate(record.params, on_step)
+    if not record.params.images:
+        return runtime.engine.generate(record.params, on_step)
+    references = load_reference_images(runtime.storage, record.params.images)
+    return cast(EditingEngine, runtime.engine).generate(record.params, on_step, references=references)
 
 
 def _cancel(runtime: WorkerRuntime, record: JobRecord, reason: str) -> str:
@@ -194,6 +198,8 @@ def _run_claimed(runtime: WorkerRuntime, record: JobRecord) -> str:
 
 
 def _describe_pipeline_error(error: Exception) -> tuple[str, str]:
+    if isinstance(error, ReferenceUnavailable):
+        return "reference_unavailable", f"Reading the job's reference images failed: {error}"
     if type(error).__name__ == "OutOfMemoryError":
         return "out_of_memory", "The GPU ran out of memory for this job; try a smaller size or fewer images."
     return "generation_failed", f"The pipeline failed ({type(error).__name__}); the error was recorded."

@@ -1,0 +1,119 @@
+"""Admin API (role ``admin``): keys, queues, workers, job inspection and cancel, webhook replays."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import CurrentPrincipal, ServicesDep
+from api.presenters import job_public
+from shared.errors import ApiError, not_found
+from shared.ids import is_job_id
+from shared.jobrecord import JobRecord
+from shared.jobstore import events_key
+from shared.keys import Principal
+from shared.queues import queue_stats
+from shared.webhook_deliveries import DeliveryStore, deliveries_for_job
+from shared.workers import live_workers
+
+
+def require_admin(principal: CurrentPrincipal) -> Principal:
+    """403 for user keys on admin routes."""
+    if not principal.is_admin:
+        raise ApiError(403, "forbidden", "This route needs an admin key.")
+    return principal
+
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    owner: str = Field(min_length=1, max_length=128)
+    role: Literal["user", "admin"] = "user"
+
+
+@router.get("/keys")
+def list_keys(services: ServicesDep) -> dict[str, Any]:
+    """Every API key's id, owner, role, creation and revocation (never the key itself)."""
+    return {"object": "list", "data": services.keys.all_keys()}
+
+
+@router.post("/keys", status_code=201)
+def create_key(body: KeyCreate, services: ServicesDep) -> dict[str, Any]:
+    """Create a key; the response is the only time its value is shown."""
+    api_key = services.keys.create(body.owner, body.role)
+    principal = services.keys.lookup(api_key)
+    assert principal is not None
+    return {"key": api_key, "key_id": principal.key_id, "owner": body.owner, "role": body.role}
+
+
+@router.delete("/keys/{key_id}")
+def revoke_key(key_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Revoke a key: requests with it get 401 from now on."""
+    if not services.keys.revoke(key_id):
+        raise not_found("Key", "key_not_found", "key_id")
+    return {"key_id": key_id, "revoked": True}
+
+
+@router.get("/queues")
+def queues(services: ServicesDep) -> dict[str, Any]:
+    """Queued jobs per model and priority, and the oldest one's wait."""
+    return {"object": "list", "data": queue_stats(services.redis, services.settings)}
+
+
+@router.get("/workers")
+def workers(services: ServicesDep) -> dict[str, Any]:
+    """Registered workers: model, pipeline, device, options, current job, last heartbeat, liveness."""
+    return {"object": "list", "data": live_workers(services.redis)}
+
+
+def any_job(services: ServicesDep, job_id: str) -> JobRecord:
+    record = services.store.get(job_id) if is_job_id(job_id) else None
+    if record is None:
+        raise not_found("Job", "job_not_found", "id")
+    return record
+
+
+@router.get("/jobs/{job_id}")
+def inspect_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Everything about a job: the job object, owner, worker, error detail, events and deliveries."""
+    record = any_job(services, job_id)
+    entries: Any = services.redis.xrange(events_key(record.id))
+    events = [
+        {"id": entry_id, "type": fields.get("type"), "data": fields.get("data")}
+        for entry_id, fields in entries
+    ]
+    return {
+        "job": job_public(record, services).model_dump(mode="json"),
+        "owner": record.owner,
+        "worker": record.worker,
+        "priority": record.priority,
+        "cancel_requested": record.cancel_requested,
+        "error_detail": record.error_detail,
+        "webhook_url": record.webhook_url,
+        "events": events,
+        "webhook_deliveries": deliveries_for_job(services.redis, record.id),
+    }
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_any_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Cancel any owner's job (same rules as the owner's cancel)."""
+    record = any_job(services, job_id)
+    if record.status in ("succeeded", "failed"):
+        raise ApiError(409, "job_not_cancelable", f"The job already {record.status}.", "id")
+    canceled = services.store.cancel(record.id) or record
+    return job_public(canceled, services).model_dump(mode="json")
+
+
+@router.post("/webhook-deliveries/{delivery_id}/replay")
+def replay_delivery(delivery_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Deliver a webhook event again, with a fresh round of attempts."""
+    if not DeliveryStore(services.redis).replay(delivery_id, time.time()):
+        raise not_found("Webhook delivery", "delivery_not_found", "delivery_id")
+    return {"id": delivery_id, "status": "pending"}
