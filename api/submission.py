@@ -81,6 +81,22 @@ def _replay(services: Services, stored: str, body_hash: str) -> JobRecord:
     )
 
 
+def check_queue_room(services: Services, model: str) -> None:
+    """429 with Retry-After when the model's queue is at its limit (checked before any work is stored)."""
+    limits = services.settings.limits
+    if (
+        limits.max_queued_jobs_per_model
+        and services.store.queue_depth(model) >= limits.max_queued_jobs_per_model
+    ):
+        raise ApiError(
+            429,
+            "queue_full",
+            f"The queue of the model {model!r} is full; retry later.",
+            "model",
+            headers={"Retry-After": str(limits.queue_full_retry_after_s)},
+        )
+
+
 def submit_job(
     services: Services,
     principal: Principal,
@@ -100,6 +116,7 @@ def submit_job(
     params = resolve_params(body, model, settings.limits)
     check_metadata(body.metadata, settings.limits)
     check_job_options(body, settings)
+    check_queue_room(services, model.name)
     references = list(uploads) or load_references(body.images or [], model, settings)
     job_id = new_job_id()
     body_hash = _body_hash(body, uploads) if idempotency_key is not None else ""

@@ -292,6 +292,10 @@ class JobStore:
         )
         return text(reply)
 
+    def queue_depth(self, model: str) -> int:
+        """How many jobs of ``model`` are queued."""
+        return int(self.redis.zcard(f"{PREFIX}:queue:{model}"))
+
     def queue_position(self, model: str, job_id: str) -> int | None:
         """How many queued jobs of the same model were submitted before this one."""
         rank = self.redis.zrank(f"{PREFIX}:queue:{model}", job_id)

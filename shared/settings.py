@@ -98,6 +98,10 @@ class Limits(BaseModel):
     max_guidance_scale: float = 30.0
     max_metadata_bytes: int = 4096
     max_list_limit: int = 100
+    # Back-pressure: at most this many queued jobs per model; more are refused with 429 and
+    # Retry-After instead of growing the queue without bound (0 = no limit).
+    max_queued_jobs_per_model: int = Field(default=10_000, ge=0)
+    queue_full_retry_after_s: int = Field(default=30, ge=1)
     # Reference images (editing), each: encoded bytes (upload, decoded data URI or fetched body), decoded
     # pixels (checked from the header before decoding: decompression bombs), and FLUX.2's own checks
     # (at least 64 px a side, aspect ratio at most 8:1) so that a bad image is a 400, not a failed job.

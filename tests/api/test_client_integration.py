@@ -165,3 +165,18 @@ def test_queue_positions_stay_exact_under_concurrent_submissions(client: TestCli
         client.get(f"/v1/jobs/{job['id']}", headers=auth(keys.alice)).json()["queue_position"] for job in jobs
     )
     assert positions == list(range(24))
+
+
+def test_full_queue_is_429_with_retry_after_and_stores_nothing(
+    client: TestClient, keys: Keys, settings: Any
+) -> None:
+    settings.limits.max_queued_jobs_per_model = 2
+    assert [submit(client, keys.alice, {"prompt": "x"}).status_code for _ in range(2)] == [202, 202]
+    response = submit(client, keys.alice, {"prompt": "x"})
+    assert response.status_code == 429 and response.headers["Retry-After"] == "30"
+    assert response.json()["error"]["code"] == "queue_full"
+    assert len(client.get("/v1/jobs", headers=auth(keys.alice)).json()["data"]) == 2
+    store_of(client).claim(
+        client.get("/v1/jobs", headers=auth(keys.alice)).json()["data"][0]["id"], 1, "w", 3
+    )
+    assert submit(client, keys.alice, {"prompt": "x"}).status_code == 202  # room again once one runs
