@@ -21,7 +21,7 @@ import torch
 
 from bench.random_flux import build_flux1_dev
 from shared.schemas import GenerationParams
-from worker.engine import FluxEngine
+from worker.engine import FluxEngine, internal_params
 from worker.options import EngineOptions
 
 # name -> (engine options, cache preset or None). Presets: cache-dit DBCache F1B0 with a fixed
@@ -67,18 +67,8 @@ def transformer_step_s(pipe: Any, width: int, height: int, repeats: int = 10) ->
 
 
 def image_params(width: int, height: int, steps: int, cache: str | None) -> GenerationParams:
-    return GenerationParams(
-        model="bench",
-        prompt="a cat holding a sign that says hello world",
-        width=width,
-        height=height,
-        num_inference_steps=steps,
-        guidance_scale=3.5,
-        seed=0,
-        num_images=1,
-        output_format="png",
-        output_quality=90,
-        cache=cache or "off",
+    return internal_params(
+        width, height, steps, cache or "off", prompt="a cat holding a sign that says hello world"
     )
 
 

@@ -36,6 +36,23 @@ class CacheRunner(Protocol):
 CacheFactory = Callable[[Any], CacheRunner]
 
 
+def internal_params(width: int, height: int, steps: int, cache: str, prompt: str) -> GenerationParams:
+    """Parameters of a run the engine makes for itself (warm-up, benchmarks): seed 0, one PNG image."""
+    return GenerationParams(
+        model="internal",
+        prompt=prompt,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=3.5,
+        seed=0,
+        num_images=1,
+        output_format="png",
+        output_quality=90,
+        cache=cache,
+    )
+
+
 def resolve_device(option: str) -> torch.device:
     if option == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,19 +148,7 @@ class FluxEngine:
         started = time.perf_counter()
         for width, height in resolutions or [(256, 256)]:
             for preset in presets or ["off"]:
-                params = GenerationParams(
-                    model="warmup",
-                    prompt="warm-up",
-                    width=width,
-                    height=height,
-                    num_inference_steps=steps,
-                    guidance_scale=3.5,
-                    seed=0,
-                    num_images=1,
-                    output_format="png",
-                    output_quality=90,
-                    cache=preset,
-                )
+                params = internal_params(width, height, steps, preset, prompt="warm-up")
                 self.generate(params, lambda step, total: None)
         return time.perf_counter() - started
 

@@ -7,7 +7,7 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from shared.ids import now_iso, parse_iso, utcnow
 from shared.jobstore import (
@@ -44,25 +44,30 @@ class WorkerRuntime:
     jobs_done: int = field(default=0)
 
 
-def _fail(
-    runtime: WorkerRuntime, record: JobRecord, code: str, message: str, detail: str | None = None
-) -> str:
-    fields = {"error": {"code": code, "message": message}, "finished_at": now_iso()}
-    if detail:
-        fields["error_detail"] = detail
+def _finish(runtime: WorkerRuntime, record: JobRecord, status: str, fields: dict[str, Any]) -> str:
+    """End this attempt as ``status``; "dropped" when the job is no longer this attempt's to end."""
     try:
         runtime.store.transition(
             record.id,
-            "failed",
+            status,
             allowed_from={"running"},
             expect_attempt=record.attempt,
             expect_worker=runtime.worker_id,
-            fields=fields,
+            fields={**fields, "finished_at": now_iso()},
         )
     except IllegalTransition as error:
-        log.info("job %s left running before it failed: %s", record.id, error)
+        log.info("job %s: attempt %s could not end as %s: %s", record.id, record.attempt, status, error)
         return "dropped"
-    return "failed"
+    return status
+
+
+def _fail(
+    runtime: WorkerRuntime, record: JobRecord, code: str, message: str, detail: str | None = None
+) -> str:
+    fields: dict[str, Any] = {"error": {"code": code, "message": message}}
+    if detail:
+        fields["error_detail"] = detail
+    return _finish(runtime, record, "failed", fields)
 
 
 def _upload(runtime: WorkerRuntime, record: JobRecord, output: GenerationOutput) -> list[StoredImage]:
@@ -108,19 +113,7 @@ def _generate(runtime: WorkerRuntime, record: JobRecord) -> GenerationOutput:
 
 
 def _cancel(runtime: WorkerRuntime, record: JobRecord, reason: str) -> str:
-    try:
-        runtime.store.transition(
-            record.id,
-            "canceled",
-            allowed_from={"running"},
-            expect_attempt=record.attempt,
-            expect_worker=runtime.worker_id,
-            fields=canceled_fields(reason),
-        )
-    except IllegalTransition as error:
-        log.info("job %s left running before it was canceled: %s", record.id, error)
-        return "dropped"
-    return "canceled"
+    return _finish(runtime, record, "canceled", canceled_fields(reason))
 
 
 def _past_deadline(record: JobRecord) -> bool:
@@ -176,25 +169,15 @@ def _run_claimed(runtime: WorkerRuntime, record: JobRecord) -> str:
         cached_steps=output.cached_steps,
     )
     total = record.params.num_inference_steps
-    try:
-        runtime.store.transition(
-            record.id,
-            "succeeded",
-            allowed_from={"running"},
-            expect_attempt=record.attempt,
-            expect_worker=runtime.worker_id,
-            fields={
-                "images": [image.model_dump() for image in images],
-                "metrics": metrics,
-                "progress": {"step": total, "total": total},
-                "finished_at": now_iso(),
-            },
-        )
-    except IllegalTransition as error:
-        log.info("job %s result dropped: %s", record.id, error)
-        return "dropped"
-    runtime.jobs_done += 1
-    return "succeeded"
+    fields = {
+        "images": [image.model_dump() for image in images],
+        "metrics": metrics,
+        "progress": {"step": total, "total": total},
+    }
+    outcome = _finish(runtime, record, "succeeded", fields)
+    if outcome == "succeeded":
+        runtime.jobs_done += 1
+    return outcome
 
 
 def _describe_pipeline_error(error: Exception) -> tuple[str, str]:
