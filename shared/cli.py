@@ -49,8 +49,13 @@ def _sweeper(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    store = JobStore(connect(settings.redis_url))
-    run_sweeper(store, create_celery(settings), settings, args.interval, stop)
+    from shared.signing import file_signing_secret
+    from shared.storage import open_storage
+
+    client = connect(settings.redis_url)
+    secret = file_signing_secret(settings.file_signing_key, client)
+    storage = open_storage(settings.storage_url, settings.public_base_url, secret, settings.s3_endpoint_url)
+    run_sweeper(JobStore(client), storage, create_celery(settings), settings, args.interval, stop)
     return 0
 
 
@@ -113,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_arguments(worker)
     worker.set_defaults(handler=_worker)
 
-    sweeper = commands.add_parser("sweeper", help="run the periodic sweeper (deadlines, lost workers)")
+    sweeper = commands.add_parser(
+        "sweeper", help="run the periodic sweeper (deadlines, lost workers, retention)"
+    )
     sweeper.add_argument("--interval", type=float, default=1.0, help="seconds between passes")
     sweeper.set_defaults(handler=_sweeper)
 

@@ -35,6 +35,7 @@ LEGAL_MOVES: dict[str, frozenset[str]] = {
 
 DEADLINES_KEY = f"{PREFIX}:deadlines"
 RUNNING_KEY = f"{PREFIX}:running"
+RETENTION_KEY = f"{PREFIX}:retention"
 CANCELED_BY_USER = "canceled"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 
@@ -174,6 +175,27 @@ class JobStore:
             )
         except IllegalTransition:
             return None
+
+    def ended_before(self, cutoff: float, limit: int = 100) -> list[str]:
+        """Terminal jobs that ended before ``cutoff`` (Unix seconds), oldest first."""
+        return [
+            str(job_id)
+            for job_id in self.redis.zrangebyscore(RETENTION_KEY, "-inf", cutoff, start=0, num=limit)
+        ]
+
+    def purge(self, job_id: str) -> None:
+        """Delete a job's record, events and every index entry (its objects are the caller's)."""
+        record = self.get(job_id)
+        pipe = self.redis.pipeline(transaction=True)
+        if record is not None:
+            pipe.zrem(f"{PREFIX}:owner:{record.owner}:jobs", job_id)
+            pipe.zrem(f"{PREFIX}:owner:{record.owner}:status:{record.status}", job_id)
+            pipe.zrem(f"{PREFIX}:queue:{record.model}", job_id)
+        pipe.delete(job_key(job_id), events_key(job_id), f"{job_key(job_id)}:openai_waiters")
+        pipe.srem(RUNNING_KEY, job_id)
+        pipe.zrem(DEADLINES_KEY, job_id)
+        pipe.zrem(RETENTION_KEY, job_id)
+        pipe.execute()
 
     def due_deadlines(self, now: float, limit: int = 100) -> list[str]:
         """Jobs whose ``cancel_after`` deadline has passed (the sweeper cancels them)."""

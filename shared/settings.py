@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
 
     result_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # Terminal jobs (record, events, deliveries, result and input objects) are purged this long after
+    # they ended; at least a day, so idempotency keys (24 h) never point at a purged job.
+    retention_s: int = Field(default=7 * 24 * 3600, ge=24 * 3600)
     max_attempts: int = Field(default=3, ge=1, le=10)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     heartbeat_timeout_s: float = Field(default=30.0, gt=0)
@@ -192,6 +195,8 @@ class Settings(BaseSettings):
             raise ValueError(f"FLUXGATE_MODELS names must be unique, got {names}")
         if not self.storage_url.startswith(("file://", "s3://")):
             raise ValueError("FLUXGATE_STORAGE_URL must start with file:// or s3://")
+        if self.result_url_ttl_s >= self.retention_s:
+            raise ValueError("FLUXGATE_RESULT_URL_TTL_S must be shorter than FLUXGATE_RETENTION_S")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("FLUXGATE_HEARTBEAT_TIMEOUT_S must exceed FLUXGATE_HEARTBEAT_INTERVAL_S")
         return self

@@ -22,6 +22,8 @@ class Storage(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
+    def delete(self, keys: list[str]) -> None: ...
+
     def url(self, key: str, expires_in: int) -> str: ...
 
     def check(self) -> None: ...
@@ -52,6 +54,24 @@ class LocalStorage:
             os.replace(handle.name, path)
         except OSError as error:
             raise StorageError(f"could not write {key} to local storage: {error.strerror}") from error
+
+    def delete(self, keys: list[str]) -> None:
+        """Remove ``keys`` (missing ones are fine: deleting is idempotent)."""
+        for key in keys:
+            path = self.path(key)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as error:
+                raise StorageError(f"could not delete {key} from local storage: {error.strerror}") from error
+            self._remove_empty_parents(path.parent)
+
+    def _remove_empty_parents(self, directory: Path) -> None:
+        while directory != self.root and directory.is_relative_to(self.root):
+            try:
+                directory.rmdir()  # only succeeds when empty
+            except OSError:
+                return
+            directory = directory.parent
 
     def get(self, key: str) -> bytes:
         """The bytes stored under ``key``; StorageError when it is missing or unreadable."""
@@ -104,6 +124,15 @@ class S3Storage:
             )
         except Exception as error:
             raise StorageError(_describe_s3_error(error, self.bucket)) from error
+
+    def delete(self, keys: list[str]) -> None:
+        """Remove ``keys`` in batches of 1000 (S3's limit); missing objects are fine."""
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
+            try:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            except Exception as error:
+                raise StorageError(_describe_s3_error(error, self.bucket)) from error
 
     def get(self, key: str) -> bytes:
         """The object's bytes; StorageError (with the S3 reason) when missing or unreachable."""

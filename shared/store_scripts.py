@@ -10,6 +10,7 @@ Key layout (prefix ``fg:``):
   worker:{id}:alive             string present while the worker heartbeats (expires)
   outbox                        stream events a job's webhook selected, for the delivery dispatcher
   running                       set    running job ids (the sweeper checks their workers' heartbeats)
+  retention                     zset   terminal job ids by the time they ended (the sweeper purges old ones)
 """
 
 # Shared by every script: append an event to the job's stream and, when the job's webhook selected
@@ -65,6 +66,11 @@ redis.call('ZREM', prefix .. ':status:' .. status, id)
 redis.call('ZADD', prefix .. ':status:' .. to, 0, id)
 if status == 'queued' and to ~= 'queued' then redis.call('ZREM', 'fg:queue:' .. model, id) end
 if to == 'running' then redis.call('SADD', 'fg:running', id) else redis.call('SREM', 'fg:running', id) end
+if to == 'succeeded' or to == 'failed' or to == 'canceled' then
+  redis.call('ZADD', 'fg:retention', redis.call('TIME')[1], id)
+else
+  redis.call('ZREM', 'fg:retention', id)
+end
 if to == 'queued' and status ~= 'queued' then
   redis.call('ZADD', 'fg:queue:' .. model, queue_score(job), id)
 end

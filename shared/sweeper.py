@@ -3,6 +3,7 @@
 - ``cancel_after`` deadlines: a queued job past its deadline is canceled with ``deadline_exceeded``
   even when no worker serves its model; a running one is flagged and its worker stops at the next
   step. (Workers also check the deadline when they claim a job.)
+- Retention: terminal jobs are purged ``FLUXGATE_RETENTION_S`` after they ended (shared/retention.py).
 - Lost workers: a running job whose worker's heartbeat expired goes back to the queue as
   attempt + 1 with a new message (its old message, if Celery redelivers it, is stale and dropped),
   or fails ``worker_lost`` past the maximum attempts. So no job stays running longer than the
@@ -19,7 +20,9 @@ from celery import Celery
 
 from shared.jobstore import DEADLINE_EXCEEDED, JobStore
 from shared.queue import enqueue_generation
+from shared.retention import sweep_retention
 from shared.settings import Settings
+from shared.storage import Storage
 
 log = logging.getLogger("fluxgate.sweeper")
 
@@ -51,12 +54,18 @@ def sweep_lost_workers(store: JobStore, celery: Celery, settings: Settings) -> i
 
 
 def run_sweeper(
-    store: JobStore, celery: Celery, settings: Settings, interval_s: float, stop: threading.Event
+    store: JobStore,
+    storage: Storage,
+    celery: Celery,
+    settings: Settings,
+    interval_s: float,
+    stop: threading.Event,
 ) -> None:
     """Sweep every ``interval_s`` until ``stop`` is set; Redis outages are logged and retried."""
     while not stop.wait(interval_s):
         try:
             sweep_deadlines(store)
             sweep_lost_workers(store, celery, settings)
+            sweep_retention(store, storage, settings.retention_s)
         except Exception as error:  # a Redis restart must not end the sweeper
             log.warning("sweep failed, retrying in %ss: %s", interval_s, error)

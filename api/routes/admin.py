@@ -15,7 +15,9 @@ from shared.ids import is_job_id
 from shared.jobrecord import JobRecord
 from shared.jobstore import events_key
 from shared.keys import Principal
+from shared.queue import enqueue_generation
 from shared.queues import queue_stats
+from shared.retention import purge_job
 from shared.webhook_deliveries import DeliveryStore, deliveries_for_job
 from shared.workers import live_workers
 
@@ -109,6 +111,54 @@ def cancel_any_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
         raise ApiError(409, "job_not_cancelable", f"The job already {record.status}.", "id")
     canceled = services.store.cancel(record.id) or record
     return job_public(canceled, services).model_dump(mode="json")
+
+
+@router.post("/jobs/{job_id}/retry")
+def retry_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Run a finished job again as its next attempt (same parameters and seed)."""
+    record = any_job(services, job_id)
+    model = services.settings.model(record.model)
+    if not record.is_terminal or model is None:
+        raise ApiError(
+            409,
+            "job_not_retryable",
+            f"Only a finished job of a configured model can be retried (status {record.status}).",
+            "id",
+        )
+    cleared = {
+        name: ""
+        for name in (
+            "error",
+            "error_detail",
+            "images",
+            "metrics",
+            "started_at",
+            "finished_at",
+            "worker",
+            "cancel_requested",
+            "deadline_at",
+        )
+    }
+    moved = services.store.transition(
+        record.id,
+        "queued",
+        allowed_from={"succeeded", "failed", "canceled"},
+        expect_attempt=record.attempt,
+        bump_attempt=True,
+        fields={**cleared, "progress": record.progress.model_copy(update={"step": 0})},
+    )
+    enqueue_generation(services.celery, model.queue, moved.id, moved.attempt, moved.priority)
+    return job_public(moved, services).model_dump(mode="json")
+
+
+@router.delete("/jobs/{job_id}")
+def purge(job_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Delete a job and everything it left: record, events, deliveries, result and input objects."""
+    record = any_job(services, job_id)
+    if record.status in ("queued", "running"):
+        raise ApiError(409, "job_active", "Cancel the job before purging it.", "id")
+    purge_job(services.store, services.storage, record.id)
+    return {"id": record.id, "object": "job", "deleted": True}
 
 
 @router.post("/webhook-deliveries/{delivery_id}/replay")

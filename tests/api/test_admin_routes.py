@@ -87,3 +87,31 @@ def test_admin_inspects_and_cancels_any_owners_job(client: TestClient, keys: Key
 def test_replaying_an_unknown_delivery_is_404(client: TestClient, keys: Keys) -> None:
     response = client.post("/v1/admin/webhook-deliveries/dlv_missing/replay", headers=auth(keys.admin))
     assert response.status_code == 404
+
+
+def test_admin_retries_a_finished_job_as_its_next_attempt(client: TestClient, keys: Keys) -> None:
+    job = client.post("/v1/jobs", json={"prompt": "x"}, headers=auth(keys.alice)).json()
+    store = store_of(client)
+    store.claim(job["id"], 1, "w1", max_attempts=3)
+    store.transition(
+        job["id"], "failed", allowed_from={"running"}, fields={"error": {"code": "c", "message": "m"}}
+    )
+    retried = client.post(f"/v1/admin/jobs/{job['id']}/retry", headers=auth(keys.admin))
+    assert retried.status_code == 200
+    assert (retried.json()["status"], retried.json()["attempt"], retried.json()["error"]) == (
+        "queued",
+        2,
+        None,
+    )
+    assert store.claim(job["id"], 2, "w2", max_attempts=3) is not None
+    again = client.post(f"/v1/admin/jobs/{job['id']}/retry", headers=auth(keys.admin))
+    assert again.status_code == 409
+
+
+def test_admin_purges_a_finished_job_but_not_an_active_one(client: TestClient, keys: Keys) -> None:
+    job = client.post("/v1/jobs", json={"prompt": "x"}, headers=auth(keys.alice)).json()
+    assert client.delete(f"/v1/admin/jobs/{job['id']}", headers=auth(keys.admin)).status_code == 409
+    client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(keys.alice))
+    assert client.delete(f"/v1/admin/jobs/{job['id']}", headers=auth(keys.admin)).json()["deleted"] is True
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth(keys.alice)).status_code == 404
+    assert client.get("/v1/jobs", headers=auth(keys.alice)).json()["data"] == []
