@@ -103,6 +103,13 @@ def _webhooks(args: argparse.Namespace) -> int:
     )
 
 
+def _bench_serving(args: argparse.Namespace) -> int:
+    """``fluxgate bench serving ARGS``: the serving benchmark, with every further argument its own."""
+    from bench.serving import main as serving_main
+
+    return serving_main(args.forwarded)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxgate", description="FLUX image generation as a job-queue API")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -153,12 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=_keys_revoke)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench_command", required=True
+    )
+    serving = bench.add_parser(
+        "serving", add_help=False, help="drive a deployment over HTTP (--help: its flags)"
+    )
+    serving.set_defaults(handler=_bench_serving, forwards=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, forwarded = parser.parse_known_args(argv)  # only a forwarding command takes unknown ones
+    if forwarded and not getattr(args, "forwards", False):
+        parser.error(f"unrecognized arguments: {' '.join(forwarded)}")
+    args.forwarded = forwarded
     return int(args.handler(args))
 
 
