@@ -12,6 +12,7 @@ from typing import Any
 
 from api.body_limits import check_body_without_images
 from api.image_checks import DecodedImage
+from api.quotas import check_active_jobs, check_submission_rate
 from api.references import load_references, store_references
 from api.services import Services
 from api.validation import check_job_options, check_metadata, resolve_model, resolve_params
@@ -116,14 +117,16 @@ def submit_job(
     params = resolve_params(body, model, settings.limits)
     check_metadata(body.metadata, settings.limits)
     check_job_options(body, settings)
-    check_queue_room(services, model.name)
     references = list(uploads) or load_references(body.images or [], model, settings)
     job_id = new_job_id()
     body_hash = _body_hash(body, uploads) if idempotency_key is not None else ""
     reservation, replayed = _reserve(services, principal, idempotency_key, job_id, body_hash)
-    if replayed is not None:
+    if replayed is not None:  # a replay returns its job whatever the quotas say now
         return Submission(replayed, replayed=True)
     try:
+        check_queue_room(services, model.name)
+        check_active_jobs(services, principal)
+        check_submission_rate(services, principal)
         if references:
             stored = store_references(services.storage, job_id, references)
             params = params.model_copy(update={"images": stored})

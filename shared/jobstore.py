@@ -314,6 +314,13 @@ class JobStore:
         )
         return text(reply)
 
+    def active_jobs(self, owner: str) -> int:
+        """How many of the owner's jobs are queued or running."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(f"{PREFIX}:owner:{owner}:status:queued")
+        pipe.zcard(f"{PREFIX}:owner:{owner}:status:running")
+        return sum(int(count) for count in pipe.execute())
+
     def queue_depth(self, model: str) -> int:
         """How many jobs of ``model`` are queued."""
         return int(self.redis.zcard(f"{PREFIX}:queue:{model}"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -101,6 +101,9 @@ class Limits(BaseModel):
     # Back-pressure: at most this many queued jobs per model; more are refused with 429 and
     # Retry-After instead of growing the queue without bound (0 = no limit).
     max_queued_jobs_per_model: int = Field(default=10_000, ge=0)
+    # Quotas per API key / owner, shared by every gateway replica (0 = no limit).
+    submissions_per_minute: int = Field(default=600, ge=0)
+    max_active_jobs_per_owner: int = Field(default=1000, ge=0)
     queue_full_retry_after_s: int = Field(default=30, ge=1)
     # Reference images (editing), each: encoded bytes (upload, decoded data URI or fetched body), decoded
     # pixels (checked from the header before decoding: decompression bombs), and FLUX.2's own checks
@@ -158,6 +161,10 @@ class Settings(BaseSettings):
     webhook_progress_interval_s: float = Field(default=2.0, ge=0)
     # Delivery threads of one `fluxgate webhooks` process.
     webhook_concurrency: int = Field(default=4, ge=1, le=64)
+    # Port of each worker process's Prometheus endpoint (0 = none). Two workers on one host need two ports.
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # "json": one JSON object per log line (with job_id inside a job); "text" for people.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("outbound_allow_cidrs")
     @classmethod

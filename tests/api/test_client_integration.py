@@ -180,3 +180,31 @@ def test_full_queue_is_429_with_retry_after_and_stores_nothing(
         client.get("/v1/jobs", headers=auth(keys.alice)).json()["data"][0]["id"], 1, "w", 3
     )
     assert submit(client, keys.alice, {"prompt": "x"}).status_code == 202  # room again once one runs
+
+
+def test_submission_rate_per_key_is_429_with_rate_limit_headers(
+    client: TestClient, keys: Keys, settings: Any
+) -> None:
+    settings.limits.submissions_per_minute = 3
+    codes = [submit(client, keys.alice, {"prompt": f"p{i}"}).status_code for i in range(3)]
+    refused = submit(client, keys.alice, {"prompt": "one too many"})
+    assert codes == [202, 202, 202] and refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.headers["X-RateLimit-Limit"] == "3" and refused.headers["X-RateLimit-Remaining"] == "0"
+    assert 0 < int(refused.headers["Retry-After"]) <= 61
+    assert submit(client, keys.bob, {"prompt": "another key"}).status_code == 202
+    assert client.get("/v1/jobs", headers=auth(keys.alice)).status_code == 200  # reads are not limited
+
+
+def test_active_jobs_per_owner_are_capped_and_replays_still_answer(
+    client: TestClient, keys: Keys, settings: Any
+) -> None:
+    settings.limits.max_active_jobs_per_owner = 2
+    first = submit(client, keys.alice, {"prompt": "a"}, **{"Idempotency-Key": "k1"})
+    submit(client, keys.alice, {"prompt": "b"})
+    refused = submit(client, keys.alice, {"prompt": "c"})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_active_jobs"
+    replay = submit(client, keys.alice, {"prompt": "a"}, **{"Idempotency-Key": "k1"})
+    assert replay.status_code == 200 and replay.json()["id"] == first.json()["id"]
+    cancel(client, keys.alice, first.json()["id"])
+    assert submit(client, keys.alice, {"prompt": "c"}).status_code == 202
