@@ -44,6 +44,12 @@ def new_job_id() -> str:
     return "job_" + _base32(millis, 10) + _base32(random_part, 16)
 
 
+def job_id_bound(moment: datetime, upper: bool) -> str:
+    """The smallest (or largest) job id created at ``moment``'s millisecond, for id-range queries."""
+    millis = int(moment.timestamp() * 1000)
+    return "job_" + _base32(millis, 10) + ("Z" * 16 if upper else "0" * 16)
+
+
 def job_id_millis(job_id: str) -> int:
     """The creation time of a job id, in Unix milliseconds (its first 10 characters)."""
     return sum(_CROCKFORD.index(char) * 32**power for power, char in enumerate(reversed(job_id[4:14])))

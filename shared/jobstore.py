@@ -36,6 +36,7 @@ LEGAL_MOVES: dict[str, frozenset[str]] = {
 DEADLINES_KEY = f"{PREFIX}:deadlines"
 RUNNING_KEY = f"{PREFIX}:running"
 RETENTION_KEY = f"{PREFIX}:retention"
+ALL_JOBS_KEY = f"{PREFIX}:jobs"
 CANCELED_BY_USER = "canceled"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 
@@ -192,6 +193,7 @@ class JobStore:
             pipe.zrem(f"{PREFIX}:owner:{record.owner}:status:{record.status}", job_id)
             pipe.zrem(f"{PREFIX}:queue:{record.model}", job_id)
         pipe.delete(job_key(job_id), events_key(job_id), f"{job_key(job_id)}:openai_waiters")
+        pipe.zrem(ALL_JOBS_KEY, job_id)
         pipe.srem(RUNNING_KEY, job_id)
         pipe.zrem(DEADLINES_KEY, job_id)
         pipe.zrem(RETENTION_KEY, job_id)

@@ -3,6 +3,7 @@
 Key layout (prefix ``fg:``):
   job:{id}                      hash   the job record (each field a string; structured ones JSON)
   job:{id}:events               stream every transition and progress event, bounded
+  jobs                          zset   every job id (score 0, ordered by id = creation time), for admin search
   owner:{owner}:jobs            zset   the owner's job ids (score 0, ordered by id = creation time)
   owner:{owner}:status:{status} zset   the same, per status
   queue:{model}                 zset   queued job ids by submission sequence (for queue_position)
@@ -114,6 +115,7 @@ if redis.call('EXISTS', job) == 1 then return 0 end
 for i = 5, #ARGV, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
 local id = redis.call('HGET', job, 'id')
 redis.call('ZADD', 'fg:owner:' .. ARGV[2] .. ':jobs', 0, id)
+redis.call('ZADD', 'fg:jobs', 0, id)
 redis.call('ZADD', 'fg:owner:' .. ARGV[2] .. ':status:queued', 0, id)
 redis.call('ZADD', 'fg:queue:' .. ARGV[3], queue_score(job), id)
 emit(job, stream, ARGV[1], 'job.queued', ARGV[4])

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CurrentPrincipal, ServicesDep
 from api.presenters import job_public
 from shared.errors import ApiError, not_found
-from shared.ids import is_job_id
+from shared.ids import is_job_id, job_id_bound
 from shared.jobrecord import JobRecord
+from shared.jobsearch import JobQuery, search_jobs
 from shared.jobstore import events_key
 from shared.keys import Principal
 from shared.queue import enqueue_generation
@@ -72,6 +74,36 @@ def queues(services: ServicesDep) -> dict[str, Any]:
 def workers(services: ServicesDep) -> dict[str, Any]:
     """Registered workers: model, pipeline, device, options, current job, last heartbeat, liveness."""
     return {"object": "list", "data": live_workers(services.redis)}
+
+
+@router.get("/jobs")
+def search(
+    services: ServicesDep,
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"] | None = None,
+    model: str | None = None,
+    owner: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Search every owner's jobs by status, model, owner and creation time, newest first."""
+    if cursor is not None and not is_job_id(cursor):
+        raise ApiError(
+            400, "invalid_cursor", "cursor must be a next_cursor returned by this endpoint.", "cursor"
+        )
+    query = JobQuery(
+        status=status,
+        model=model,
+        owner=owner,
+        cursor=cursor,
+        limit=limit,
+        since_id=job_id_bound(since, upper=False) if since else None,
+        until_id=job_id_bound(until, upper=True) if until else None,
+    )
+    records, next_cursor = search_jobs(services.store, query)
+    data = [{**job_public(r, services).model_dump(mode="json"), "owner": r.owner} for r in records]
+    return {"object": "list", "data": data, "next_cursor": next_cursor}
 
 
 def any_job(services: ServicesDep, job_id: str) -> JobRecord:

@@ -115,3 +115,44 @@ def test_admin_purges_a_finished_job_but_not_an_active_one(client: TestClient, k
     assert client.delete(f"/v1/admin/jobs/{job['id']}", headers=auth(keys.admin)).json()["deleted"] is True
     assert client.get(f"/v1/jobs/{job['id']}", headers=auth(keys.alice)).status_code == 404
     assert client.get("/v1/jobs", headers=auth(keys.alice)).json()["data"] == []
+
+
+def test_admin_search_filters_by_status_model_owner_and_time_with_a_cursor(
+    client: TestClient, keys: Keys
+) -> None:
+    import time
+    from datetime import UTC, datetime
+
+    ids = [
+        client.post("/v1/jobs", json={"prompt": f"a{i}"}, headers=auth(keys.alice)).json()["id"]
+        for i in range(3)
+    ]
+    time.sleep(0.01)
+    middle = datetime.now(UTC).isoformat()
+    time.sleep(0.01)
+    bob = client.post("/v1/jobs", json={"prompt": "b"}, headers=auth(keys.bob)).json()["id"]
+    store_of(client).claim(ids[0], 1, "w1", max_attempts=3)
+
+    def search(query: str) -> dict[str, Any]:
+        response = client.get(f"/v1/admin/jobs?{query}", headers=auth(keys.admin))
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    assert [j["id"] for j in search("")["data"]] == [bob, ids[2], ids[1], ids[0]]
+    assert [j["id"] for j in search("status=running")["data"]] == [ids[0]]
+    assert [j["id"] for j in search("owner=bob")["data"]] == [bob]
+    assert search("owner=bob")["data"][0]["owner"] == "bob"
+    assert [j["id"] for j in search("owner=alice&status=queued")["data"]] == [ids[2], ids[1]]
+    assert search("model=flux-other")["data"] == []
+    assert [j["id"] for j in search(f"since={middle.replace('+', '%2B')}")["data"]] == [bob]
+    assert [j["id"] for j in search(f"until={middle.replace('+', '%2B')}")["data"]] == [
+        ids[2],
+        ids[1],
+        ids[0],
+    ]
+    page = search("limit=2")
+    assert [j["id"] for j in page["data"]] == [bob, ids[2]]
+    rest = search(f"limit=2&cursor={page['next_cursor']}")
+    assert [j["id"] for j in rest["data"]] == [ids[1], ids[0]]
+    bad = client.get("/v1/admin/jobs?since=yesterday", headers=auth(keys.admin))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "since"

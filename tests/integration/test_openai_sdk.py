@@ -28,6 +28,7 @@ EDIT_DEFAULTS = {"width": 64, "height": 64, "num_inference_steps": 2}
 # The stack's OpenAI wait: far above a tiny job, far below the SDK's 600 s. A second gateway waits 2 s.
 OPENAI_TIMEOUT_S = 60
 SHORT_TIMEOUT_S = 2
+SHORT_GATEWAY_RATE = 2  # submissions a minute per key on the second gateway (the quota test)
 
 
 @dataclass
@@ -84,7 +85,11 @@ def openai_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
             stack.start(f"worker-{model}", "worker", "--model-name", model, "--device", "cpu")
         port = free_port()
         short = f"http://127.0.0.1:{port}"
-        short_env = {"FLUXGATE_OPENAI_TIMEOUT_S": str(SHORT_TIMEOUT_S), "FLUXGATE_PUBLIC_BASE_URL": short}
+        short_env = {
+            "FLUXGATE_OPENAI_TIMEOUT_S": str(SHORT_TIMEOUT_S),
+            "FLUXGATE_PUBLIC_BASE_URL": short,
+            "FLUXGATE_LIMITS__SUBMISSIONS_PER_MINUTE": str(SHORT_GATEWAY_RATE),
+        }
         stack.start("gateway-short", "serve", "--port", str(port), env=short_env)
         wait_for(lambda: _ready(short), 30, "the second gateway", interval=0.2)
         stack.wait_for_workers("flux-kontext-tiny", 1)
@@ -216,14 +221,17 @@ def test_an_unknown_model_raises_not_found_error(openai_stack: OpenAIStack) -> N
 
 
 def test_a_wait_that_runs_out_is_504_and_cancels_the_job(openai_stack: OpenAIStack) -> None:
-    client = openai_stack.client(openai_stack.short_gateway_url)
+    # A key of its own: submission counters are per key across gateways, and this gateway allows 2 a minute.
+    key = KeyStore(connect(openai_stack.stack.env["FLUXGATE_REDIS_URL"])).create("sdk-timeout")
+    own = OpenAIStack(openai_stack.stack, openai_stack.short_gateway_url, key)
+    client = own.client(openai_stack.short_gateway_url)
     with pytest.raises(openai.InternalServerError) as caught:
         client.images.generate(model="flux-idle", prompt="nobody serves this")
     error = caught.value
     assert (error.status_code, error.code) == (504, "generation_timeout")
     job_id = error.response.headers["x-fluxgate-job-id"]
     assert job_id in error.message
-    job = next(job for job in openai_stack.jobs() if job["id"] == job_id)
+    job = next(job for job in own.jobs() if job["id"] == job_id)
     assert job["status"] == "canceled" and job["error"]["code"] == "deadline_exceeded"
 
 
@@ -251,3 +259,14 @@ def test_a_retry_with_the_same_idempotency_key_reuses_the_job(openai_stack: Open
         ids.append(raw.headers["x-fluxgate-job-id"])
     assert ids[0] == ids[1]
     assert sum(job["params"]["prompt"] == "once only" for job in openai_stack.jobs()) == 1
+
+
+def test_a_submission_quota_raises_rate_limit_error(openai_stack: OpenAIStack) -> None:
+    key = KeyStore(connect(openai_stack.stack.env["FLUXGATE_REDIS_URL"])).create("sdk-quota")
+    client = OpenAI(api_key=key, base_url=f"{openai_stack.short_gateway_url}/v1", max_retries=0, timeout=60)
+    for _ in range(SHORT_GATEWAY_RATE):
+        assert client.images.generate(model="flux-tiny", prompt="within quota").data
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.images.generate(model="flux-tiny", prompt="one too many")
+    assert caught.value.code == "rate_limit_exceeded"
+    assert int(caught.value.response.headers["retry-after"]) > 0
