@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.body_limits import RouteBodyLimits
 from api.errors import install_error_handlers
-from api.metrics import GatewayMetrics, MetricsMiddleware
+from api.metrics import CountingJobStore, GatewayMetrics, MetricsMiddleware
 from api.routes import admin, events, files, health, jobs, models, openai, webhooks
 from api.services import Services
 from shared.settings import Settings, load_settings
@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Fluxgate", version="0.1.0", lifespan=lifespan)
     app.state.services = services
-    app.state.metrics = GatewayMetrics()
+    app.state.metrics = GatewayMetrics(services.redis, [model.name for model in settings.models])
+    services.store = CountingJobStore(services.redis, app.state.metrics.submitted)
     install_error_handlers(app, settings.redis_retry_after_s)
     for module in (jobs, events, files, models, health, webhooks, openai, admin):
         app.include_router(module.router)

@@ -2,15 +2,94 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import Counter as Tally
+from collections.abc import Iterator, Sequence
+from typing import Any
 
+import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.jobstore import RUNNING_KEY, JobRecord, JobStore, job_key
+from shared.queues import BAND_WIDTH, BANDS
+from shared.schemas import GenerationParams
+
+log = logging.getLogger("fluxgate.api")
+
+
+class QueueCollector(Collector):
+    """Queue depth per model and priority, and running jobs per model, read from Redis at scrape time.
+
+    Shared state, so every gateway replica reports the same values (aggregate with max, not sum).
+    Redis down does not fail the scrape: ``fluxgate_redis_up`` is 0 and the queue series are left out.
+    """
+
+    def __init__(self, client: redis.Redis, models: Sequence[str]) -> None:
+        self.client = client
+        self.models = list(models)
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("fluxgate_redis_up", "Whether this scrape could read Redis")
+        try:
+            depths, running = self._read()
+        except redis.RedisError as error:
+            log.warning("metrics: cannot read the queues from Redis: %s", error)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        depth = GaugeMetricFamily("fluxgate_queue_depth", "Queued jobs", labels=["model", "priority"])
+        for (model, priority), count in depths.items():
+            depth.add_metric([model, priority], count)
+        yield depth
+        busy = GaugeMetricFamily("fluxgate_jobs_running", "Running jobs", labels=["model"])
+        for model in self.models:
+            busy.add_metric([model], running[model])
+        yield busy
+
+    def _read(self) -> tuple[dict[tuple[str, str], int], Tally[str]]:
+        pipe = self.client.pipeline(transaction=False)
+        for model in self.models:
+            for band in BANDS.values():
+                pipe.zcount(f"fg:queue:{model}", band * BAND_WIDTH, (band + 1) * BAND_WIDTH - 1)
+        counts = iter(pipe.execute())
+        depths = {(model, name): int(next(counts)) for model in self.models for name in BANDS}
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in self.client.smembers(RUNNING_KEY):
+            pipe.hget(job_key(str(job_id)), "model")
+        return depths, Tally(str(model) for model in pipe.execute() if model)
+
+
+class CountingJobStore(JobStore):
+    """The gateway's job store, counting each job it creates by model (idempotent replays create none)."""
+
+    def __init__(self, client: redis.Redis, submitted: Counter) -> None:
+        super().__init__(client)
+        self.submitted = submitted
+
+    def create(
+        self, job_id: str, owner: str, params: GenerationParams, *args: Any, **kwargs: Any
+    ) -> JobRecord:
+        record = super().create(job_id, owner, params, *args, **kwargs)
+        self.submitted.labels(params.model).inc()
+        return record
 
 
 class GatewayMetrics:
-    def __init__(self) -> None:
+    """The gateway's series; with a Redis client, also the queues' (read at scrape time)."""
+
+    def __init__(self, client: redis.Redis | None = None, models: Sequence[str] = ()) -> None:
         self.registry = CollectorRegistry()
+        if client is not None:
+            self.registry.register(QueueCollector(client, models))
+        self.submitted = Counter(
+            "fluxgate_jobs_submitted", "Jobs created, by model", ["model"], registry=self.registry
+        )
         self.requests = Counter(
             "fluxgate_http_requests_total",
             "HTTP requests",

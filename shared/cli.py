@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
+from typing import Any
 
 from shared.keys import KeyStore
 from shared.redis_client import connect
@@ -21,8 +21,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     from api.app import create_app
 
+    settings = load_settings()
     port = args.port or int(os.environ.get("PORT", "8000"))
-    uvicorn.run(create_app(load_settings()), host=args.host, port=port, log_level="info", access_log=False)
+    # log_config=None keeps the root logger's formatter (JSON when FLUXGATE_LOG_FORMAT=json) for uvicorn too.
+    extra: dict[str, Any] = {"log_config": None} if settings.log_format == "json" else {}
+    uvicorn.run(create_app(settings), host=args.host, port=port, log_level="info", access_log=False, **extra)
     return 0
 
 
@@ -171,8 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging() -> None:
+    """Text or JSON lines per ``FLUXGATE_LOG_FORMAT``; text when the settings are invalid (the command
+    that needs them reports why)."""
+    from pydantic import ValidationError
+
+    from shared.logging import configure_logging
+
+    try:
+        log_format = load_settings().log_format
+    except ValidationError:
+        log_format = "text"
+    configure_logging(json=log_format == "json")
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging()
     parser = build_parser()
     args, forwarded = parser.parse_known_args(argv)  # only a forwarding command takes unknown ones
     if forwarded and not getattr(args, "forwards", False):

@@ -7,16 +7,20 @@ import logging
 import os
 import secrets
 import socket
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from shared.queue import create_celery
 from shared.redis_client import connect
-from shared.settings import Settings, load_settings
+from shared.settings import ModelConfig, Settings, load_settings
 from shared.signing import file_signing_secret
 from shared.storage import open_storage
 from worker.options import EngineOptions
+
+if TYPE_CHECKING:  # the metrics module is imported when a worker runs, like the rest of its runtime
+    from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("fluxgate.worker")
 
@@ -70,9 +74,9 @@ def _describe(issue: Any) -> str:
 def run_worker(args: argparse.Namespace, settings: Settings | None = None) -> int:
     """Start a GPU worker: load and warm the engine, then consume the model's queue; returns the exit code."""
     from worker.heartbeat import Heartbeat
+    from worker.metrics import WorkerMetrics
     from worker.resilience import RetryingJobStore
     from worker.runner import WorkerRuntime
-    from worker.startup import StartupError, load_engine
     from worker.tasks import register_generate_task
 
     settings = settings or load_settings()
@@ -81,10 +85,10 @@ def run_worker(args: argparse.Namespace, settings: Settings | None = None) -> in
     if model is None:
         names = ", ".join(m.name for m in settings.models)
         raise SystemExit(f"--model-name {options.model_name!r} is not a configured model ({names})")
-    try:
-        engine = load_engine(model, options, os.environ)
-    except StartupError as error:
-        raise SystemExit(f"worker for {model.name!r} cannot start: {error}") from None
+    metrics = WorkerMetrics()
+    if settings.worker_metrics_port:  # up before the load, which can take minutes
+        metrics.serve(settings.worker_metrics_port)
+    engine = _load_engine(model, options, metrics)
     client = connect(settings.redis_url)
     secret = file_signing_secret(settings.file_signing_key, client)
     storage = open_storage(settings.storage_url, settings.public_base_url, secret, settings.s3_endpoint_url)
@@ -100,7 +104,7 @@ def run_worker(args: argparse.Namespace, settings: Settings | None = None) -> in
         client, worker_id, info, settings.heartbeat_interval_s, settings.heartbeat_timeout_s
     )
     runtime = WorkerRuntime(
-        RetryingJobStore(client), storage, engine, worker_id, settings.max_attempts, heartbeat
+        RetryingJobStore(client), storage, engine, worker_id, settings.max_attempts, heartbeat, metrics
     )
     app = create_celery(settings)
     register_generate_task(app, runtime)
@@ -111,6 +115,19 @@ def run_worker(args: argparse.Namespace, settings: Settings | None = None) -> in
     finally:
         heartbeat.stop()
     return 0
+
+
+def _load_engine(model: ModelConfig, options: EngineOptions, metrics: WorkerMetrics) -> Any:
+    """Load and warm the engine, recording how long it took; a configuration problem exits, naming it."""
+    from worker.startup import StartupError, load_engine
+
+    started = time.perf_counter()
+    try:
+        engine = load_engine(model, options, os.environ)
+    except StartupError as error:
+        raise SystemExit(f"worker for {model.name!r} cannot start: {error}") from None
+    metrics.load_seconds.set(time.perf_counter() - started)
+    return engine
 
 
 def consume(app: Any, queue: str, worker_id: str) -> None:

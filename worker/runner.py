@@ -18,6 +18,7 @@ from shared.jobstore import (
     JobStore,
     canceled_fields,
 )
+from shared.logging import job_context
 from shared.schemas import CONTENT_TYPES, JobMetrics, StoredImage
 from shared.storage import Storage, StorageError
 from worker.encode import EXTENSIONS, encode_image
@@ -31,6 +32,14 @@ class CurrentJob(Protocol):
     def set_current_job(self, job_id: str | None) -> None: ...
 
 
+class JobObserver(Protocol):
+    """Told of every attempt this worker ends (metrics); ``metrics`` on success, ``error_code`` on failure."""
+
+    def job_finished(
+        self, record: JobRecord, outcome: str, metrics: JobMetrics | None, error_code: str | None
+    ) -> None: ...
+
+
 @dataclass
 class WorkerRuntime:
     """Everything a worker process holds for the lifetime of its pipeline."""
@@ -41,6 +50,7 @@ class WorkerRuntime:
     worker_id: str
     max_attempts: int
     heartbeat: CurrentJob | None = None
+    observer: JobObserver | None = None
     jobs_done: int = field(default=0)
 
 
@@ -57,8 +67,24 @@ def _finish(runtime: WorkerRuntime, record: JobRecord, status: str, fields: dict
         )
     except IllegalTransition as error:
         log.info("job %s: attempt %s could not end as %s: %s", record.id, record.attempt, status, error)
-        return "dropped"
+        status = "dropped"
+    _observe(runtime, record, status, fields)
     return status
+
+
+def _observe(runtime: WorkerRuntime, record: JobRecord, outcome: str, fields: dict[str, Any]) -> None:
+    """Tell the observer; its failure is logged, never the job's (metrics must not fail a finished job)."""
+    if runtime.observer is None:
+        return
+    error = fields.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    metrics = fields.get("metrics")
+    try:
+        runtime.observer.job_finished(
+            record, outcome, metrics if isinstance(metrics, JobMetrics) else None, code
+        )
+    except Exception:
+        log.exception("job %s: the job observer failed", record.id)
 
 
 def _fail(
@@ -133,7 +159,8 @@ def run_job(job_id: str, attempt: int, runtime: WorkerRuntime) -> str:
     if runtime.heartbeat:
         runtime.heartbeat.set_current_job(record.id)
     try:
-        return _run_claimed(runtime, record)
+        with job_context(record.id, record.attempt, runtime.worker_id):
+            return _run_claimed(runtime, record)
     finally:
         if runtime.heartbeat:
             runtime.heartbeat.set_current_job(None)
