@@ -8,23 +8,13 @@ from shared.ids import new_job_id, now_iso
 from shared.jobrecord import JobOptions
 from shared.jobstore import JobStore
 from shared.schemas import GenerationParams
+from tests.support import generation_params
 
 ALL_EVENTS = ("job.queued", "job.started", "job.progress", "job.succeeded", "job.failed", "job.canceled")
 
 
 def params() -> GenerationParams:
-    return GenerationParams(
-        model="flux-tiny",
-        prompt="a lighthouse",
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=3.5,
-        seed=1,
-        num_images=1,
-        output_format="png",
-        output_quality=90,
-    )
+    return generation_params(prompt="a lighthouse", num_inference_steps=4)
 
 
 def hooked_job(

@@ -24,7 +24,7 @@ from shared.schemas import GenerationParams
 from shared.settings import ModelCapabilities, ModelConfig, ModelDefaults, Settings
 from shared.storage import LocalStorage
 from tests.conftest import make_settings
-from tests.support import wait_for
+from tests.support import generation_params, wait_for
 from worker.runner import WorkerRuntime, run_job
 from worker.types import GenerationOutput, StepCallback
 
@@ -266,18 +266,7 @@ def test_same_idempotency_key_runs_one_job(api: TestClient, worker: FakeWorker) 
 
 def _queued_job(settings: Settings) -> tuple[JobStore, Any]:
     store = JobStore(redis.Redis.from_url(settings.redis_url, decode_responses=True))
-    params = GenerationParams(
-        model="flux-idle",
-        prompt="x",
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        guidance_scale=3.5,
-        seed=1,
-        num_images=1,
-        output_format="png",
-        output_quality=90,
-    )
+    params = generation_params(model="flux-idle", prompt="x")
     return store, store.create(new_job_id(), "alice", params, JobOptions())
 
 

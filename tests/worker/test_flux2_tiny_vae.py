@@ -30,7 +30,7 @@ from diffusers.utils import BaseOutput, dynamic_modules_utils
 from PIL import Image
 from torch import nn
 
-from shared.schemas import GenerationParams
+from tests.support import generation_params
 from worker.optimizations.flux2_tiny_vae import (
     Flux2TinyVaeAdapter,
     is_flux2_tiny_autoencoder,
@@ -370,16 +370,5 @@ def test_engine_vae_path_serves_flux2_with_the_tiny_autoencoder_only_when_truste
         str(model), EngineOptions(device="cpu", vae_path=vae_dir, vae_trust_remote_code=True)
     )
     assert isinstance(engine.pipeline.vae, Flux2TinyVaeAdapter)
-    params = GenerationParams(
-        model="m",
-        prompt="a kite",
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        guidance_scale=3.5,
-        seed=1,
-        num_images=1,
-        output_format="png",
-        output_quality=90,
-    )
+    params = generation_params(model="m", prompt="a kite")
     assert engine.generate(params, lambda step, total: None).images[0].size == (64, 64)

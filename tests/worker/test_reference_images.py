@@ -17,6 +17,7 @@ from shared.ids import new_job_id
 from shared.jobstore import JobStore
 from shared.schemas import GenerationParams, ReferenceImage
 from shared.storage import LocalStorage
+from tests.support import generation_params
 from worker.engine import FluxEngine
 from worker.references import ReferenceUnavailable, load_reference_images
 from worker.runner import WorkerRuntime, run_job
@@ -34,19 +35,7 @@ def stored_png(storage: LocalStorage, key: str, color: tuple[int, int, int] = (0
 
 
 def params(references: Sequence[ReferenceImage] = ()) -> GenerationParams:
-    return GenerationParams(
-        model="m",
-        prompt="edit",
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        guidance_scale=3.5,
-        seed=1,
-        num_images=1,
-        output_format="png",
-        output_quality=90,
-        images=list(references),
-    )
+    return generation_params(model="m", prompt="edit", images=list(references))
 
 
 @pytest.fixture
