@@ -25,7 +25,11 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port or int(os.environ.get("PORT", "8000"))
     # log_config=None keeps the root logger's formatter (JSON when FLUXGATE_LOG_FORMAT=json) for uvicorn too.
     extra: dict[str, Any] = {"log_config": None} if settings.log_format == "json" else {}
-    uvicorn.run(create_app(settings), host=args.host, port=port, log_level="info", access_log=False, **extra)
+    options = {"host": args.host, "port": port, "log_level": "info", "access_log": False, **extra}
+    if args.workers > 1:  # separate processes, each building the app from the same environment
+        uvicorn.run("api.app:create_app", factory=True, workers=args.workers, **options)
+    else:
+        uvicorn.run(create_app(settings), **options)
     return 0
 
 
@@ -120,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP gateway")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
+    serve.add_argument("--workers", type=int, default=1, help="gateway processes (e.g. one per core)")
     serve.set_defaults(handler=_serve)
 
     worker = commands.add_parser("worker", help="run a GPU worker for one model")
