@@ -6,12 +6,13 @@ set -euo pipefail
 python=${1:-python3}
 url=${FLUXGATE_REDIS_URL:-redis://127.0.0.1:6379/0}
 ping() { "$python" -c "import redis,sys; redis.Redis.from_url(sys.argv[1], socket_timeout=2).ping()" "$url" 2>/dev/null; }
-if ping; then exit 0; fi
+# The binary is needed even when a Redis already answers: the test suite starts private servers.
 if ! command -v redis-server >/dev/null; then
   echo "installing redis-server (Debian package)" >&2
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq redis-server >/dev/null
 fi
+if ping; then exit 0; fi
 port=$("$python" -c "import sys; from urllib.parse import urlparse; print(urlparse(sys.argv[1]).port or 6379)" "$url")
 dir="${FLUXGATE_DATA_DIR:-.fluxgate}/redis"
 mkdir -p "$dir"
