@@ -7,16 +7,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import PIL.Image as PIL_Image
 import pytest
+import torch
+from diffusers import DiffusionPipeline, Flux2Pipeline
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-PIL_Image = pytest.importorskip("PIL.Image")
-
-from diffusers import DiffusionPipeline, Flux2Pipeline  # noqa: E402
-
-from worker.tiny_flux2 import JOINT_ATTENTION_DIM, TEXT_HIDDEN  # noqa: E402
-from worker.tiny_model import DEV_SCHEDULER_CONFIG, TINY_KINDS, build_tiny_pipeline, save_tiny_model  # noqa: E402
+from worker.tiny_flux2 import JOINT_ATTENTION_DIM, TEXT_HIDDEN
+from worker.tiny_model import DEV_SCHEDULER_CONFIG, TINY_KINDS, build_tiny_pipeline, save_tiny_model
 
 # Flux2Pipeline rejects reference images under 64 px a side (Flux2ImageProcessor.check_image_input).
 SIZE = 64

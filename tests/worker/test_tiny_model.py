@@ -6,15 +6,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import PIL.Image as PIL_Image
 import pytest
+import torch
+from diffusers import DiffusionPipeline, FluxKontextPipeline, FluxPipeline
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-PIL_Image = pytest.importorskip("PIL.Image")
-
-from diffusers import DiffusionPipeline, FluxKontextPipeline, FluxPipeline  # noqa: E402
-
-from worker.tiny_model import (  # noqa: E402
+from worker.tiny_model import (
     DEV_SCHEDULER_CONFIG,
     TINY_KINDS,
     build_tiny_pipeline,
