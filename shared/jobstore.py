@@ -152,15 +152,7 @@ class JobStore:
             return None
         try:
             if record.attempt >= max_attempts:
-                message = f"The worker stopped during attempt {record.attempt} of {max_attempts}."
-                return self.transition(
-                    job_id,
-                    "failed",
-                    allowed_from={"running"},
-                    expect_attempt=record.attempt,
-                    expect_worker=record.worker or "",
-                    fields={"error": {"code": "worker_lost", "message": message}, "finished_at": now_iso()},
-                )
+                return self._fail_worker_lost(record, max_attempts)
             return self.transition(
                 job_id,
                 "queued",
@@ -176,6 +168,18 @@ class JobStore:
             )
         except IllegalTransition:
             return None
+
+    def _fail_worker_lost(self, record: JobRecord, max_attempts: int) -> JobRecord:
+        """Fail a running job whose worker is gone on its last allowed attempt."""
+        message = f"The worker stopped during attempt {record.attempt} of {max_attempts}."
+        return self.transition(
+            record.id,
+            "failed",
+            allowed_from={"running"},
+            expect_attempt=record.attempt,
+            expect_worker=record.worker or "",
+            fields={"error": {"code": "worker_lost", "message": message}, "finished_at": now_iso()},
+        )
 
     def ended_before(self, cutoff: float, limit: int = 100) -> list[str]:
         """Terminal jobs that ended before ``cutoff`` (Unix seconds), oldest first."""
@@ -281,18 +285,7 @@ class JobStore:
             if previous == worker_id or (previous and self.is_worker_alive(previous)):
                 return None
             if attempt >= max_attempts:
-                lost = {
-                    "code": "worker_lost",
-                    "message": f"The worker stopped during attempt {attempt} of {max_attempts}.",
-                }
-                self.transition(
-                    job_id,
-                    "failed",
-                    allowed_from={"running"},
-                    expect_attempt=attempt,
-                    expect_worker=previous,
-                    fields={"error": lost, "finished_at": now_iso()},
-                )
+                self._fail_worker_lost(record, max_attempts)
                 return None
             return self.transition(
                 job_id,

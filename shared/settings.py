@@ -97,7 +97,6 @@ class Limits(BaseModel):
     max_inference_steps: int = 100
     max_guidance_scale: float = 30.0
     max_metadata_bytes: int = 4096
-    max_list_limit: int = 100
     # Back-pressure: at most this many queued jobs per model; more are refused with 429 and
     # Retry-After instead of growing the queue without bound (0 = no limit).
     max_queued_jobs_per_model: int = Field(default=10_000, ge=0)

@@ -89,13 +89,10 @@ class LocalStorage:
     def read(self, key: str) -> tuple[bytes, str] | None:
         """The bytes and content type of ``key``, or None if it is gone (or would leave the root)."""
         try:
-            path = self.path(key)
+            data = self.get(key)
         except StorageError:
             return None
-        if not path.is_file():
-            return None
-        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return path.read_bytes(), content_type
+        return data, mimetypes.guess_type(key)[0] or "application/octet-stream"
 
     def check(self) -> None:
         try:

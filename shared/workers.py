@@ -17,18 +17,11 @@ def alive_key(worker_id: str) -> str:
 
 def live_worker_counts(client: redis.Redis) -> dict[str, int]:
     """Live workers per model: registered workers whose heartbeat key has not expired."""
-    worker_ids = sorted(str(worker_id) for worker_id in client.smembers(WORKERS_KEY))
-    if not worker_ids:
-        return {}
-    pipe = client.pipeline(transaction=False)
-    for worker_id in worker_ids:
-        pipe.exists(alive_key(worker_id))
-        pipe.hget(worker_key(worker_id), "model")
-    replies = pipe.execute()
     counts: dict[str, int] = {}
-    for alive, model in zip(replies[::2], replies[1::2], strict=True):
-        if alive and model:
-            counts[model] = counts.get(model, 0) + 1
+    for worker in live_workers(client):
+        model = worker.get("model")
+        if worker["alive"] and model:
+            counts[str(model)] = counts.get(str(model), 0) + 1
     return counts
 
 

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from shared.ids import now_iso, parse_iso, utcnow
@@ -51,7 +51,6 @@ class WorkerRuntime:
     max_attempts: int
     heartbeat: CurrentJob | None = None
     observer: JobObserver | None = None
-    jobs_done: int = field(default=0)
 
 
 def _finish(runtime: WorkerRuntime, record: JobRecord, status: str, fields: dict[str, Any]) -> str:
@@ -201,10 +200,7 @@ def _run_claimed(runtime: WorkerRuntime, record: JobRecord) -> str:
         "metrics": metrics,
         "progress": {"step": total, "total": total},
     }
-    outcome = _finish(runtime, record, "succeeded", fields)
-    if outcome == "succeeded":
-        runtime.jobs_done += 1
-    return outcome
+    return _finish(runtime, record, "succeeded", fields)
 
 
 def _describe_pipeline_error(error: Exception) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CurrentPrincipal, ServicesDep
 from api.presenters import job_public
+from api.routes.jobs import cancel_or_conflict
 from shared.errors import ApiError, not_found
 from shared.ids import is_job_id, job_id_bound
 from shared.jobrecord import JobRecord
@@ -138,10 +139,7 @@ def inspect_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
 @router.post("/jobs/{job_id}/cancel")
 def cancel_any_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
     """Cancel any owner's job (same rules as the owner's cancel)."""
-    record = any_job(services, job_id)
-    if record.status in ("succeeded", "failed"):
-        raise ApiError(409, "job_not_cancelable", f"The job already {record.status}.", "id")
-    canceled = services.store.cancel(record.id) or record
+    canceled = cancel_or_conflict(services, any_job(services, job_id))
     return job_public(canceled, services).model_dump(mode="json")
 
 

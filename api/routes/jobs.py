@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Query, Response
 
 from api.deps import CurrentPrincipal, ServicesDep
 from api.presenters import job_public
+from api.services import Services
 from api.submission import parse_prefer_wait, submit_job, wait_for_terminal
 from shared.errors import ApiError, not_found
 from shared.ids import is_job_id
@@ -67,13 +68,16 @@ def get_job(job_id: str, principal: CurrentPrincipal, services: ServicesDep) -> 
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: str, principal: CurrentPrincipal, services: ServicesDep) -> JobPublic:
     """Cancel a job: a queued one never runs, a running one stops at its next step (no decode, no upload)."""
-    record = owned_job(services, principal, job_id)
-    if record.status in ("succeeded", "failed"):
-        raise ApiError(409, "job_not_cancelable", f"The job already {record.status}.", "id")
+    return job_public(cancel_or_conflict(services, owned_job(services, principal, job_id)), services)
+
+
+def cancel_or_conflict(services: Services, record: JobRecord) -> JobRecord:
+    """Cancel ``record``'s job (terminal jobs are left as they are); 409 if it succeeded or failed,
+    also when it finished while we were canceling."""
     canceled = services.store.cancel(record.id) or record
-    if canceled.status in ("succeeded", "failed"):  # it finished while we were canceling
+    if canceled.status in ("succeeded", "failed"):
         raise ApiError(409, "job_not_cancelable", f"The job already {canceled.status}.", "id")
-    return job_public(canceled, services)
+    return canceled
 
 
 @router.get("/jobs", response_model=JobList)
