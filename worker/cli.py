@@ -8,6 +8,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -71,8 +72,17 @@ def _describe(issue: Any) -> str:
     return f"--{flag}: {message}" if flag else message
 
 
-def run_worker(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    """Start a GPU worker: load and warm the engine, then consume the model's queue; returns the exit code."""
+EngineLoader = Callable[[ModelConfig, EngineOptions, Mapping[str, str]], Any]
+
+
+def run_worker(
+    args: argparse.Namespace, settings: Settings | None = None, loader: EngineLoader | None = None
+) -> int:
+    """Start a GPU worker: load and warm the engine, then consume the model's queue; returns the exit code.
+
+    ``loader`` replaces ``worker.startup.load_engine`` (the GPU serving benchmark builds random
+    weights in place of ``from_pretrained``); everything after the load is the production path.
+    """
     from worker.heartbeat import Heartbeat
     from worker.metrics import WorkerMetrics
     from worker.resilience import RetryingJobStore
@@ -88,7 +98,7 @@ def run_worker(args: argparse.Namespace, settings: Settings | None = None) -> in
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:  # up before the load, which can take minutes
         metrics.serve(settings.worker_metrics_port)
-    engine = _load_engine(model, options, metrics)
+    engine = _load_engine(model, options, metrics, loader)
     client = connect(settings.redis_url)
     secret = file_signing_secret(settings.file_signing_key, client)
     storage = open_storage(settings.storage_url, settings.public_base_url, secret, settings.s3_endpoint_url)
@@ -117,13 +127,15 @@ def run_worker(args: argparse.Namespace, settings: Settings | None = None) -> in
     return 0
 
 
-def _load_engine(model: ModelConfig, options: EngineOptions, metrics: WorkerMetrics) -> Any:
+def _load_engine(
+    model: ModelConfig, options: EngineOptions, metrics: WorkerMetrics, loader: EngineLoader | None
+) -> Any:
     """Load and warm the engine, recording how long it took; a configuration problem exits, naming it."""
     from worker.startup import StartupError, load_engine
 
     started = time.perf_counter()
     try:
-        engine = load_engine(model, options, os.environ)
+        engine = (loader or load_engine)(model, options, os.environ)
     except StartupError as error:
         raise SystemExit(f"worker for {model.name!r} cannot start: {error}") from None
     metrics.load_seconds.set(time.perf_counter() - started)
