@@ -1,0 +1,111 @@
+"""The multi-GPU group protocol on CPU ranks (gloo): job sharing, lockstep stops, a rank dying."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+from tests.support import wait_for
+from tests.worker.group_support import drive_rank0, drive_tiny_ulysses
+
+
+def run_group(
+    tmp_path: Path, prompts: list[str], stop_at: dict[str, int] | None = None, timeout_s: float = 20
+) -> tuple[int, list[str]]:
+    """Run rank 0 in its own process (the test process never joins a process group)."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=drive_rank0, args=(str(tmp_path), 2, prompts, stop_at or {}, timeout_s)
+    )
+    process.start()
+    process.join(timeout=120)
+    assert process.exitcode is not None, "the group hung"
+    outcomes_file = tmp_path / "outcomes.json"
+    return process.exitcode, json.loads(outcomes_file.read_text()) if outcomes_file.exists() else []
+
+
+def records(tmp_path: Path, rank: int) -> list[dict[str, object]]:
+    lines = (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_followers_run_every_job_rank0_shares_with_the_same_parameters(tmp_path: Path) -> None:
+    exitcode, outcomes = run_group(tmp_path, ["first", "second"])
+    assert exitcode == 0 and outcomes == ["succeeded", "succeeded"]
+    assert records(tmp_path, 1) == records(tmp_path, 0)
+    assert [(r["prompt"], r["seed"], r["steps"]) for r in records(tmp_path, 1)] == [
+        ("first", 0, 4),
+        ("second", 1, 4),
+    ]
+
+
+def test_a_cancel_on_rank0_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    exitcode, outcomes = run_group(tmp_path, ["canceled", "after"], stop_at={"canceled": 2})
+    assert exitcode == 0 and outcomes == ["JobInterrupted", "succeeded"]
+    # Rank 0 interrupts inside step 2's callback; every rank stops there, and the group goes on.
+    assert [(r["prompt"], r["steps"]) for r in records(tmp_path, 1)] == [("canceled", 1), ("after", 4)]
+    assert [(r["prompt"], r["steps"]) for r in records(tmp_path, 0)] == [("canceled", 1), ("after", 4)]
+
+
+def test_a_failure_on_a_follower_fails_the_job_on_rank0_and_the_group_goes_on(tmp_path: Path) -> None:
+    exitcode, outcomes = run_group(tmp_path, ["fail on rank 1", "next"])
+    assert exitcode == 0 and outcomes == ["GroupError", "succeeded"]
+
+
+def test_a_dead_follower_takes_the_group_down_and_hands_the_job_back(tmp_path: Path) -> None:
+    exitcode, outcomes = run_group(tmp_path, ["die on rank 1", "never"])
+    assert exitcode == 1
+    assert (tmp_path / "rank_lost").read_text() == "yes"
+    assert outcomes == []  # rank 0 never reported the job as finished: it goes back to the queue
+
+
+def test_followers_exit_when_rank0_is_gone(tmp_path: Path) -> None:
+    process = multiprocessing.get_context("spawn").Process(
+        target=drive_rank0, args=(str(tmp_path), 2, ["slow"] * 200, {})
+    )
+    process.start()
+    wait_for(lambda: (tmp_path / "rank1.jsonl").exists(), 60, "the follower to run a job")
+    followers = [int(pid) for pid in _children(process.pid)]
+    assert followers
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(timeout=10)
+    wait_for(lambda: not any(_alive(pid) for pid in followers), 30, "the followers to exit")
+
+
+def _children(pid: int) -> list[str]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return path.read_text().split() if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "zombie" not in status.read_text()
+
+
+def test_keepalives_keep_idle_followers_waiting_longer_than_the_group_timeout(tmp_path: Path) -> None:
+    """Idle for 12 s with a 6 s collective timeout: keep-alives every 1.5 s, and the next job runs."""
+    exitcode, outcomes = run_group(tmp_path, ["idle 12 s", "after"], timeout_s=6)
+    assert exitcode == 0 and outcomes == ["succeeded", "succeeded"]
+
+
+def test_ulysses_on_two_cpu_ranks_draws_the_one_rank_image(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """64x64 splits 16 image tokens evenly. 48x48 has 9: GPU groups take diffusers' uneven split (checked
+    on the device); a CPU group refuses it cleanly, gloo gathering only equal shards, and goes on."""
+    out = tmp_path / "result.json"
+    process = multiprocessing.get_context("spawn").Process(
+        target=drive_tiny_ulysses, args=(str(tiny_model_dir), str(out), [64, 48, 32])
+    )
+    process.start()
+    process.join(timeout=180)
+    assert process.exitcode == 0
+    result = json.loads(out.read_text())
+    assert result["layout"] == "ulysses=2,ring=1,tp=1"
+    differences = result["max_pixel_difference"]
+    assert differences["48"] == "ParallelError", result
+    assert differences["64"] <= 1 and differences["32"] <= 1, result
