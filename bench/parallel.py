@@ -1,0 +1,192 @@
+"""Multi-GPU benchmark: one worker group (``--num-gpus``) on FLUX.1-dev's architecture, random weights.
+
+    python -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --output-file u2.json
+
+The process is rank 0 of a real worker group (``worker.group``: it spawns ranks 1..N-1, shares
+each job over the control channel and runs the pipeline in lockstep with them), so the timings are
+those of the production path. Every rank builds the same random weights (same seed), applies the
+worker's load-time options (``FluxEngine.from_pipeline``: sequence parallelism, compile) and warms
+up. Before the group is formed, rank 0 draws a one-GPU image with the same seed and the plain
+pipeline; the group's image is compared with it (PSNR, max pixel difference): bf16 tolerance is
+expected, not equality. ``--profile`` adds a CUDA-kernel breakdown of one image on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from worker.engine import FluxEngine, internal_params
+from worker.options import EngineOptions
+
+log = logging.getLogger("fluxgate.bench")
+SEED = 0
+PROMPT = "a cat holding a sign that says hello world"
+
+
+def build_random_pipeline(smoke: bool) -> Any:
+    """FLUX.1-dev's architecture on this rank's GPU; the tiny pipeline on the CPU for ``--smoke``."""
+    torch.manual_seed(SEED)  # every rank draws the same weights
+    if smoke:
+        from worker.tiny_model import build_tiny_pipeline
+
+        return build_tiny_pipeline("flux1", seed=SEED)
+    from bench.random_flux import build_flux1_dev
+
+    return build_flux1_dev(f"cuda:{torch.cuda.current_device()}")
+
+
+def group_loader(smoke: Any, options: EngineOptions, environ: Mapping[str, str]) -> FluxEngine:
+    """Every rank's engine (a module-level function: spawned ranks import it); ``smoke`` rides in the
+    loader's model argument."""
+    device = torch.device("cpu") if smoke else torch.device("cuda", torch.cuda.current_device())
+    engine = FluxEngine.from_pipeline(build_random_pipeline(bool(smoke)), options, device)
+    engine.warmup(options.resolutions, [])
+    return engine
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def timed(engine: Any, width: int, height: int, steps: int) -> tuple[float, np.ndarray]:
+    params = internal_params(width, height, steps, "off", prompt=PROMPT)
+    synchronize()
+    started = time.perf_counter()
+    image = engine.generate(params, lambda step, total: None).images[0]
+    synchronize()
+    return time.perf_counter() - started, np.asarray(image)
+
+
+def kernel_breakdown(engine: Any, width: int, height: int, steps: int) -> dict[str, float]:
+    """Seconds of CUDA kernel time per kind over one image on rank 0 (collectives, attention, GEMM...)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        timed(engine, width, height, steps)
+    kinds: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        seconds = event.device_time_total / 1e6 if hasattr(event, "device_time_total") else 0.0
+        if seconds <= 0:
+            continue
+        if "nccl" in name:
+            kind = "collectives (NCCL)"
+        elif "attention" in name or "flash" in name or "cudnn" in name or "fmha" in name or "sdpa" in name:
+            kind = "attention"
+        elif "gemm" in name or "matmul" in name or "cutlass" in name or "sm90" in name or "nvjet" in name:
+            kind = "GEMM"
+        else:
+            kind = "other (elementwise, norms, copies)"
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
+    return {kind: round(seconds, 3) for kind, seconds in sorted(kinds.items())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from worker.group import GroupEngine, GroupLauncher
+
+    parser = argparse.ArgumentParser(prog="python -m bench.parallel", description=__doc__)
+    parser.add_argument("--num-gpus", type=int, required=True)
+    parser.add_argument("--ulysses-degree", type=int)
+    parser.add_argument("--ring-degree", type=int)
+    parser.add_argument("--attention-backend")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--res", type=int, default=1024)
+    parser.add_argument("--extra-res", type=int, action="append", default=[], help="also time this size")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--output-file")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU ranks (gloo), to check")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    sizes = [args.res, *args.extra_res]
+    options = EngineOptions(
+        num_gpus=args.num_gpus,
+        ulysses_degree=args.ulysses_degree,
+        ring_degree=args.ring_degree,
+        attention_backend=args.attention_backend,
+        compile=args.compile,
+        device="cpu" if args.smoke else "cuda",
+        warmup_resolutions=",".join(f"{size}x{size}" for size in sizes),
+    )
+    gpus = torch.cuda.device_count()
+    report: dict[str, Any] = {
+        "device": f"{gpus}x {torch.cuda.get_device_name(0)}" if gpus else "cpu",
+        "torch": torch.__version__,
+        "layout": dict(zip(("ulysses", "ring"), options.layout, strict=True)),
+        "compile": args.compile,
+        "steps": args.steps,
+    }
+    if not args.smoke:
+        torch.cuda.set_device(0)
+    reference = {}
+    plain = build_random_pipeline(args.smoke)  # the one-GPU image of the same seed, before the group forms
+    plain.set_progress_bar_config(disable=True)
+    for size in sizes:
+        params = internal_params(size, size, args.steps, "off", prompt=PROMPT)
+        with torch.inference_mode():
+            generator = torch.Generator("cpu").manual_seed(params.image_seed(0))
+            image = plain(
+                prompt=PROMPT,
+                width=size,
+                height=size,
+                num_inference_steps=args.steps,
+                guidance_scale=3.5,
+                generator=generator,
+            ).images[0]
+        reference[size] = np.asarray(image)
+    del plain
+    if not args.smoke:
+        torch.cuda.empty_cache()
+
+    started = time.perf_counter()
+    launcher = GroupLauncher.local(args.num_gpus, "cpu" if args.smoke else "cuda", timeout_s=600)
+    channel = launcher.start(args.smoke, options, group_loader)
+    engine = GroupEngine(group_loader(args.smoke, options, {}), channel, launcher.spec.keepalive_s)
+    engine.start()
+    report["load_and_warmup_s"] = round(time.perf_counter() - started, 1)
+    for size in sizes:
+        seconds, image = [], None
+        for _ in range(args.repeats):
+            elapsed, image = timed(engine, size, size, args.steps)
+            seconds.append(round(elapsed, 3))
+        assert image is not None
+        report[f"{size}"] = {
+            "seconds": seconds,
+            "median_s": statistics.median(seconds),
+            "psnr_vs_one_gpu_db": round(psnr(image, reference[size]), 2),
+            "max_pixel_difference_vs_one_gpu": int(np.abs(image.astype(np.int16) - reference[size]).max()),
+        }
+        print(json.dumps({size: report[f"{size}"]}), flush=True)
+    if gpus:
+        report["peak_memory_gb_rank0"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    if args.profile and gpus:
+        report["kernel_seconds_rank0"] = kernel_breakdown(engine, args.res, args.res, args.steps)
+    print("RESULT " + json.dumps(report), flush=True)
+    if args.output_file:
+        with open(args.output_file, "w") as file:
+            json.dump(report, file, indent=2)
+    engine.stop()
+    launcher.join()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
