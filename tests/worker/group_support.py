@@ -90,7 +90,7 @@ def drive_rank0(
     launcher.join()
 
 
-def drive_tiny_ulysses(tiny_model_dir: str, out: str, sizes: list[int]) -> None:
+def drive_tiny_ulysses(tiny_model_dir: str, out: str, sizes: list[int], tp_size: int = 1) -> None:
     """Rank 0 of a 2-rank CPU group running the tiny FLUX model with Ulysses; writes, per size, the
     largest pixel difference from the same job on one rank."""
     import numpy as np
@@ -103,7 +103,7 @@ def drive_tiny_ulysses(tiny_model_dir: str, out: str, sizes: list[int]) -> None:
     from worker.startup import load_engine
 
     model = ModelConfig(name="flux-tiny", path=tiny_model_dir)
-    options = EngineOptions(num_gpus=2, device="cpu", warmup=False)
+    options = EngineOptions(num_gpus=2, device="cpu", warmup=False, tp_size=tp_size)
     launcher = GroupLauncher.local(2, "cpu", timeout_s=60)
     channel = launcher.start(model, options, None)
     group = GroupEngine(load_engine(model, options, {}), channel, launcher.spec.keepalive_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -109,3 +110,26 @@ def test_ulysses_on_two_cpu_ranks_draws_the_one_rank_image(tmp_path: Path, tiny_
     differences = result["max_pixel_difference"]
     assert differences["48"] == "ParallelError", result
     assert differences["64"] <= 1 and differences["32"] <= 1, result
+
+
+def test_a_text_encoder_sharded_over_two_ranks_draws_the_one_rank_image(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The tiny T5's 37 FFN features do not split in two (T5-XXL's 10240 do): use a copy with 38."""
+    from transformers import T5Config, T5EncoderModel
+
+    model_dir = tmp_path / "tiny-even-ffn"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = T5Config.from_pretrained(model_dir / "text_encoder_2")
+    config.d_ff = 38
+    T5EncoderModel(config).save_pretrained(model_dir / "text_encoder_2")
+    out = tmp_path / "result.json"
+    process = multiprocessing.get_context("spawn").Process(
+        target=drive_tiny_ulysses, args=(str(model_dir), str(out), [64], 2)
+    )
+    process.start()
+    process.join(timeout=180)
+    assert process.exitcode == 0
+    result = json.loads(out.read_text())
+    assert result["layout"] == "ulysses=2,ring=1,tp=2"
+    assert result["max_pixel_difference"]["64"] <= 1, result

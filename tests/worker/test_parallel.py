@@ -42,7 +42,7 @@ def test_degrees_default_to_ulysses_over_every_gpu_of_the_group(
         ({"num_gpus": 2, "ulysses_degree": 2, "ring_degree": 2}, "exceeds --num-gpus 2"),
         ({"num_gpus": 4, "ulysses_degree": 2}, "ulysses x ring must equal --num-gpus"),
         ({"num_gpus": 4, "sp_degree": 4, "ulysses_degree": 2}, "--sp-degree 4 must equal"),
-        ({"num_gpus": 2, "tp_size": 2}, "--tp-size > 1"),
+        ({"num_gpus": 2, "tp_size": 3}, "--tp-size 3 must divide --num-gpus 2"),
         ({"num_gpus": 2, "dit_cpu_offload": True}, "offloading is for one GPU"),
         ({"num_gpus": 0}, "num_gpus"),
     ],

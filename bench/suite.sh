@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Device suite: runs named lanes side by side, each on its own GPUs, so one lease measures several
+# things; every lane's console and JSON files end up in one archive per lane under $OUT (the device
+# returns at most 8 files).
+#
+#   bash bench/suite.sh LANE[:GPUS] ...     e.g.  bash bench/suite.sh e2e:0 fp8:1 mgpu2:2,3
+#
+# Lanes (each compares against stock diffusers from .gpu/ on the same GPUs, in the same lease):
+#   e2e     the whole stack end to end (python -m bench.e2e), stock one-GPU at the end
+#   fp8     bench.pipeline's compiled bf16 and fp8 variants, stock one-GPU before them
+#   mgpu2   stock Ulysses-2 (torchrun), then Fluxgate groups Ulysses-2 (1024 and 1008, profiled), Ring-2
+#   mgpu4   Fluxgate groups Ulysses-4 and Ulysses-2 x Ring-2
+#   dp      one compiled one-GPU engine per GPU of the lane at once (N independent workers)
+# LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
+set -u
+OUT=${OUT:?set OUT}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl .whl-serve/*.whl >"$OUT/pip.log" 2>&1 || { tail "$OUT/pip.log"; exit 3; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export LANE_TIMEOUT_S=${LANE_TIMEOUT_S:-560} FP8_VARIANTS=${FP8_VARIANTS:-compiled,fp8-compiled}
+
+lane_e2e() {
+  python3 -m bench.e2e --out "$1" --budget-s $((LANE_TIMEOUT_S - 20))
+}
+
+lane_fp8() {
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.pipeline --variants "$FP8_VARIANTS" --repeats 2 \
+    --output-file "$1/fp8.json"
+}
+
+lane_mgpu2() {
+  torchrun --nproc-per-node 2 --master-port 29611 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --extra-res 1008 --profile \
+    --output-file "$1/ulysses2.json"
+  python3 -m bench.parallel --num-gpus 2 --ring-degree 2 --compile --output-file "$1/ring2.json"
+}
+
+lane_mgpu4() {
+  python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --compile --profile --output-file "$1/ulysses4.json"
+  python3 -m bench.parallel --num-gpus 4 --ulysses-degree 2 --ring-degree 2 --compile \
+    --output-file "$1/u2r2.json"
+}
+
+lane_dp() {  # one independent compiled worker engine per GPU of the lane, all at once (throughput)
+  local gpu pids=()
+  for gpu in ${CUDA_VISIBLE_DEVICES//,/ }; do
+    CUDA_VISIBLE_DEVICES=$gpu python3 -m bench.pipeline --variants compiled --repeats 4 \
+      --output-file "$1/gpu$gpu.json" >"$1/gpu$gpu.log" 2>&1 &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+}
+
+pids=()
+for spec in "$@"; do
+  name=${spec%%:*}
+  gpus=${spec#*:}
+  [ "$gpus" = "$spec" ] && gpus=0
+  dir=/tmp/lanes/$name
+  mkdir -p "$dir"
+  (
+    export CUDA_VISIBLE_DEVICES=$gpus
+    timeout --signal=TERM --kill-after=15 "$LANE_TIMEOUT_S" bash -c "$(declare -f "lane_$name"); lane_$name $dir" \
+      >"$dir/console.log" 2>&1
+    echo "exit $?" >>"$dir/console.log"
+    tar czf "$OUT/$name.tgz" -C "$dir" .
+  ) &
+  pids+=($!)
+done
+wait "${pids[@]}"
+for spec in "$@"; do
+  name=${spec%%:*}
+  echo "== $name"; grep -h "RESULT\|^exit\|Error" "/tmp/lanes/$name/console.log" | tail -8
+done
