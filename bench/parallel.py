@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Mapping
@@ -47,7 +48,12 @@ def build_random_pipeline(smoke: bool) -> Any:
 
 def group_loader(smoke: Any, options: EngineOptions, environ: Mapping[str, str]) -> FluxEngine:
     """Every rank's engine (a module-level function: spawned ranks import it); ``smoke`` rides in the
-    loader's model argument."""
+    loader's model argument, ``--overlap`` in the environment the ranks inherit."""
+    if os.environ.get("BENCH_COMM_OVERLAP") == "1":
+        import torch._inductor.config as inductor_config
+
+        # Let inductor move each block's all-to-alls next to independent compute (an experiment).
+        inductor_config.reorder_for_compute_comm_overlap = True
     device = torch.device("cpu") if smoke else torch.device("cuda", torch.cuda.current_device())
     engine = FluxEngine.from_pipeline(build_random_pipeline(bool(smoke)), options, device)
     engine.warmup(options.resolutions, [])
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-gpus", type=int, required=True)
     parser.add_argument("--ulysses-degree", type=int)
     parser.add_argument("--ring-degree", type=int)
+    parser.add_argument("--tp-size", type=int, default=1, help="shard the T5 text encoder too")
     parser.add_argument("--attention-backend")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--res", type=int, default=1024)
@@ -111,16 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--overlap", action="store_true", help="inductor's compute/communication reordering")
     parser.add_argument("--output-file")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU ranks (gloo), to check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     sizes = [args.res, *args.extra_res]
+    if args.overlap:
+        os.environ["BENCH_COMM_OVERLAP"] = "1"
     options = EngineOptions(
         num_gpus=args.num_gpus,
         ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree,
+        tp_size=args.tp_size,
         attention_backend=args.attention_backend,
         compile=args.compile,
         device="cpu" if args.smoke else "cuda",
@@ -130,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "device": f"{gpus}x {torch.cuda.get_device_name(0)}" if gpus else "cpu",
         "torch": torch.__version__,
-        "layout": dict(zip(("ulysses", "ring"), options.layout, strict=True)),
+        "layout": {**dict(zip(("ulysses", "ring"), options.layout, strict=True)), "tp": args.tp_size},
         "compile": args.compile,
+        "comm_overlap": args.overlap,
         "steps": args.steps,
     }
     if not args.smoke:

@@ -8,7 +8,8 @@
 # Lanes (each compares against stock diffusers from .gpu/ on the same GPUs, in the same lease):
 #   e2e     the whole stack end to end (python -m bench.e2e), stock one-GPU at the end
 #   fp8     bench.pipeline's compiled bf16 and fp8 variants, stock one-GPU before them
-#   mgpu2   stock Ulysses-2 (torchrun), then Fluxgate groups Ulysses-2 (1024 and 1008, profiled), Ring-2
+#   mgpu2   stock Ulysses-2 (torchrun), then Fluxgate groups Ulysses-2 (1024 and 1008, profiled), Ring-2,
+#           and Ulysses-2 with the T5 encoder sharded (eager: numerics and memory)
 #   mgpu4   Fluxgate groups Ulysses-4 and Ulysses-2 x Ring-2
 #   dp      one compiled one-GPU engine per GPU of the lane at once (N independent workers)
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
@@ -34,6 +35,8 @@ lane_mgpu2() {
   python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --extra-res 1008 --profile \
     --output-file "$1/ulysses2.json"
   python3 -m bench.parallel --num-gpus 2 --ring-degree 2 --compile --output-file "$1/ring2.json"
+  python3 -m bench.parallel --num-gpus 2 --compile --overlap --output-file "$1/ulysses2_overlap.json"
+  python3 -m bench.parallel --num-gpus 2 --tp-size 2 --repeats 1 --output-file "$1/ulysses2_tp2_eager.json"
 }
 
 lane_mgpu4() {

@@ -47,7 +47,8 @@ def apply_text_encoder_tp(pipe: Any, tp: int, device: torch.device) -> None:
         )
     mesh = tensor_parallel_mesh(tp, device)
     rank = mesh.get_local_rank()
-    for block in encoder.encoder.block:
+    blocks: list[Any] = list(encoder.encoder.block)
+    for block in blocks:
         attention = block.layer[0].SelfAttention
         plan = {
             "q": ColwiseParallel(),
