@@ -2,41 +2,85 @@
 
     python -m bench.pipeline --variants eager,cudnn,compiled --res 1024 --steps 28 --output-file out.json
 
-Each variant builds a fresh pipeline on the GPU, applies the worker's load-time options through the
-same code as ``fluxgate worker`` (``FluxEngine.from_pipeline``), warms it up, then times whole
-images (text encoding, denoising, VAE decode, PIL conversion) and one transformer step (CUDA events,
-median). Images are noise; the cost is the real one. Variants run in the order given.
+Each variant builds a fresh pipeline on the GPU (same torch seed, so the same weights), applies the
+worker's load-time options through the same code as ``fluxgate worker`` (``FluxEngine.from_pipeline``),
+warms it up, then times whole images (text encoding, denoising, VAE decode, PIL conversion) and one
+transformer step (CUDA events, median). Images are noise; the cost is the real one. Variants run in
+the order given; one that fails is reported and the next one runs.
+
+Per variant: ``prepare_s`` (placement, quantization), ``warmup_s`` (compilation: with
+``FLUXGATE_COMPILE_CACHE_DIR`` set, run twice in fresh processes for the cold and the warm restart),
+the compile cache's hits and misses, resident and peak GPU memory. fp8 variants (and all with
+``--reference all``) also report their output's difference against a bf16 image of the same weights
+and seed generated in the same process (``bench.fidelity``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
 import time
+import traceback
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from bench.fidelity import Capture, capture, difference, weights_fingerprint
 from bench.random_flux import build_flux1_dev
 from shared.schemas import GenerationParams
 from worker.engine import FluxEngine, internal_params
-from worker.options import EngineOptions
+from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
+from worker.options import DType, EngineOptions
 
-# name -> (engine options, cache preset or None). Presets: cache-dit DBCache F1B0 with a fixed
-# compute/cache step schedule (random weights never pass a residual threshold, so masks it is).
-VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
-    "eager": ({}, None),
-    "cudnn": ({"attention_backend": "_native_cudnn"}, None),
-    "compiled": ({"compile": True}, None),
-    "cudnn-compiled": ({"attention_backend": "_native_cudnn", "compile": True}, None),
-    "autotune": ({"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}, None),
-    "offload": ({"dit_cpu_offload": True, "text_encoder_cpu_offload": True, "pin_cpu_memory": True}, None),
-    "offload-budget-24": ({"gpu_memory_budget_gb": 24, "pin_cpu_memory": True}, None),
-    "cache-medium": ({"compile": True}, "medium"),
-    "cache-fast": ({"compile": True}, "fast"),
-    "cache-ultra": ({"compile": True}, "ultra"),
+SEED = 0  # torch seed before every build: every variant gets the same random weights
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Engine options and a cache preset; alternatives under test add a change the benchmark makes first.
+
+    Cache presets: cache-dit DBCache F1B0 with a fixed compute/cache step schedule (random weights
+    never pass a residual threshold, so masks it is). ``fp8_recipe``: another fp8 recipe than
+    ``--quantize fp8``'s, applied by the benchmark before the engine's options (then compile).
+    """
+
+    options: dict[str, Any] = field(default_factory=dict)
+    cache: str | None = None
+    fp8_recipe: Fp8Config | None = None
+    fuse_qkv: bool = False
+
+    @property
+    def fp8(self) -> bool:
+        return self.options.get("quantize", "none") != "none" or self.fp8_recipe is not None
+
+
+FP8 = {"quantize": "fp8"}
+COMPILED = {"compile": True}
+VARIANTS: dict[str, Variant] = {
+    "eager": Variant(),
+    "cudnn": Variant({"attention_backend": "_native_cudnn"}),
+    "compiled": Variant(COMPILED),
+    "cudnn-compiled": Variant({"attention_backend": "_native_cudnn", "compile": True}),
+    "autotune": Variant({"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}),
+    "offload": Variant({"dit_cpu_offload": True, "text_encoder_cpu_offload": True, "pin_cpu_memory": True}),
+    "offload-budget-24": Variant({"gpu_memory_budget_gb": 24, "pin_cpu_memory": True}),
+    "cache-medium": Variant(COMPILED, "medium"),
+    "cache-fast": Variant(COMPILED, "fast"),
+    "cache-ultra": Variant(COMPILED, "ultra"),
+    # --quantize fp8: per-row scales, the repeated blocks' linears minus their modulation linears
+    "fp8": Variant(FP8),
+    "fp8-compiled": Variant({**FP8, **COMPILED}),
+    "fp8-cache-fast": Variant({**FP8, **COMPILED}, "fast"),
+    # alternatives, for the device run to decide
+    "fp8-tensor-compiled": Variant(COMPILED, fp8_recipe=Fp8Config(granularity="tensor")),
+    "fp8-modulation-compiled": Variant(COMPILED, fp8_recipe=Fp8Config(modulation=True)),
+    "fp8-all-compiled": Variant(COMPILED, fp8_recipe=Fp8Config(layers="all")),  # stock's layer choice
+    "fp8-fused-compiled": Variant({**FP8, **COMPILED}, fuse_qkv=True),
+    "fp8-autotune": Variant({**FP8, "compile": True, "compile_mode": "max-autotune-no-cudagraphs"}),
 }
 
 
@@ -88,41 +132,117 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def build(smoke: bool) -> Any:
-    """FLUX.1-dev's architecture on the GPU; ``--smoke`` takes the tiny pipeline on the CPU instead."""
+def build(smoke: bool, fp8: bool) -> Any:
+    """FLUX.1-dev's architecture on the GPU; ``--smoke`` takes the tiny pipeline on the CPU instead
+    (in bf16 for fp8 variants: per-row fp8 quantizes bf16 weights)."""
+    torch.manual_seed(SEED)
     if smoke:
         from worker.tiny_model import build_tiny_pipeline
 
-        return build_tiny_pipeline("flux1")
+        pipe: Any = build_tiny_pipeline("flux1", seed=SEED)
+        return pipe.to(torch.bfloat16) if fp8 else pipe
     return build_flux1_dev("cuda")  # random init is fast on the GPU; offload variants then start on the CPU
 
 
-def run_variant(name: str, width: int, height: int, steps: int, repeats: int, smoke: bool) -> dict[str, Any]:
-    overrides, preset = VARIANTS[name]
-    built = time.perf_counter()
-    device = torch.device("cpu" if smoke else "cuda")
+def engine_options(variant: Variant, smoke: bool) -> tuple[dict[str, Any], EngineOptions]:
+    overrides = dict(variant.options)
     if smoke:
         overrides = {k: v for k, v in overrides.items() if k not in ("attention_backend", "pin_cpu_memory")}
         overrides["compile"] = False
-    options = EngineOptions(
-        device="cpu" if smoke else "cuda", dtype="float32" if smoke else "bfloat16", **overrides
-    )
-    pipe = build(smoke)
+    dtype: DType = "bfloat16" if not smoke or variant.fp8 else "float32"
+    return overrides, EngineOptions(device="cpu" if smoke else "cuda", dtype=dtype, **overrides)
+
+
+def fp8_layer_count(transformer: torch.nn.Module) -> int:
+    """Linear layers whose weight is a torchao float8 tensor."""
+    linears = [m for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(type(m.weight).__name__ == "Float8Tensor" for m in linears)
+
+
+def compile_cache_counters() -> dict[str, int]:
+    """torch's FX-graph and AOTAutograd cache counters (hits on a warm restart)."""
+    from torch._dynamo.utils import counters
+
+    names = {"inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass")}
+    names["aot_autograd"] = ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass")
+    return {name: counters[group][name] for group, keys in names.items() for name in keys}
+
+
+def reference_capture(
+    pipe: Any, device: torch.device, params: GenerationParams, references: dict[Any, Capture]
+) -> Capture:
+    """The bf16 eager image of this build, generated once per process and per (weights, shape)."""
+    key = (weights_fingerprint(pipe.transformer), params.width, params.height, params.num_inference_steps)
+    if key not in references:
+        pipe.set_progress_bar_config(disable=True)
+        references[key] = capture(FluxEngine(pipe, device), params)
+    return references[key]
+
+
+def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: torch.device) -> FluxEngine:
+    """The benchmark's own changes for alternatives, then the worker's load-time options."""
+    if variant.fuse_qkv:
+        pipe.transformer.fuse_qkv_projections()
+    if variant.fp8_recipe is not None:
+        apply_fp8(pipe, variant.fp8_recipe, device)
+    return FluxEngine.from_pipeline(pipe, options, device, cache_factory(variant.cache))
+
+
+def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Capture]) -> dict[str, Any]:
+    """Build, prepare, warm up and time one variant; fp8 on the CPU (``--smoke``) only checks the wiring."""
+    variant = VARIANTS[name]
+    overrides, options = engine_options(variant, args.smoke)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    result: dict[str, Any] = {"variant": name, "options": overrides, "cache": variant.cache}
+    if variant.fp8_recipe is not None or variant.fuse_qkv:
+        result["bench_changes"] = {"fp8_recipe": str(variant.fp8_recipe), "fuse_qkv": variant.fuse_qkv}
+    built = time.perf_counter()
+    pipe = build(args.smoke, variant.fp8)
+    result["build_s"] = round(time.perf_counter() - built, 1)
+    reference = None
+    if args.reference == "all" or (args.reference == "auto" and variant.fp8):
+        plain = image_params(args.res, args.res, args.steps, None)
+        reference = reference_capture(pipe, device, plain, references)
     if options.any_offload:
         pipe.to("cpu")
-        if not smoke:
+        if not args.smoke:
             torch.cuda.empty_cache()
-    engine = FluxEngine.from_pipeline(pipe, options, device, cache_factory(preset))
-    result: dict[str, Any] = {"variant": name, "options": overrides, "cache": preset}
-    result["build_s"] = round(time.perf_counter() - built, 1)
+    prepared = time.perf_counter()
+    with float8_on_cpu() if args.smoke and variant.fp8 else contextlib.nullcontext():
+        engine = prepare_engine(variant, pipe, options, device)
+    result["prepare_s"] = round(time.perf_counter() - prepared, 1)
+    if not args.smoke:
+        result["resident_gb"] = round(torch.cuda.memory_allocated() / 1e9, 2)
+    params = image_params(args.res, args.res, args.steps, variant.cache)
+    result["fp8_layers"] = fp8_layer_count(pipe.transformer)
+    result.update(measure(engine, variant, args.repeats, params, options.compile))
+    # the restart figure: worker start to first image, beyond loading (here: building) the weights
+    result["restart_s"] = round(result["prepare_s"] + result["warmup_s"] + result["seconds"][0], 1)
+    if reference is not None:
+        result["difference"] = difference(reference, capture(engine, params))
+    if not options.any_offload and variant.cache is None and not args.smoke:
+        result["step_s"] = round(transformer_step_s(pipe, args.res, args.res), 4)
+    return result
+
+
+def measure(
+    engine: FluxEngine, variant: Variant, repeats: int, params: GenerationParams, engine_compiled: bool
+) -> dict[str, Any]:
+    """Warm-up (compilation) with the compile cache's counters, then ``repeats`` timed images."""
+    result: dict[str, Any] = {}
+    counters = compile_cache_counters()
     warm = time.perf_counter()
-    engine.warmup([(width, height)], [preset or "off"], steps=steps if preset else 2)
+    size = [(params.width, params.height)]
+    engine.warmup(size, [variant.cache or "off"], steps=params.num_inference_steps if variant.cache else 2)
     result["warmup_s"] = round(time.perf_counter() - warm, 1)
+    if engine_compiled:
+        after = compile_cache_counters()
+        result["compile_cache"] = {name: after[name] - counters[name] for name in after}
     seconds, cached = [], []
     for _ in range(repeats):
         synchronize()
         started = time.perf_counter()
-        output = engine.generate(image_params(width, height, steps, preset), lambda step, total: None)
+        output = engine.generate(params, lambda step, total: None)
         synchronize()
         seconds.append(time.perf_counter() - started)
         cached.append(output.cached_steps)
@@ -130,16 +250,33 @@ def run_variant(name: str, width: int, height: int, steps: int, repeats: int, sm
     result["seconds"] = [round(s, 3) for s in seconds]
     result["median_s"] = round(statistics.median(seconds), 3)
     result["cached_steps"] = cached
-    if not options.any_offload and preset is None and not smoke:
-        result["step_s"] = round(transformer_step_s(pipe, width, height), 4)
-    del engine, pipe
-    gc.collect()
-    if not smoke:
-        torch.cuda.empty_cache()
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def release(smoke: bool) -> None:
+    """Drop the last variant's compiled graphs (they hold its weights) and free its memory; the next
+    variant compiles its own (a disk cache may still hit)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if not smoke:
+        torch.cuda.empty_cache()
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    print(f"{'variant':<22}{'s/image':>9}{'step s':>8}{'warmup':>8}{'peak GB':>8}{'cached':>7}{'PSNR dB':>9}")
+    for result in results:
+        if "error" in result:
+            print(f"{result['variant']:<22} failed: {result['error']}")
+            continue
+        psnr = result.get("difference", {}).get("image_psnr_db", "-")
+        print(
+            f"{result['variant']:<22}{result['median_s']:>9}{result.get('step_s', '-'):>8}"
+            f"{result['warmup_s']:>8}{result['peak_memory_gb']:>8}{result['cached_steps'][-1]:>7}"
+            f"{psnr if psnr is not None else 'same':>9}"
+        )
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -149,15 +286,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--res", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--reference",
+        choices=["auto", "all", "none"],
+        default="auto",
+        help="compare against the bf16 image of the same seed: fp8 variants (auto), every variant, none",
+    )
     parser.add_argument("--output-file")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny pipeline on the CPU: checks the script only"
     )
     args = parser.parse_args(argv)
-    names = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = [name for name in names if name not in VARIANTS]
+    args.names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in args.names if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
     report: dict[str, Any] = {
         "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0),
         "torch": torch.__version__,
@@ -165,20 +313,21 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "variants": [],
     }
-    for name in names:
-        result = run_variant(name, args.res, args.res, args.steps, args.repeats, args.smoke)
+    references: dict[Any, Capture] = {}
+    for name in args.names:
+        try:
+            result = run_variant(name, args, references)
+        except Exception as error:  # one broken variant must not cost the rest of a device lease
+            traceback.print_exc()
+            result = {"variant": name, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+        release(args.smoke)
         report["variants"].append(result)
         print("RESULT " + json.dumps(result), flush=True)
         if args.output_file:
             with open(args.output_file, "w") as handle:
                 json.dump(report, handle, indent=1)
-    print(f"{'variant':<20}{'s/image':>10}{'step s':>9}{'peak GB':>9}{'cached':>8}")
-    for result in report["variants"]:
-        print(
-            f"{result['variant']:<20}{result['median_s']:>10}{result.get('step_s', '-'):>9}"
-            f"{result['peak_memory_gb']:>9}{result['cached_steps'][-1]:>8}"
-        )
-    return 0
+    print_table(report["variants"])
+    return 1 if any("error" in result for result in report["variants"]) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,60 @@
+"""The GPU pipeline benchmark's smoke mode (tiny pipeline, CPU) and its output comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench import pipeline
+from bench.fidelity import Capture, difference
+
+
+def test_smoke_runs_fp8_variants_and_reports_their_difference_from_bf16(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    argv = ["--smoke", "--res", "64", "--steps", "2", "--repeats", "1", "--output-file", str(out)]
+    assert pipeline.main([*argv, "--variants", "eager,fp8,fp8-all-compiled,fp8-fused-compiled"]) == 0
+    results = {result["variant"]: result for result in json.loads(out.read_text())["variants"]}
+    assert "difference" not in results["eager"]
+    assert results["eager"]["fp8_layers"] == 0
+    # tiny model: 1 double block (12 GEMMs) + 1 single block (5); "all" adds embedders, modulation, proj_out
+    assert results["fp8"]["fp8_layers"] == 17
+    assert results["fp8-all-compiled"]["fp8_layers"] == 30
+    # fused QKV adds to_qkv and to_added_qkv (double block) and to_qkv (single block); the unfused
+    # originals stay, unused
+    assert results["fp8-fused-compiled"]["fp8_layers"] == 17 + 3
+    for name in ("fp8", "fp8-all-compiled"):
+        compared = results[name]["difference"]
+        assert compared["image_psnr_db"] > 20 and compared["image_max_abs_diff"] > 0
+        assert compared["latents_rel_rms"] > 0
+
+
+def test_reference_all_compares_bf16_variants_too(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    argv = ["--smoke", "--res", "64", "--steps", "2", "--repeats", "1", "--output-file", str(out)]
+    assert pipeline.main([*argv, "--variants", "eager", "--reference", "all"]) == 0
+    compared = json.loads(out.read_text())["variants"][0]["difference"]
+    assert compared["image_psnr_db"] is None and compared["image_max_abs_diff"] == 0  # eager is the reference
+
+
+def test_difference_reports_psnr_and_absolute_differences() -> None:
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    latents = torch.ones(1, 16, 2, 2)
+    reference = Capture(image, latents, torch.zeros(1, 3, 4, 4))
+    brighter = image.copy()
+    brighter[0, 0, 0] = 255  # one channel of 48 off by 255: MSE 255^2/48
+    other = Capture(brighter, latents * 1.1, torch.full((1, 3, 4, 4), 0.5))
+    compared = difference(reference, other)
+    assert compared["image_psnr_db"] == pytest.approx(10 * np.log10(48), abs=0.01)
+    assert compared["image_max_abs_diff"] == 255
+    assert compared["latents_max_abs_diff"] == pytest.approx(0.1, abs=1e-5)
+    assert compared["latents_rel_rms"] == pytest.approx(0.1, abs=1e-5)
+    assert compared["decoded_max_abs_diff"] == 0.5
+
+
+def test_unknown_variant_is_refused_with_the_choices() -> None:
+    with pytest.raises(SystemExit):
+        pipeline.main(["--smoke", "--variants", "fp9"])
