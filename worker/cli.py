@@ -53,6 +53,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--compile", action="store_true", default=None, help="regionally compile the transformer blocks")
     add("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     add("--compile-cache-dir", help="persistent torch compile cache (survives restarts)")
+    add("--quantize", choices=["none", "fp8"], help="fp8 transformer blocks (GPU compute capability >= 8.9)")
+    add("--num-gpus", type=int, help="GPUs of this worker group, one process each (default 1)")
+    add("--sp-degree", type=int, help="sequence-parallel degree, ulysses x ring (default: --num-gpus)")
+    add("--ulysses-degree", type=int, help="Ulysses (all-to-all attention) degree")
+    add("--ring-degree", type=int, help="Ring attention degree")
+    add("--tp-size", type=int, help="tensor-parallel degree of the text encoder within the group")
+    add("--group-timeout-s", type=float, help="how long a group collective may wait for a peer (default 300)")
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
@@ -83,6 +90,7 @@ def run_worker(
     ``loader`` replaces ``worker.startup.load_engine`` (the GPU serving benchmark builds random
     weights in place of ``from_pretrained``); everything after the load is the production path.
     """
+    from worker.group import GroupEngine
     from worker.heartbeat import Heartbeat
     from worker.metrics import WorkerMetrics
     from worker.resilience import RetryingJobStore
@@ -98,7 +106,10 @@ def run_worker(
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:  # up before the load, which can take minutes
         metrics.serve(settings.worker_metrics_port)
+    group = _start_group(model, options, loader, settings) if options.num_gpus > 1 else None
     engine = _load_engine(model, options, metrics, loader)
+    if group is not None:
+        engine = GroupEngine(engine, group[1], group[0].spec.keepalive_s)
     client = connect(settings.redis_url)
     secret = file_signing_secret(settings.file_signing_key, client)
     storage = open_storage(settings.storage_url, settings.public_base_url, secret, settings.s3_endpoint_url)
@@ -109,22 +120,69 @@ def run_worker(
         "device": str(engine.device),
         "offloaded": ",".join(sorted(engine.offloaded)),
         "cache_presets": ",".join(model.cache_choices),
+        "gpus": str(options.num_gpus),
+        "parallel": engine.layout.describe,
     }
     heartbeat = Heartbeat(
         client, worker_id, info, settings.heartbeat_interval_s, settings.heartbeat_timeout_s
     )
     runtime = WorkerRuntime(
-        RetryingJobStore(client), storage, engine, worker_id, settings.max_attempts, heartbeat, metrics
+        RetryingJobStore(client),
+        storage,
+        engine,
+        worker_id,
+        settings.max_attempts,
+        heartbeat,
+        metrics,
+        model=model.name,
     )
     app = create_celery(settings)
     register_generate_task(app, runtime)
     heartbeat.start()
+    if group is not None:
+        group[0].supervise(lambda: _hand_back_running_job(heartbeat, RetryingJobStore(client), app, settings))
+        engine.start()
     log.info("worker %s serving %s on queue %s", worker_id, model.name, model.queue)
     try:
         consume(app, model.queue, worker_id)
     finally:
         heartbeat.stop()
+        if group is not None:
+            engine.stop()
+            group[0].join()
     return 0
+
+
+def _start_group(
+    model: ModelConfig, options: EngineOptions, loader: EngineLoader | None, settings: Settings
+) -> tuple[Any, Any]:
+    """Start ranks 1..N-1 of a multi-GPU group and join it as rank 0; returns (launcher, channel)."""
+    import torch
+
+    from worker.group import GroupLauncher
+
+    device_type = (
+        "cuda"
+        if options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    if device_type == "cuda" and torch.cuda.device_count() < options.num_gpus:
+        raise SystemExit(
+            f"--num-gpus {options.num_gpus}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    json_logs = settings.log_format == "json"
+    launcher = GroupLauncher.local(options.num_gpus, device_type, options.group_timeout_s, json_logs)
+    channel = launcher.start(model, options, loader)
+    log.info("worker group of %d ranks on %s formed", options.num_gpus, device_type)
+    return launcher, channel
+
+
+def _hand_back_running_job(heartbeat: Any, store: Any, app: Any, settings: Settings) -> None:
+    """A rank died: deregister, then requeue this worker's running job as the sweeper would (attempt + 1)."""
+    from shared.sweeper import sweep_lost_workers
+
+    heartbeat.stop()
+    sweep_lost_workers(store, app, settings)
 
 
 def _load_engine(

@@ -16,8 +16,16 @@ from shared.schemas import GenerationParams
 from worker.optimizations.attention import apply_attention_backend
 from worker.optimizations.compile import CompileConfig, apply_regional_compile
 from worker.optimizations.offload import OffloadConfig, apply_offload
+from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
 from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
 from worker.options import EngineOptions
+from worker.parallel import (
+    ParallelLayout,
+    apply_context_parallel,
+    attention_backend_for,
+    prepare_sequence_split,
+)
+from worker.tensor_parallel import apply_text_encoder_tp
 from worker.types import GenerationOutput, StepCallback
 
 log = logging.getLogger("fluxgate.engine")
@@ -54,10 +62,13 @@ def internal_params(width: int, height: int, steps: int, cache: str, prompt: str
 
 
 def resolve_device(option: str) -> torch.device:
+    """The device of this process; in a multi-GPU group, the GPU of this rank (set when the group starts)."""
     if option == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        option = "cuda" if torch.cuda.is_available() else "cpu"
     if option == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    if option == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(option)
 
 
@@ -77,7 +88,8 @@ def load_pipeline(model_path: str, options: EngineOptions, device: torch.device)
 
 
 def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device) -> set[str]:
-    """The load-time options, in order: VAE checks, attention backend, placement (offload or resident).
+    """The load-time options, in order: VAE checks, attention backend, placement (offload or resident),
+    fp8 quantization.
 
     Returns the names of the offloaded components.
     """
@@ -85,8 +97,9 @@ def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device
         check_vae_fits(pipeline, options.vae_path)
     if options.vae_tiling:
         apply_vae_tiling(pipeline)
-    if options.attention_backend:
-        apply_attention_backend(pipeline, options.attention_backend)
+    backend = attention_backend_for(options_layout(options), options.attention_backend, device)
+    if backend:
+        apply_attention_backend(pipeline, backend)
     offload = OffloadConfig(
         dit=options.dit_cpu_offload,
         text_encoder=options.text_encoder_cpu_offload,
@@ -96,8 +109,15 @@ def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device
         blocks_per_group=options.offload_blocks_per_group,
     )
     offloaded = apply_offload(pipeline, offload, device)
+    if options.quantize == "fp8":  # after placement (quantizing on the GPU takes seconds), before compile
+        apply_fp8(pipeline, Fp8Config(), device)
     pipeline.set_progress_bar_config(disable=True)
     return offloaded
+
+
+def options_layout(options: EngineOptions) -> ParallelLayout:
+    ulysses, ring = options.layout
+    return ParallelLayout(ulysses=ulysses, ring=ring, tp=options.tp_size)
 
 
 class FluxEngine:
@@ -108,11 +128,14 @@ class FluxEngine:
         self.device = device
         self.cache = cache
         self.offloaded: set[str] = set()
+        self.layout = ParallelLayout()
 
     @classmethod
     def load(cls, model_path: str, options: EngineOptions, cache: CacheFactory | None = None) -> FluxEngine:
         """Load the pipeline and apply the load-time options."""
         device = resolve_device(options.device)
+        if options.quantize != "none":  # fail before a minutes-long weight load
+            check_fp8_supported(device)
         started = time.perf_counter()
         engine = cls.from_pipeline(load_pipeline(model_path, options, device), options, device, cache)
         log.info(
@@ -131,8 +154,14 @@ class FluxEngine:
     ) -> FluxEngine:
         """Apply the load-time options to a built pipeline (the GPU benchmark builds its own)."""
         offloaded = prepare_pipeline(pipeline, options, device)
+        layout = options_layout(options)
+        if layout.sp > 1:  # after the attention backend, before the cache and compile wrap the blocks
+            apply_context_parallel(pipeline, layout, device)
+        if layout.tp > 1:
+            apply_text_encoder_tp(pipeline, layout.tp, device)
         engine = cls(pipeline, device, cache(pipeline) if cache else None)
         engine.offloaded = offloaded
+        engine.layout = layout
         if options.compile:
             apply_regional_compile(
                 pipeline, CompileConfig(mode=options.compile_mode, cache_dir=options.compile_cache_dir)
@@ -161,6 +190,8 @@ class FluxEngine:
         """
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.layout.sp > 1:
+            prepare_sequence_split(self.pipeline, self._image_tokens(params, references), self.layout)
         if self.cache is not None:
             # True CFG runs the transformer twice per step; the cache must count both passes.
             true_cfg = params.negative_prompt is not None and (params.true_cfg_scale or 1.0) > 1.0
@@ -216,6 +247,14 @@ class FluxEngine:
         if self.pipeline_class == "Flux2Pipeline":
             return list(references)
         raise ValueError(f"{self.pipeline_class} does not take reference images")
+
+    def _image_tokens(self, params: GenerationParams, references: Sequence[Image.Image]) -> int:
+        """Image tokens of the transformer's sequence: 2x2 latent patches of the 8x VAE, so (W/16)(H/16).
+
+        Reference images add tokens at sizes the pipeline chooses, so with references the count is
+        reported as uneven (-1), which selects the split that works for any length.
+        """
+        return -1 if references else (params.width // 16) * (params.height // 16)
 
     def _peak_memory_mb(self) -> float:
         """Peak GPU memory of this job on CUDA; on a CPU, the process's peak resident memory."""

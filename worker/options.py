@@ -40,7 +40,14 @@ class EngineOptions(BaseSettings):
     compile: bool = False
     compile_mode: str | None = None
     compile_cache_dir: str | None = None
+    quantize: Literal["none", "fp8"] = "none"
     warmup_resolutions: str = ""
+    num_gpus: int = Field(default=1, ge=1)
+    sp_degree: int | None = Field(default=None, ge=1)
+    ulysses_degree: int | None = Field(default=None, ge=1)
+    ring_degree: int | None = Field(default=None, ge=1)
+    tp_size: int = Field(default=1, ge=1)
+    group_timeout_s: float = Field(default=300.0, gt=0)
 
     @field_validator("model_path", "vae_path", "attention_backend", "compile_cache_dir")
     @classmethod
@@ -73,7 +80,45 @@ class EngineOptions(BaseSettings):
             )
         if self.pin_cpu_memory and not self.any_offload:
             raise ValueError("--pin-cpu-memory only applies with an offload option or --gpu-memory-budget-gb")
+        if self.quantize != "none":
+            self._check_quantize()
+        self._check_parallel_layout()
         return self
+
+    def _check_parallel_layout(self) -> None:
+        """Degrees as ``sglang serve`` takes them: ulysses x ring = sp = num_gpus; tp divides num_gpus."""
+        ulysses, ring = self.ulysses_degree or 1, self.ring_degree or 1
+        given = self.ulysses_degree or self.ring_degree
+        if self.sp_degree is not None and given and ulysses * ring != self.sp_degree:
+            raise ValueError(
+                f"--sp-degree {self.sp_degree} must equal --ulysses-degree x --ring-degree "
+                f"({ulysses} x {ring})"
+            )
+        sp = self.layout[0] * self.layout[1]
+        if sp > self.num_gpus:
+            raise ValueError(f"the sequence-parallel degree {sp} exceeds --num-gpus {self.num_gpus}")
+        if sp != self.num_gpus:
+            raise ValueError(
+                f"--num-gpus {self.num_gpus} with a sequence-parallel degree of {sp}: every GPU of a "
+                "group runs one shard of the same image, so ulysses x ring must equal --num-gpus "
+                "(for more images at once, run one worker per GPU)"
+            )
+        if self.num_gpus % self.tp_size:
+            raise ValueError(f"--tp-size {self.tp_size} must divide --num-gpus {self.num_gpus}")
+        if self.num_gpus > 1 and self.any_offload:
+            raise ValueError(
+                "offloading is for one GPU; a multi-GPU group (--num-gpus > 1) keeps weights resident"
+            )
+
+    def _check_quantize(self) -> None:
+        """fp8 quantizes bf16 weights of a resident transformer (streamed fp8 weights are not verified)."""
+        if self.dtype in ("float16", "float32"):
+            raise ValueError(f"--quantize {self.quantize} needs bfloat16 weights: --dtype bfloat16 or auto")
+        if self.dit_cpu_offload or self.gpu_memory_budget_gb is not None:
+            raise ValueError(
+                f"--quantize {self.quantize} keeps the transformer resident: drop --dit-cpu-offload and "
+                "--gpu-memory-budget-gb (--text-encoder-cpu-offload and --vae-cpu-offload are fine)"
+            )
 
     @property
     def any_offload(self) -> bool:
@@ -83,6 +128,13 @@ class EngineOptions(BaseSettings):
             or self.vae_cpu_offload
             or self.gpu_memory_budget_gb is not None
         )
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(ulysses, ring) degrees; ``--sp-degree`` or ``--num-gpus`` alone means Ulysses over all of them."""
+        if self.ulysses_degree or self.ring_degree:
+            return self.ulysses_degree or 1, self.ring_degree or 1
+        return self.sp_degree or self.num_gpus, 1
 
     @property
     def resolutions(self) -> list[tuple[int, int]]:
