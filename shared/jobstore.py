@@ -7,6 +7,7 @@ workers can never both own an attempt and a stale attempt can never write a resu
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -16,7 +17,7 @@ import redis
 from shared.ids import now_iso, parse_iso
 from shared.jobrecord import JobOptions, JobRecord, text
 from shared.schemas import GenerationParams, Progress
-from shared.store_scripts import CREATE, PROGRESS, TRANSITION
+from shared.store_scripts import CLAIM, CREATE, PROGRESS, TRANSITION
 from shared.workers import alive_key
 
 PREFIX = "fg"
@@ -86,6 +87,7 @@ class JobStore:
         self._transition = client.register_script(TRANSITION)
         self._progress = client.register_script(PROGRESS)
         self._create = client.register_script(CREATE)
+        self._claim = client.register_script(CLAIM)
 
     def create(
         self, job_id: str, owner: str, params: GenerationParams, options: JobOptions | None = None
@@ -196,6 +198,7 @@ class JobStore:
             pipe.zrem(f"{PREFIX}:owner:{record.owner}:jobs", job_id)
             pipe.zrem(f"{PREFIX}:owner:{record.owner}:status:{record.status}", job_id)
             pipe.zrem(f"{PREFIX}:queue:{record.model}", job_id)
+            pipe.zrem(f"{PREFIX}:queue:{record.model}:{record.priority}:owner:{record.owner}", job_id)
         pipe.delete(job_key(job_id), events_key(job_id), f"{job_key(job_id)}:openai_waiters")
         pipe.zrem(ALL_JOBS_KEY, job_id)
         pipe.srem(RUNNING_KEY, job_id)
@@ -260,45 +263,43 @@ class JobStore:
         assert record is not None
         return record
 
-    def claim(self, job_id: str, attempt: int, worker_id: str, max_attempts: int) -> JobRecord | None:
-        """Take a job for a task message ``(job_id, attempt)``; None means: acknowledge and drop it.
+    def claim(
+        self,
+        job_id: str,
+        attempt: int,
+        worker_id: str,
+        max_attempts: int,
+        *,
+        model: str | None = None,
+        ticket: str | None = None,
+    ) -> JobRecord | None:
+        """Spend one task message on a job of its model and claim it; None means: acknowledge and drop it.
 
-        A queued job of that attempt is claimed as is. A running one means the message was
-        redelivered: if its worker stopped heartbeating the job is reclaimed as attempt + 1 (or
-        fails ``worker_lost`` past ``max_attempts``); if its worker lives, the message is a duplicate.
-        Terminal jobs and other attempts' messages are stale.
+        A message is a ticket for its model's queue (fair share, docs/design.md): ``(job_id, attempt)``
+        is only a hint. The job taken is the head of ``fg:queue:{model}`` -- highest priority, then the
+        owner whose turn it is, then that owner's oldest -- or None when nothing is queued. ``ticket``
+        names the message across redeliveries (Celery's task id; by default ``job_id:attempt``): a
+        ticket whose job still runs under it was redelivered, and is a duplicate while that job's worker
+        lives; if the worker died the job is reclaimed as attempt + 1, or fails ``worker_lost`` once
+        ``max_attempts`` were used. ``model`` defaults to the hinted job's.
         """
-        record = self.get(job_id)
-        if record is None or record.is_terminal or record.attempt != attempt:
+        model = model or text(self.redis.hget(job_key(job_id), "model") or "")
+        if not model:
             return None
-        fields = {
-            "worker": worker_id,
-            "started_at": now_iso(),
-            "progress": record.progress.model_copy(update={"step": 0}),
-        }
-        try:
-            if record.status == "queued":
-                return self.transition(
-                    job_id, "running", allowed_from={"queued"}, expect_attempt=attempt, fields=fields
-                )
-            previous = record.worker or ""
-            if previous == worker_id or (previous and self.is_worker_alive(previous)):
-                return None
-            if attempt >= max_attempts:
+        ticket = ticket or f"{job_id}:{attempt}"
+        args = [model, ticket, worker_id, now_iso(), str(max_attempts), str(EVENT_MAXLEN)]
+        outcome, detail = (text(part) for part in self._claim(args=args))
+        record = self.get(detail) if outcome in ("claimed", "lost") else None
+        if outcome == "lost" and record is not None:
+            with contextlib.suppress(IllegalTransition):  # else the sweeper got there first
                 self._fail_worker_lost(record, max_attempts)
-                return None
-            return self.transition(
-                job_id,
-                "running",
-                allowed_from={"running"},
-                expect_attempt=attempt,
-                expect_worker=previous,
-                bump_attempt=True,
-                fields=fields,
-                events=["job.requeued", "job.started"],
-            )
-        except IllegalTransition:
-            return None  # another worker moved it first
+            return None
+        return record
+
+    def queue_head(self, model: str) -> JobRecord | None:
+        """The queued job of ``model`` that the next ticket would claim."""
+        head = self.redis.zrange(f"{PREFIX}:queue:{model}", 0, 0)
+        return self.get(text(head[0])) if head else None
 
     def record_progress(self, job_id: str, attempt: int, worker: str, step: int, total: int) -> str:
         """Record step progress of the owning attempt; returns the job's current status."""
@@ -321,7 +322,8 @@ class JobStore:
         return int(self.redis.zcard(f"{PREFIX}:queue:{model}"))
 
     def queue_position(self, model: str, job_id: str) -> int | None:
-        """How many queued jobs of the same model were submitted before this one."""
+        """How many queued jobs of the same model workers will take before this one, as the queue stands
+        (fair share: a later job of an owner whose turn comes first may still go ahead of it)."""
         rank = self.redis.zrank(f"{PREFIX}:queue:{model}", job_id)
         return None if rank is None else int(rank)  # type: ignore[arg-type]
 

@@ -5,12 +5,14 @@ Job state lives in our own Redis records; Celery only carries messages (results 
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
 
 from shared.settings import Settings
 
 GENERATE_TASK = "fluxgate.generate"
 PRIORITY_STEPS = {"high": 0, "normal": 3, "low": 6}
+PRIORITY_SEP = ":"
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -37,7 +39,7 @@ def create_celery(settings: Settings) -> Celery:
         broker_transport_options={
             "visibility_timeout": settings.job_time_limit_s * 2,
             "priority_steps": list(PRIORITY_STEPS.values()),
-            "sep": ":",
+            "sep": PRIORITY_SEP,
             "queue_order_strategy": "priority",
         },
     )
@@ -45,5 +47,22 @@ def create_celery(settings: Settings) -> Celery:
 
 
 def enqueue_generation(app: Celery, queue: str, job_id: str, attempt: int, priority: str = "normal") -> None:
-    """Send the generation task for one attempt of a job to its model's queue, at the job's priority."""
+    """Send the generation task for one attempt of a job to its model's queue, at the job's priority.
+
+    The message is a ticket for the model's queue (fair share, docs/design.md): the worker that takes
+    it runs whichever queued job's turn it is, and ``(job_id, attempt)`` is only a hint.
+    """
     app.send_task(GENERATE_TASK, args=[job_id, attempt], queue=queue, priority=PRIORITY_STEPS[priority])
+
+
+def broker_lists(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's waiting messages, one per priority step, as kombu names them."""
+    return [f"{queue}{PRIORITY_SEP}{step}" if step else queue for step in PRIORITY_STEPS.values()]
+
+
+def waiting_messages(client: redis.Redis, queue: str) -> int:
+    """Messages waiting on a queue (not counting those a worker has taken and not yet acknowledged)."""
+    pipe = client.pipeline(transaction=False)
+    for name in broker_lists(queue):
+        pipe.llen(name)
+    return sum(int(length) for length in pipe.execute())

@@ -9,7 +9,7 @@ import redis
 from shared.ids import job_id_millis
 from shared.settings import Settings
 
-# Scores in fg:queue:{model} are band * 1e13 + sequence (see store_scripts.queue_score).
+# Scores in fg:queue:{model} are band * 1e13 + fair-share round (see store_scripts.enqueue).
 BANDS = {"high": 0, "normal": 1, "low": 2}
 BAND_WIDTH = 10**13
 

@@ -6,17 +6,26 @@ Key layout (prefix ``fg:``):
   jobs                          zset   every job id (score 0, ordered by id = creation time), for admin search
   owner:{owner}:jobs            zset   the owner's job ids (score 0, ordered by id = creation time)
   owner:{owner}:status:{status} zset   the same, per status
-  queue:{model}                 zset   queued job ids by submission sequence (for queue_position)
-  seq                           string submission sequence counter
+  queue:{model}                 zset   queued job ids in the order workers take them: band * 1e13 + round,
+                                       then id (fair share, docs/design.md); queue_position is the rank
+  queue:{model}:{priority}:owner:{owner}  zset  the owner's queued jobs of that band, by round
+  queue:{model}:{priority}:round          string the round being served in that band
+  queue:{model}:{priority}:served         set    owners already served in that round
+  ticket:{message}              string the job a task message claimed, while that job runs under it
   worker:{id}:alive             string present while the worker heartbeats (expires)
   outbox                        stream events a job's webhook selected, for the delivery dispatcher
   running                       set    running job ids (the sweeper checks their workers' heartbeats)
   retention                     zset   terminal job ids by the time they ended (the sweeper purges old ones)
 """
 
-# Shared by every script: append an event to the job's stream and, when the job's webhook selected
-# that type, to the outbox in the same atomic step (so no webhook is lost between the two).
-EMIT = """
+# Shared by every script: events (with the webhook outbox), fair-share queueing, and the one function
+# that moves a job between statuses.
+PRELUDE = """
+local BANDS = {high = 0, normal = 1, low = 2}
+local BAND_WIDTH = 1e13
+
+-- Append an event to the job's stream and, when the job's webhook selected that type, to the outbox in
+-- the same atomic step (so no webhook is lost between the two).
 local function emit(job, stream, maxlen, event_type, data)
   local entry = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', event_type, 'data', data)
   local hook = redis.call('HGET', job, 'webhook_url')
@@ -30,11 +39,74 @@ local function emit(job, stream, maxlen, event_type, data)
   return entry
 end
 
--- Queue order: priority band first (high 0, normal 1, low 2), then submission sequence.
-local function queue_score(job)
-  local bands = {high = 0, normal = 1, low = 2}
-  local band = bands[redis.call('HGET', job, 'priority') or 'normal'] or 1
-  return band * 1e13 + redis.call('INCR', 'fg:seq')
+-- Fair share: within a priority band, owners are served in rounds, one job per owner per round.
+local function fair_place(job)
+  local f = redis.call('HMGET', job, 'id', 'model', 'owner', 'priority')
+  local priority = BANDS[f[4]] and f[4] or 'normal'
+  local band = 'fg:queue:' .. f[2] .. ':' .. priority
+  return f[1], f[2], f[3], BANDS[priority], band .. ':owner:' .. f[3], band .. ':round', band .. ':served'
+end
+
+-- A job joins its model's queue in the round after its owner's last queued job, and no earlier than the
+-- round being served (the next one if the owner was already served in it): an idle owner banks no
+-- credit, a busy one cannot jump ahead by submitting one job at a time.
+local function enqueue(job)
+  local id, model, owner, band, mine, round_key, served_key = fair_place(job)
+  local last = redis.call('ZREVRANGE', mine, 0, 0, 'WITHSCORES')[2]
+  local current = tonumber(redis.call('GET', round_key) or '0')
+  if redis.call('SISMEMBER', served_key, owner) == 1 then current = current + 1 end
+  local round = math.max(tonumber(last or '0') + 1, current)
+  redis.call('ZADD', mine, round, id)
+  redis.call('ZADD', 'fg:queue:' .. model, band * BAND_WIDTH + round, id)
+end
+
+local function dequeue(job)
+  local id, model, _, _, mine = fair_place(job)
+  redis.call('ZREM', 'fg:queue:' .. model, id)
+  redis.call('ZREM', mine, id)
+end
+
+-- A queued job is taken: its round becomes the one being served, and its owner is served in it.
+local function serve(job)
+  local id, _, owner, _, mine, round_key, served_key = fair_place(job)
+  local round = tonumber(redis.call('ZSCORE', mine, id) or '0')
+  if round > tonumber(redis.call('GET', round_key) or '0') then
+    redis.call('SET', round_key, round)
+    redis.call('DEL', served_key)
+  end
+  redis.call('SADD', served_key, owner)
+end
+
+-- Move a job from `status` to `to` as `attempt`: set `fields` (a flat name/value list), move it between
+-- index sets and the queue, and append `event_types` (comma list) with `extra` (a table) to its events.
+local function move(job, stream, status, to, attempt, fields, event_types, extra, maxlen)
+  local cur = redis.call('HMGET', job, 'id', 'owner', 'model', 'progress', 'ticket')
+  local id, owner, model, progress, ticket = cur[1], cur[2], cur[3], cur[4], cur[5]
+  if status == 'queued' and to ~= 'queued' then dequeue(job) end
+  redis.call('HSET', job, 'status', to, 'attempt', attempt)
+  for i = 1, #fields, 2 do redis.call('HSET', job, fields[i], fields[i + 1]) end
+  local prefix = 'fg:owner:' .. owner
+  redis.call('ZREM', prefix .. ':status:' .. status, id)
+  redis.call('ZADD', prefix .. ':status:' .. to, 0, id)
+  if to == 'running' then redis.call('SADD', 'fg:running', id) else redis.call('SREM', 'fg:running', id) end
+  if status == 'running' and to ~= 'running' and ticket and ticket ~= '' then
+    redis.call('DEL', 'fg:ticket:' .. ticket)  -- the message that claimed it is spent
+    redis.call('HSET', job, 'ticket', '')
+  end
+  if to == 'succeeded' or to == 'failed' or to == 'canceled' then
+    redis.call('ZADD', 'fg:retention', redis.call('TIME')[1], id)
+  else
+    redis.call('ZREM', 'fg:retention', id)
+  end
+  if to == 'queued' and status ~= 'queued' then enqueue(job) end
+  for event_type in string.gmatch(event_types, '[^,]+') do
+    extra['type'] = event_type
+    extra['job_id'] = id
+    extra['status'] = to
+    extra['attempt'] = tonumber(attempt)
+    extra['progress'] = cjson.decode(progress)
+    emit(job, stream, maxlen, event_type, cjson.encode(extra))
+  end
 end
 """
 
@@ -45,13 +117,12 @@ end
 #       9.. field/value pairs to set.
 # Returns {"ok", old_status, attempt} or {"err", reason, status, attempt}.
 TRANSITION = (
-    EMIT
+    PRELUDE
     + """
 local job, stream = KEYS[1], KEYS[2]
 local to, allowed = ARGV[1], ARGV[2]
-local cur = redis.call('HMGET', job, 'status', 'attempt', 'worker', 'owner', 'model', 'progress', 'id')
-local status, attempt, worker, owner, model, progress, id =
-  cur[1], cur[2], cur[3], cur[4], cur[5], cur[6], cur[7]
+local cur = redis.call('HMGET', job, 'status', 'attempt', 'worker')
+local status, attempt, worker = cur[1], cur[2], cur[3]
 if not status then return {'err', 'not_found', '', ''} end
 if not string.find(',' .. allowed .. ',', ',' .. status .. ',', 1, true) then
   return {'err', 'illegal', status, attempt}
@@ -60,31 +131,64 @@ if ARGV[3] ~= '' and ARGV[3] ~= attempt then return {'err', 'stale', status, att
 if ARGV[4] ~= '' and ARGV[4] ~= (worker or '') then return {'err', 'stale', status, attempt} end
 local new_attempt = attempt
 if ARGV[5] == '1' then new_attempt = tostring(tonumber(attempt) + 1) end
-redis.call('HSET', job, 'status', to, 'attempt', new_attempt)
-for i = 9, #ARGV, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
-local prefix = 'fg:owner:' .. owner
-redis.call('ZREM', prefix .. ':status:' .. status, id)
-redis.call('ZADD', prefix .. ':status:' .. to, 0, id)
-if status == 'queued' and to ~= 'queued' then redis.call('ZREM', 'fg:queue:' .. model, id) end
-if to == 'running' then redis.call('SADD', 'fg:running', id) else redis.call('SREM', 'fg:running', id) end
-if to == 'succeeded' or to == 'failed' or to == 'canceled' then
-  redis.call('ZADD', 'fg:retention', redis.call('TIME')[1], id)
-else
-  redis.call('ZREM', 'fg:retention', id)
-end
-if to == 'queued' and status ~= 'queued' then
-  redis.call('ZADD', 'fg:queue:' .. model, queue_score(job), id)
-end
-local extra = cjson.decode(ARGV[7])
-for event_type in string.gmatch(ARGV[6], '[^,]+') do
-  extra['type'] = event_type
-  extra['job_id'] = id
-  extra['status'] = to
-  extra['attempt'] = tonumber(new_attempt)
-  extra['progress'] = cjson.decode(progress)
-  emit(job, stream, ARGV[8], event_type, cjson.encode(extra))
-end
+local fields = {}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+move(job, stream, status, to, new_attempt, fields, ARGV[6], cjson.decode(ARGV[7]), ARGV[8])
 return {'ok', status, new_attempt}
+"""
+)
+
+# A task message is a ticket for its model's queue. ARGV: 1 model, 2 ticket (the message's id, the same
+# on every delivery of it), 3 worker, 4 started_at, 5 max attempts, 6 stream maxlen.
+# A ticket that already claimed a job which still runs under it is a redelivery: a duplicate while that
+# job's worker lives (the same worker: a retried claim, given its job back), else the job is reclaimed
+# as attempt + 1, or reported lost past the maximum attempts. Any other ticket claims the head of the
+# queue. Returns {"claimed", id}, {"lost", id} (the caller fails it) or {"none", reason}.
+CLAIM = (
+    PRELUDE
+    + """
+local model, ticket, worker, started_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ticket_key = 'fg:ticket:' .. ticket
+
+local function start(id, status, attempt, event_types)
+  local job = 'fg:job:' .. id
+  local progress = cjson.decode(redis.call('HGET', job, 'progress') or '{}')
+  progress['step'] = 0
+  local fields = {'worker', worker, 'started_at', started_at, 'progress', cjson.encode(progress),
+                  'ticket', ticket}
+  move(job, job .. ':events', status, 'running', attempt, fields, event_types, {}, ARGV[6])
+  redis.call('SET', ticket_key, id)
+  return {'claimed', id}
+end
+
+local held = redis.call('GET', ticket_key)
+if held then
+  local cur = redis.call('HMGET', 'fg:job:' .. held, 'status', 'attempt', 'worker', 'ticket')
+  if cur[1] == 'running' and cur[4] == ticket then
+    local previous = cur[3] or ''
+    if previous == worker then return {'claimed', held} end
+    if previous ~= '' and redis.call('EXISTS', 'fg:worker:' .. previous .. ':alive') == 1 then
+      return {'none', 'duplicate'}
+    end
+    if tonumber(cur[2]) >= tonumber(ARGV[5]) then return {'lost', held} end
+    return start(held, 'running', tostring(tonumber(cur[2]) + 1), 'job.requeued,job.started')
+  end
+  redis.call('DEL', ticket_key)
+end
+
+local queue = 'fg:queue:' .. model
+for _ = 1, 100 do
+  local head = redis.call('ZRANGE', queue, 0, 0)[1]
+  if not head then return {'none', 'empty'} end
+  local job = 'fg:job:' .. head
+  local cur = redis.call('HMGET', job, 'status', 'attempt')
+  if cur[1] == 'queued' then
+    serve(job)
+    return start(head, 'queued', cur[2], 'job.started')
+  end
+  redis.call('ZREM', queue, head)  -- an index entry left behind by a purge: not a job to run
+end
+return {'none', 'empty'}
 """
 )
 
@@ -92,7 +196,7 @@ return {'ok', status, new_attempt}
 # Records progress only for the running attempt that owns the job. Returns the job's status, or
 # "cancel" when a cancel was requested for it (the worker then stops before the next step).
 PROGRESS = (
-    EMIT
+    PRELUDE
     + """
 local cur = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker', 'id', 'cancel_requested')
 if cur[1] ~= 'running' or cur[2] ~= ARGV[1] or cur[3] ~= ARGV[2] then return cur[1] or '' end
@@ -108,7 +212,7 @@ return 'running'
 # KEYS[1] job hash, KEYS[2] its event stream. ARGV: 1 maxlen, 2 owner, 3 model, 4 event JSON,
 # 5.. field/value pairs of the new record. Creates a queued job with its indexes and first event.
 CREATE = (
-    EMIT
+    PRELUDE
     + """
 local job, stream = KEYS[1], KEYS[2]
 if redis.call('EXISTS', job) == 1 then return 0 end
@@ -117,7 +221,7 @@ local id = redis.call('HGET', job, 'id')
 redis.call('ZADD', 'fg:owner:' .. ARGV[2] .. ':jobs', 0, id)
 redis.call('ZADD', 'fg:jobs', 0, id)
 redis.call('ZADD', 'fg:owner:' .. ARGV[2] .. ':status:queued', 0, id)
-redis.call('ZADD', 'fg:queue:' .. ARGV[3], queue_score(job), id)
+enqueue(job)
 emit(job, stream, ARGV[1], 'job.queued', ARGV[4])
 return 1
 """

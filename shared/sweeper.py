@@ -5,9 +5,14 @@
   step. (Workers also check the deadline when they claim a job.)
 - Retention: terminal jobs are purged ``FLUXGATE_RETENTION_S`` after they ended (shared/retention.py).
 - Lost workers: a running job whose worker's heartbeat expired goes back to the queue as
-  attempt + 1 with a new message (its old message, if Celery redelivers it, is stale and dropped),
+  attempt + 1 with a new message (its old message, if Celery redelivers it, is a spare ticket),
   or fails ``worker_lost`` past the maximum attempts. So no job stays running longer than the
   heartbeat timeout plus one sweep after its worker is gone.
+- Tickets: every queued job has a message on its model's queue (a ticket, docs/design.md). Fluxgate
+  never spends one without taking a job while jobs are queued, but a broker can lose one (a worker
+  killed between popping a message and claiming, a Redis crash that kept the job's write but not the
+  message's). A model with fewer waiting messages than queued jobs in two sweeps running gets the
+  missing ones sent again.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 from celery import Celery
 
 from shared.jobstore import DEADLINE_EXCEEDED, JobStore
-from shared.queue import enqueue_generation
+from shared.queue import enqueue_generation, waiting_messages
 from shared.retention import sweep_retention
 from shared.settings import Settings
 from shared.storage import Storage
@@ -53,6 +58,31 @@ def sweep_lost_workers(store: JobStore, celery: Celery, settings: Settings) -> i
     return handled
 
 
+def sweep_tickets(store: JobStore, celery: Celery, settings: Settings, missing_before: dict[str, int]) -> int:
+    """Send a message for each queued job that was without one in this sweep and the one before.
+
+    ``missing_before`` carries each model's shortfall from one sweep to the next. A single sweep can see
+    a shortfall that is not one: a gateway between writing a job and sending its message, a worker
+    between popping a message and claiming with it (milliseconds each). Returns how many were sent.
+    """
+    sent = 0
+    for model in settings.models:
+        missing = store.queue_depth(model.name) - waiting_messages(store.redis, model.queue)
+        confirmed = min(missing, missing_before.get(model.name, 0))
+        missing_before[model.name] = max(missing, 0)
+        head = store.queue_head(model.name) if confirmed > 0 else None
+        if head is None:
+            continue
+        log.warning(
+            "%s: %s queued jobs had no message in two sweeps; sending new ones", model.name, confirmed
+        )
+        for _ in range(confirmed):
+            enqueue_generation(celery, model.queue, head.id, head.attempt, head.priority)
+        missing_before[model.name] -= confirmed
+        sent += confirmed
+    return sent
+
+
 def run_sweeper(
     store: JobStore,
     storage: Storage,
@@ -62,10 +92,12 @@ def run_sweeper(
     stop: threading.Event,
 ) -> None:
     """Sweep every ``interval_s`` until ``stop`` is set; Redis outages are logged and retried."""
+    missing_tickets: dict[str, int] = {}
     while not stop.wait(interval_s):
         try:
             sweep_deadlines(store)
             sweep_lost_workers(store, celery, settings)
+            sweep_tickets(store, celery, settings, missing_tickets)
             sweep_retention(store, storage, settings.retention_s)
         except Exception as error:  # a Redis restart must not end the sweeper
             log.warning("sweep failed, retrying in %ss: %s", interval_s, error)

@@ -42,9 +42,12 @@ class RetryingJobStore(JobStore):
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def claim(self, job_id: str, attempt: int, worker_id: str, max_attempts: int) -> JobRecord | None:
+    def claim(
+        self, job_id: str, attempt: int, worker_id: str, max_attempts: int, **kwargs: Any
+    ) -> JobRecord | None:
+        # Safe to repeat: a claim whose reply was lost is given back to the same worker (same ticket).
         return self._retry(
-            lambda: super(RetryingJobStore, self).claim(job_id, attempt, worker_id, max_attempts),
+            lambda: super(RetryingJobStore, self).claim(job_id, attempt, worker_id, max_attempts, **kwargs),
             f"claim {job_id}",
         )
 

@@ -51,6 +51,7 @@ class WorkerRuntime:
     max_attempts: int
     heartbeat: CurrentJob | None = None
     observer: JobObserver | None = None
+    model: str | None = None  # the model it serves: its messages are tickets for this model's queue
 
 
 def _finish(runtime: WorkerRuntime, record: JobRecord, status: str, fields: dict[str, Any]) -> str:
@@ -145,16 +146,26 @@ def _past_deadline(record: JobRecord) -> bool:
     return record.deadline_at is not None and parse_iso(record.deadline_at) <= utcnow()
 
 
-def run_job(job_id: str, attempt: int, runtime: WorkerRuntime) -> str:
-    """Run attempt ``attempt`` of ``job_id``; returns the outcome: succeeded, failed, canceled or dropped.
+def run_job(job_id: str, attempt: int, runtime: WorkerRuntime, ticket: str | None = None) -> str:
+    """Spend one task message on a job and run it; returns the outcome: succeeded, failed, canceled or
+    dropped.
 
-    Every failure ends the job with a code and a user-safe message (the traceback is kept for
-    admins); nothing is swallowed, and the worker stays up for the next job.
+    The message ``(job_id, attempt)`` is a ticket for the worker's model: the job store hands it the job
+    whose turn it is under fair share, which need not be the one it names. ``ticket`` identifies the
+    message across redeliveries (Celery's task id). Every failure ends the job with a code and a
+    user-safe message (the traceback is kept for admins); nothing is swallowed, and the worker stays up
+    for the next job.
     """
-    record = runtime.store.claim(job_id, attempt, runtime.worker_id, runtime.max_attempts)
+    record = runtime.store.claim(
+        job_id, attempt, runtime.worker_id, runtime.max_attempts, model=runtime.model, ticket=ticket
+    )
     if record is None:
-        log.info("dropped message for %s attempt %s (stale, duplicate or terminal)", job_id, attempt)
+        log.info(
+            "message for %s attempt %s dropped: nothing queued, or a duplicate delivery", job_id, attempt
+        )
         return "dropped"
+    if record.id != job_id:
+        log.info("message for %s attempt %s runs %s (fair share)", job_id, attempt, record.id)
     if runtime.heartbeat:
         runtime.heartbeat.set_current_job(record.id)
     try:

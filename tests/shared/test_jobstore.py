@@ -38,7 +38,9 @@ def test_created_job_is_queued_at_attempt_one_with_a_queued_event(store: JobStor
     assert event_types(store, job_id) == ["job.queued"]
 
 
-def test_queue_position_counts_jobs_ahead_and_clears_once_running(store: JobStore) -> None:
+def test_queue_position_of_one_owners_jobs_is_submission_order_and_clears_once_running(
+    store: JobStore,
+) -> None:
     first, second, third = new_job(store), new_job(store), new_job(store)
     assert [store.queue_position("flux-tiny", j) for j in (first, second, third)] == [0, 1, 2]
     assert store.claim(first, 1, "w1", max_attempts=3) is not None
@@ -75,16 +77,18 @@ def test_claim_moves_a_queued_job_to_running_for_that_worker(store: JobStore) ->
     assert event_types(store, job_id) == ["job.queued", "job.started"]
 
 
-def test_claim_drops_a_message_of_another_attempt(store: JobStore) -> None:
+def test_message_of_another_attempt_is_still_a_ticket_for_the_queue(store: JobStore) -> None:
     job_id = new_job(store)
-    assert store.claim(job_id, 2, "w1", max_attempts=3) is None
-    assert store.get(job_id).status == "queued"  # type: ignore[union-attr]
+    record = store.claim(job_id, 2, "w1", max_attempts=3)
+    assert record is not None and (record.id, record.status, record.attempt) == (job_id, "running", 1)
+    assert store.claim(job_id, 3, "w1", max_attempts=3) is None  # nothing left queued: dropped
 
 
-def test_claim_drops_a_message_for_a_terminal_job(store: JobStore) -> None:
+def test_message_for_a_terminal_job_is_dropped_when_nothing_is_queued(store: JobStore) -> None:
     job_id = new_job(store)
     store.transition(job_id, "canceled", allowed_from={"queued"})
     assert store.claim(job_id, 1, "w1", max_attempts=3) is None
+    assert store.get(job_id).status == "canceled"  # type: ignore[union-attr]
 
 
 def test_redelivered_message_is_dropped_while_its_worker_lives(store: JobStore) -> None:

@@ -11,7 +11,7 @@ import redis
 from PIL import Image
 
 from shared.ids import new_job_id
-from shared.jobstore import JobOptions, JobStore
+from shared.jobstore import JobOptions, JobRecord, JobStore
 from shared.schemas import GenerationParams
 from shared.storage import LocalStorage, StorageError
 from tests.support import generation_params
@@ -114,13 +114,33 @@ def test_upload_failure_fails_the_job_with_storage_error(runtime: WorkerRuntime,
     assert record.images is None
 
 
-def test_stale_or_repeated_messages_are_dropped_without_a_second_result(runtime: WorkerRuntime) -> None:
+def test_messages_beyond_the_queued_jobs_are_dropped_without_a_second_result(runtime: WorkerRuntime) -> None:
     job_id = submit(runtime)
-    assert run_job(job_id, 2, runtime) == "dropped"
-    assert run_job(job_id, 1, runtime) == "succeeded"
+    assert run_job(job_id, 2, runtime) == "succeeded"  # a message is a ticket: it runs what is queued
     first = runtime.store.get(job_id)
     assert run_job(job_id, 1, runtime) == "dropped"
+    assert run_job(job_id, 2, runtime, ticket="redelivered") == "dropped"
     assert runtime.store.get(job_id) == first
+
+
+class FinishOrder:
+    """A job observer that records which job each attempt ran."""
+
+    def __init__(self) -> None:
+        self.job_ids: list[str] = []
+
+    def job_finished(self, record: JobRecord, outcome: str, *args: object) -> None:
+        self.job_ids.append(record.id)
+
+
+def test_a_message_runs_the_job_whose_turn_it_is_under_fair_share(runtime: WorkerRuntime) -> None:
+    burst = [submit(runtime) for _ in range(3)]
+    other = runtime.store.create(new_job_id(), "bob", params()).id
+    order = FinishOrder()
+    runtime.model, runtime.observer = "flux-tiny", order
+    outcomes = [run_job(job_id, 1, runtime) for job_id in reversed([*burst, other])]
+    assert outcomes == ["succeeded"] * 4
+    assert order.job_ids == [burst[0], other, burst[1], burst[2]]
 
 
 def test_progress_events_follow_each_step(runtime: WorkerRuntime) -> None:
