@@ -8,8 +8,9 @@
 # Lanes (each compares against stock diffusers from .gpu/ on the same GPUs, in the same lease):
 #   e2e     the whole stack end to end (python -m bench.e2e), stock one-GPU at the end
 #   fp8     bench.pipeline's compiled bf16 and fp8 variants, stock one-GPU before them
-#   mgpu2   stock Ulysses-2 (torchrun), then Fluxgate groups Ulysses-2 (1024 and 1008, profiled), Ring-2,
-#           and Ulysses-2 with the T5 encoder sharded (eager: numerics and memory)
+#   mgpu2   stock Ulysses-2 (torchrun), then Fluxgate groups Ulysses-2 (profiled; 1008x1008 too), Ring-2
+#           (profiled), an inductor overlap experiment, Ulysses-2 with the T5 encoder sharded (eager)
+#   restart fp8 compiled engine started twice on one compile cache (cold, then warm)
 #   mgpu4   Fluxgate groups Ulysses-4 and Ulysses-2 x Ring-2
 #   dp      one compiled one-GPU engine per GPU of the lane at once (N independent workers)
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
@@ -30,13 +31,25 @@ lane_fp8() {
     --output-file "$1/fp8.json"
 }
 
-lane_mgpu2() {
-  torchrun --nproc-per-node 2 --master-port 29611 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
-  python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --extra-res 1008 --profile \
-    --output-file "$1/ulysses2.json"
-  python3 -m bench.parallel --num-gpus 2 --ring-degree 2 --compile --output-file "$1/ring2.json"
-  python3 -m bench.parallel --num-gpus 2 --compile --overlap --output-file "$1/ulysses2_overlap.json"
-  python3 -m bench.parallel --num-gpus 2 --tp-size 2 --repeats 1 --output-file "$1/ulysses2_tp2_eager.json"
+lane_mgpu2() {  # SKIP="stock overlap ..." leaves out runs measured earlier in the lease
+  skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
+  skip stock || torchrun --nproc-per-node 2 --master-port 29611 .gpu/stock_diffusers_flux1_dev_cp.py \
+    >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --compile"
+  skip ulysses || $P --ulysses-degree 2 --profile --output-file "$1/ulysses2.json"
+  skip uneven || $P --ulysses-degree 2 --extra-res 1008 --repeats 2 --output-file "$1/ulysses2_1008.json"
+  skip ring || $P --ring-degree 2 --profile --output-file "$1/ring2.json"
+  skip overlap || $P --overlap --output-file "$1/ulysses2_overlap.json"
+  skip tp || python3 -m bench.parallel --num-gpus 2 --tp-size 2 --repeats 1 --output-file "$1/ulysses2_tp2_eager.json"
+}
+
+lane_restart() {  # worker restart: the same fp8 compiled engine in two fresh processes, one cache dir
+  export FLUXGATE_COMPILE_CACHE_DIR=/tmp/restart-cache
+  local run
+  for run in cold warm; do
+    python3 -m bench.pipeline --variants fp8-compiled --repeats 1 --reference none \
+      --output-file "$1/fp8_$run.json"
+  done
 }
 
 lane_mgpu4() {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
@@ -129,6 +130,7 @@ class FluxEngine:
         self.cache = cache
         self.offloaded: set[str] = set()
         self.layout = ParallelLayout()
+        self.compiled = False
 
     @classmethod
     def load(cls, model_path: str, options: EngineOptions, cache: CacheFactory | None = None) -> FluxEngine:
@@ -162,6 +164,7 @@ class FluxEngine:
         engine = cls(pipeline, device, cache(pipeline) if cache else None)
         engine.offloaded = offloaded
         engine.layout = layout
+        engine.compiled = options.compile
         if options.compile:
             apply_regional_compile(
                 pipeline, CompileConfig(mode=options.compile_mode, cache_dir=options.compile_cache_dir)
@@ -190,13 +193,18 @@ class FluxEngine:
         """
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        eager = False
         if self.layout.sp > 1:
-            prepare_sequence_split(self.pipeline, self._image_tokens(params, references), self.layout)
+            uneven = prepare_sequence_split(
+                self.pipeline, self._image_tokens(params, references), self.layout
+            )
+            eager = uneven and self.compiled
         if self.cache is not None:
             # True CFG runs the transformer twice per step; the cache must count both passes.
             true_cfg = params.negative_prompt is not None and (params.true_cfg_scale or 1.0) > 1.0
             self.cache.prepare(params.cache, params.num_inference_steps, true_cfg=true_cfg)
-        with torch.inference_mode():
+        stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
+        with torch.inference_mode(), stance:
             images = self.pipeline(**self._call_arguments(params, on_step, references)).images
         cached = self.cache.cached_steps() if self.cache is not None else 0
         return GenerationOutput(

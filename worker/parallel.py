@@ -110,8 +110,10 @@ def apply_context_parallel(pipe: Any, layout: ParallelLayout, device: torch.devi
     log.info("sequence parallel over %d ranks (%s)", layout.sp, layout.describe)
 
 
-def prepare_sequence_split(pipe: Any, tokens: int, layout: ParallelLayout) -> None:
-    """Choose the even split (fast) or diffusers' uneven one for this job's image-token count.
+def prepare_sequence_split(pipe: Any, tokens: int, layout: ParallelLayout) -> bool:
+    """Choose the even split (fast) or diffusers' uneven one for this job's image-token count; True
+    when uneven. The uneven split gathers shard sizes on the host, which torch.compile cannot trace,
+    so a compiled engine runs such a job eagerly.
 
     Plain Ulysses and Ring need the sequence to divide by the degree; FLUX's 512 text tokens always do,
     image tokens ((width/16) x (height/16), plus reference-image tokens) may not, e.g. 1008x1008.
@@ -119,7 +121,7 @@ def prepare_sequence_split(pipe: Any, tokens: int, layout: ParallelLayout) -> No
     group refuses such sizes.
     """
     if layout.sp == 1:
-        return
+        return False
     config = pipe.transformer._parallel_config.context_parallel_config
     uneven = tokens % layout.sp != 0
     if uneven and layout.ulysses > 1 and layout.ring > 1:
@@ -140,6 +142,7 @@ def prepare_sequence_split(pipe: Any, tokens: int, layout: ParallelLayout) -> No
         )
     config.ulysses_anything = uneven and layout.ulysses > 1
     config.ring_anything = uneven and layout.ring > 1
+    return uneven
 
 
 @contextlib.contextmanager
