@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ring-degree", type=int)
     parser.add_argument("--tp-size", type=int, default=1, help="shard the T5 text encoder too")
     parser.add_argument("--attention-backend")
+    parser.add_argument("--quantize", default="none", choices=["none", "fp8"])
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--res", type=int, default=1024)
     parser.add_argument("--extra-res", type=int, action="append", default=[], help="also time this size")
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree,
         tp_size=args.tp_size,
+        quantize=args.quantize,
         attention_backend=args.attention_backend,
         compile=args.compile,
         device="cpu" if args.smoke else "cuda",
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "layout": {**dict(zip(("ulysses", "ring"), options.layout, strict=True)), "tp": args.tp_size},
         "compile": args.compile,
         "comm_overlap": args.overlap,
+        "quantize": args.quantize,
         "steps": args.steps,
     }
     if not args.smoke:

@@ -10,6 +10,7 @@
 #   fp8     bench.pipeline's compiled bf16 and fp8 variants, stock one-GPU before them
 #   mgpu2   stock Ulysses-2 (torchrun), then Fluxgate groups Ulysses-2 (profiled; 1008x1008 too), Ring-2
 #           (profiled), an inductor overlap experiment, Ulysses-2 with the T5 encoder sharded (eager)
+#   fp8u2   Ulysses-2 with --quantize fp8
 #   restart fp8 compiled engine started twice on one compile cache (cold, then warm)
 #   mgpu4   Fluxgate groups Ulysses-4 and Ulysses-2 x Ring-2
 #   dp      one compiled one-GPU engine per GPU of the lane at once (N independent workers)
@@ -41,6 +42,10 @@ lane_mgpu2() {  # SKIP="stock overlap ..." leaves out runs measured earlier in t
   skip ring || $P --ring-degree 2 --profile --output-file "$1/ring2.json"
   skip overlap || $P --overlap --output-file "$1/ulysses2_overlap.json"
   skip tp || python3 -m bench.parallel --num-gpus 2 --tp-size 2 --repeats 1 --output-file "$1/ulysses2_tp2_eager.json"
+}
+
+lane_fp8u2() {  # fp8 weights under Ulysses-2 (the image is compared with the one-GPU bf16 image)
+  python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --quantize fp8 --output-file "$1/fp8_ulysses2.json"
 }
 
 lane_restart() {  # worker restart: the same fp8 compiled engine in two fresh processes, one cache dir
