@@ -28,11 +28,12 @@ class Heartbeat:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._current_job = ""
+        self.jobs_done = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fluxgate-heartbeat", daemon=True)
 
     def start(self) -> None:
-        fields: dict[Any, Any] = {**self.info, "started_at": now_iso(), "current_job": ""}
+        fields: dict[Any, Any] = {**self.info, "started_at": now_iso(), "current_job": "", "jobs_done": 0}
         self.redis.hset(worker_key(self.worker_id), mapping=fields)
         self.redis.sadd(WORKERS_KEY, self.worker_id)
         self.beat()
@@ -43,11 +44,19 @@ class Heartbeat:
         pipe.set(alive_key(self.worker_id), "1", px=int(self.timeout_s * 1000))
         pipe.hset(
             worker_key(self.worker_id),
-            mapping={"last_heartbeat": now_iso(), "current_job": self._current_job},
+            mapping={
+                "last_heartbeat": now_iso(),
+                "current_job": self._current_job,
+                "jobs_done": self.jobs_done,
+            },
         )
         pipe.execute()
 
     def set_current_job(self, job_id: str | None) -> None:
+        """The job this worker runs now; clearing it counts one more job done (any outcome), shown at
+        the next beat (the admin workers view)."""
+        if not job_id and self._current_job:
+            self.jobs_done += 1
         self._current_job = job_id or ""
 
     def _loop(self) -> None:

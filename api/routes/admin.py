@@ -73,7 +73,7 @@ def queues(services: ServicesDep) -> dict[str, Any]:
 
 @router.get("/workers")
 def workers(services: ServicesDep) -> dict[str, Any]:
-    """Registered workers: model, pipeline, device, options, current job, last heartbeat, liveness."""
+    """Registered workers: model, device, GPUs, options, current job, jobs done, last heartbeat, liveness."""
     return {"object": "list", "data": live_workers(services.redis)}
 
 
