@@ -24,7 +24,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -212,15 +211,17 @@ class GroupSpec:
         return self.timeout_s / 4
 
 
-def init_rank(spec: GroupSpec, rank: int) -> ControlChannel:
-    """Join the group: this rank's GPU, the tensor group, and the gloo control group."""
+def init_rank(spec: GroupSpec, rank: int, store: Any = None) -> ControlChannel:
+    """Join the group: this rank's GPU, the tensor group, and the gloo control group. Rank 0 passes
+    the rendezvous store it serves; the others connect to it."""
     if spec.device_type == "cuda":
         torch.cuda.set_device(rank)
     backend = "cpu:gloo,cuda:nccl" if spec.device_type == "cuda" else "gloo"
     timeout = timedelta(seconds=spec.timeout_s)
-    dist.init_process_group(
-        backend, init_method=f"tcp://{spec.address}", rank=rank, world_size=spec.world_size, timeout=timeout
-    )
+    if store is None:
+        host, port = spec.address.rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), spec.world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=spec.world_size, timeout=timeout)
     return ControlChannel(dist.new_group(backend="gloo", timeout=timeout), rank)
 
 
@@ -261,17 +262,21 @@ def _exit_with_parent(parent: int) -> None:
 class GroupLauncher:
     """Rank 0's side of starting and supervising the group."""
 
-    def __init__(self, spec: GroupSpec) -> None:
+    def __init__(self, spec: GroupSpec, store: Any) -> None:
         self.spec = spec
+        self.store = store
         self.followers: list[multiprocessing.process.BaseProcess] = []
         self._closing = threading.Event()
 
     @staticmethod
     def local(world_size: int, device_type: str, timeout_s: float, json_logs: bool = False) -> GroupLauncher:
-        with socket.socket() as probe:  # a free port for the group's rendezvous on this host
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        return GroupLauncher(GroupSpec(world_size, f"127.0.0.1:{port}", device_type, timeout_s, json_logs))
+        # Rank 0 serves the rendezvous on a port the system picks (no race for a "free" port).
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore(
+            "127.0.0.1", 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False
+        )
+        spec = GroupSpec(world_size, f"127.0.0.1:{store.port}", device_type, timeout_s, json_logs)
+        return GroupLauncher(spec, store)
 
     def start(self, model: Any, options: Any, loader: Loader | None) -> ControlChannel:
         """Spawn ranks 1..N-1 (fresh interpreters: CUDA never forks), then join as rank 0."""
@@ -285,7 +290,7 @@ class GroupLauncher:
             )
             process.start()
             self.followers.append(process)
-        return init_rank(self.spec, 0)
+        return init_rank(self.spec, 0, self.store)
 
     def supervise(self, on_rank_lost: Callable[[], None]) -> None:
         """Watch the followers from a thread: when one dies, ``on_rank_lost`` runs and the group exits."""

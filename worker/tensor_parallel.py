@@ -1,11 +1,12 @@
 """Tensor parallelism of the text encoder within a worker group (``--tp-size``).
 
-FLUX.1's T5-XXL encoder (4.7B parameters, 9.5 GB in bf16) is held whole by every rank unless it is
-sharded: Megatron-style, each block's query/key/value and gated-FFN input projections are split by
-output features (``ColwiseParallel``: each rank keeps whole attention heads) and the output
-projections by input features (``RowwiseParallel``: one all-reduce per sub-layer). The relative
-position bias, an embedding with one column per head, keeps the columns of the rank's heads. Each
-rank then holds 1/tp of the encoder, and every rank still gets the full prompt embedding.
+FLUX.1's T5-XXL encoder (4.7B parameters, 9.5 GB in bf16) and FLUX.2's Mistral Small (24B, 48 GB)
+are held whole by every rank unless they are sharded. Megatron-style: the query/key/value and the
+MLP's input projections are split by output features (``ColwiseParallel``: each rank keeps whole
+attention heads), the output projections by input features (``RowwiseParallel``: one all-reduce
+per sub-layer). T5's relative position bias, an embedding with one column per head, keeps the
+columns of the rank's heads. Each rank then holds 1/tp of the encoder, and every rank still gets the
+full prompt embedding.
 """
 
 from __future__ import annotations
@@ -32,41 +33,76 @@ def tensor_parallel_mesh(tp: int, device: torch.device) -> Any:
 
 
 def apply_text_encoder_tp(pipe: Any, tp: int, device: torch.device) -> None:
-    """Shard the pipeline's T5 encoder over ``tp`` ranks of the group (after it is on this rank's device)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    """Shard the pipeline's large text encoder over ``tp`` ranks of the group (once it is on this rank's
+    device): FLUX.1's T5 (``text_encoder_2``) or FLUX.2's Mistral (``text_encoder``)."""
     from transformers import T5EncoderModel
 
-    encoder = getattr(pipe, "text_encoder_2", None)
-    if not isinstance(encoder, T5EncoderModel):
-        found = type(encoder).__name__ if encoder is not None else "no second text encoder"
-        raise ParallelError(f"--tp-size shards FLUX.1's T5 text encoder; this pipeline has {found}")
+    t5 = getattr(pipe, "text_encoder_2", None)
+    if isinstance(t5, T5EncoderModel):
+        _shard_t5(t5, tp, device)
+        return
+    mistral = getattr(pipe, "text_encoder", None)
+    if type(mistral).__name__ == "Mistral3ForConditionalGeneration":
+        _shard_mistral(mistral, tp, device)
+        return
+    raise ParallelError(
+        f"--tp-size shards FLUX.1's T5 or FLUX.2's Mistral text encoder; {type(pipe).__name__} has neither"
+    )
+
+
+def _shard_t5(encoder: Any, tp: int, device: torch.device) -> None:
     heads, d_ff = int(encoder.config.num_heads), int(encoder.config.d_ff)
-    if heads % tp or d_ff % tp:
-        raise ParallelError(
-            f"--tp-size {tp} must divide the text encoder's {heads} attention heads and {d_ff} FFN features"
-        )
+    _check_divides(tp, {"attention heads": heads, "FFN features": d_ff})
     mesh = tensor_parallel_mesh(tp, device)
     rank = mesh.get_local_rank()
     blocks: list[Any] = list(encoder.encoder.block)
     for block in blocks:
         attention = block.layer[0].SelfAttention
-        plan = {
-            "q": ColwiseParallel(),
-            "k": ColwiseParallel(),
-            "v": ColwiseParallel(),
-            "o": RowwiseParallel(),
-        }
-        parallelize_module(attention, mesh, plan)
+        _parallelize(attention, mesh, columns=("q", "k", "v"), rows=("o",))
         attention.n_heads = heads // tp
         attention.inner_dim = attention.n_heads * attention.key_value_proj_dim
         if attention.has_relative_attention_bias:
             _keep_heads(attention.relative_attention_bias, rank * attention.n_heads, attention.n_heads)
         feed_forward = block.layer[1].DenseReluDense
-        inputs = [name for name in ("wi", "wi_0", "wi_1") if hasattr(feed_forward, name)]
-        parallelize_module(
-            feed_forward, mesh, {**{name: ColwiseParallel() for name in inputs}, "wo": RowwiseParallel()}
-        )
-    log.info("text encoder sharded over %d ranks (%d heads each)", tp, heads // tp)
+        inputs = tuple(name for name in ("wi", "wi_0", "wi_1") if hasattr(feed_forward, name))
+        _parallelize(feed_forward, mesh, columns=inputs, rows=("wo",))
+    log.info("T5 text encoder sharded over %d ranks (%d heads each)", tp, heads // tp)
+
+
+def _shard_mistral(encoder: Any, tp: int, device: torch.device) -> None:
+    """Mistral's decoder layers (the vision tower stays whole): attention reshapes by head size, so
+    each rank's projections simply carry fewer heads; grouped key/value heads split the same way."""
+    text = encoder.config.text_config
+    _check_divides(
+        tp,
+        {
+            "attention heads": int(text.num_attention_heads),
+            "key/value heads": int(text.num_key_value_heads),
+            "MLP features": int(text.intermediate_size),
+        },
+    )
+    mesh = tensor_parallel_mesh(tp, device)
+    layers: list[Any] = list(encoder.model.language_model.layers)
+    for layer in layers:
+        _parallelize(layer.self_attn, mesh, columns=("q_proj", "k_proj", "v_proj"), rows=("o_proj",))
+        _parallelize(layer.mlp, mesh, columns=("gate_proj", "up_proj"), rows=("down_proj",))
+    log.info("Mistral text encoder sharded over %d ranks", tp)
+
+
+def _check_divides(tp: int, sizes: dict[str, int]) -> None:
+    uneven = [f"{size} {name}" for name, size in sizes.items() if size % tp]
+    if uneven:
+        raise ParallelError(f"--tp-size {tp} must divide the text encoder's {', '.join(uneven)}")
+
+
+def _parallelize(module: nn.Module, mesh: Any, columns: tuple[str, ...], rows: tuple[str, ...]) -> None:
+    """Megatron's pair: inputs split by output features (ColwiseParallel), outputs by input features
+    (RowwiseParallel, one all-reduce)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan: dict[str, Any] = {name: ColwiseParallel() for name in columns}
+    plan.update({name: RowwiseParallel() for name in rows})
+    parallelize_module(module, mesh, plan)
 
 
 def _keep_heads(bias: nn.Embedding, first: int, count: int) -> None:

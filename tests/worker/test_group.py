@@ -133,3 +133,26 @@ def test_a_text_encoder_sharded_over_two_ranks_draws_the_one_rank_image(
     result = json.loads(out.read_text())
     assert result["layout"] == "ulysses=2,ring=1,tp=2"
     assert result["max_pixel_difference"]["64"] <= 1, result
+
+
+def test_flux2s_mistral_encoder_sharded_over_two_ranks_draws_the_one_rank_image(tmp_path: Path) -> None:
+    """The tiny Mistral has one key/value head, which does not split in two: use a copy with two."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from worker.tiny_flux2 import build_tiny_flux2_pipeline
+
+    model_dir = tmp_path / "tiny-flux2"
+    build_tiny_flux2_pipeline().save_pretrained(model_dir)
+    config = Mistral3Config.from_pretrained(model_dir / "text_encoder")
+    config.text_config.num_key_value_heads = 2
+    Mistral3ForConditionalGeneration(config).save_pretrained(model_dir / "text_encoder")
+    out = tmp_path / "result.json"
+    process = multiprocessing.get_context("spawn").Process(
+        target=drive_tiny_ulysses, args=(str(model_dir), str(out), [64], 2)
+    )
+    process.start()
+    process.join(timeout=240)
+    assert process.exitcode == 0
+    result = json.loads(out.read_text())
+    assert result["layout"] == "ulysses=2,ring=1,tp=2"
+    assert result["max_pixel_difference"]["64"] <= 1, result
