@@ -20,7 +20,14 @@ from shared.redis_client import connect
 from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.integration
-INTEGRATION_REDIS_URL = os.environ.get("FLUXGATE_TEST_INTEGRATION_REDIS_URL", "redis://127.0.0.1:6379/14")
+
+
+def integration_redis_url() -> str:
+    """Read when a stack starts: this conftest can be imported before the run's private Redis is up
+    (when a single integration file is named on the command line)."""
+    return os.environ.get("FLUXGATE_TEST_INTEGRATION_REDIS_URL", "redis://127.0.0.1:6379/14")
+
+
 ADMIN_KEY = "fg-integration-admin"
 
 
@@ -101,11 +108,12 @@ def models_config(tiny_model_dir: Path) -> str:
 
 
 def start_stack(tmp: Path, tiny_model_dir: Path, storage_url: str, extra_env: dict[str, str]) -> Stack:
-    connect(INTEGRATION_REDIS_URL).flushdb()
+    redis_url = integration_redis_url()
+    connect(redis_url).flushdb()
     port = free_port()
     env = {
         **os.environ,
-        "FLUXGATE_REDIS_URL": INTEGRATION_REDIS_URL,
+        "FLUXGATE_REDIS_URL": redis_url,
         "FLUXGATE_DATA_DIR": str(tmp / "data"),
         "FLUXGATE_STORAGE_URL": storage_url,
         "FLUXGATE_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 from tests.support import wait_for
 from tests.worker.group_support import drive_rank0, drive_tiny_ulysses
@@ -95,21 +96,26 @@ def test_keepalives_keep_idle_followers_waiting_longer_than_the_group_timeout(tm
     assert exitcode == 0 and outcomes == ["succeeded", "succeeded"]
 
 
+def tiny_group(model_dir: Path, tmp_path: Path, sizes: list[int], tp_size: int = 1) -> dict[str, Any]:
+    """Run a tiny model on a two-rank CPU group (rank 0 in its own process); its report."""
+    out = tmp_path / "result.json"
+    process = multiprocessing.get_context("spawn").Process(
+        target=drive_tiny_ulysses, args=(str(model_dir), str(out), sizes, tp_size)
+    )
+    process.start()
+    process.join(timeout=240)
+    assert process.exitcode == 0
+    result: dict[str, Any] = json.loads(out.read_text())
+    assert result["layout"] == f"ulysses=2,ring=1,tp={tp_size}"
+    return result
+
+
 def test_ulysses_on_two_cpu_ranks_draws_the_one_rank_image(tmp_path: Path, tiny_model_dir: Path) -> None:
     """64x64 splits 16 image tokens evenly. 48x48 has 9: GPU groups take diffusers' uneven split (checked
     on the device); a CPU group refuses it cleanly, gloo gathering only equal shards, and goes on."""
-    out = tmp_path / "result.json"
-    process = multiprocessing.get_context("spawn").Process(
-        target=drive_tiny_ulysses, args=(str(tiny_model_dir), str(out), [64, 48, 32])
-    )
-    process.start()
-    process.join(timeout=180)
-    assert process.exitcode == 0
-    result = json.loads(out.read_text())
-    assert result["layout"] == "ulysses=2,ring=1,tp=1"
-    differences = result["max_pixel_difference"]
-    assert differences["48"] == "ParallelError", result
-    assert differences["64"] <= 1 and differences["32"] <= 1, result
+    differences = tiny_group(tiny_model_dir, tmp_path, [64, 48, 32])["max_pixel_difference"]
+    assert differences["48"] == "ParallelError", differences
+    assert differences["64"] <= 1 and differences["32"] <= 1, differences
 
 
 def test_a_text_encoder_sharded_over_two_ranks_draws_the_one_rank_image(
@@ -123,16 +129,7 @@ def test_a_text_encoder_sharded_over_two_ranks_draws_the_one_rank_image(
     config = T5Config.from_pretrained(model_dir / "text_encoder_2")
     config.d_ff = 38
     T5EncoderModel(config).save_pretrained(model_dir / "text_encoder_2")
-    out = tmp_path / "result.json"
-    process = multiprocessing.get_context("spawn").Process(
-        target=drive_tiny_ulysses, args=(str(model_dir), str(out), [64], 2)
-    )
-    process.start()
-    process.join(timeout=180)
-    assert process.exitcode == 0
-    result = json.loads(out.read_text())
-    assert result["layout"] == "ulysses=2,ring=1,tp=2"
-    assert result["max_pixel_difference"]["64"] <= 1, result
+    assert tiny_group(model_dir, tmp_path, [64], tp_size=2)["max_pixel_difference"]["64"] <= 1
 
 
 def test_flux2s_mistral_encoder_sharded_over_two_ranks_draws_the_one_rank_image(tmp_path: Path) -> None:
@@ -146,13 +143,4 @@ def test_flux2s_mistral_encoder_sharded_over_two_ranks_draws_the_one_rank_image(
     config = Mistral3Config.from_pretrained(model_dir / "text_encoder")
     config.text_config.num_key_value_heads = 2
     Mistral3ForConditionalGeneration(config).save_pretrained(model_dir / "text_encoder")
-    out = tmp_path / "result.json"
-    process = multiprocessing.get_context("spawn").Process(
-        target=drive_tiny_ulysses, args=(str(model_dir), str(out), [64], 2)
-    )
-    process.start()
-    process.join(timeout=240)
-    assert process.exitcode == 0
-    result = json.loads(out.read_text())
-    assert result["layout"] == "ulysses=2,ring=1,tp=2"
-    assert result["max_pixel_difference"]["64"] <= 1, result
+    assert tiny_group(model_dir, tmp_path, [64], tp_size=2)["max_pixel_difference"]["64"] <= 1
