@@ -6,7 +6,6 @@ import logging
 import time
 from collections import Counter as Tally
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -16,7 +15,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.jobstore import RUNNING_KEY, JobRecord, JobStore, job_key
 from shared.queues import BAND_WIDTH, BANDS
-from shared.schemas import GenerationParams
 
 log = logging.getLogger("fluxgate.api")
 
@@ -72,12 +70,8 @@ class CountingJobStore(JobStore):
         super().__init__(client)
         self.submitted = submitted
 
-    def create(
-        self, job_id: str, owner: str, params: GenerationParams, *args: Any, **kwargs: Any
-    ) -> JobRecord:
-        record = super().create(job_id, owner, params, *args, **kwargs)
-        self.submitted.labels(params.model).inc()
-        return record
+    def on_created(self, record: JobRecord) -> None:
+        self.submitted.labels(record.model).inc()
 
 
 class GatewayMetrics:

@@ -10,11 +10,16 @@ from shared.jobstore import JobRecord
 from shared.schemas import ImagePublic, JobPublic, ResultPublic
 
 
-def job_public(record: JobRecord, services: Services) -> JobPublic:
-    """The public job; result links are signed afresh on every read and expire after the URL TTL."""
-    queue_position = (
-        services.store.queue_position(record.model, record.id) if record.status == "queued" else None
-    )
+def job_public(record: JobRecord, services: Services, queue_position: int | None = None) -> JobPublic:
+    """The public job; result links are signed afresh on every read and expire after the URL TTL.
+
+    ``queue_position``: the queued job's position when the caller knows it (the submit script returns
+    it), else it is read.
+    """
+    if record.status != "queued":
+        queue_position = None
+    elif queue_position is None:
+        queue_position = services.store.queue_position(record.model, record.id)
     result = None
     if record.images is not None and record.status == "succeeded":
         ttl = services.settings.result_url_ttl_s

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from shared.jobstore import JobStore
-from shared.keys import KeyStore
+from shared.keys import KEY_CACHE_TTL_S, KeyStore
 from shared.queue import create_celery
 from shared.redis_client import connect
 from shared.settings import Settings
@@ -36,7 +36,7 @@ class Services:
         # redis-py connects lazily, so building these needs no live Redis.
         self.redis = connect(self.settings.redis_url)
         self.store = JobStore(self.redis)
-        self.keys = KeyStore(self.redis)
+        self.keys = KeyStore(self.redis, cache_ttl_s=KEY_CACHE_TTL_S)
         self.celery = create_celery(self.settings)
 
     @cached_property

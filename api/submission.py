@@ -12,16 +12,17 @@ from typing import Any
 
 from api.body_limits import check_body_without_images
 from api.image_checks import DecodedImage
-from api.quotas import check_active_jobs, check_submission_rate
+from api.quotas import check_quotas, quota_error, quotas_for
 from api.references import load_references, store_references
 from api.services import Services
 from api.validation import check_job_options, check_metadata, resolve_model, resolve_params
 from shared.errors import ApiError
-from shared.ids import iso, new_job_id, now_iso, utcnow
-from shared.jobstore import JobOptions, JobRecord, events_key
+from shared.ids import iso, new_job_id, utcnow
+from shared.jobstore import JobOptions, JobRecord, QuotaExceeded, Quotas, Submitted, events_key
 from shared.keys import Principal
-from shared.queue import enqueue_generation
-from shared.schemas import DEFAULT_WEBHOOK_EVENTS, TERMINAL_STATUSES, JobCreate
+from shared.queue import generation_message
+from shared.schemas import DEFAULT_WEBHOOK_EVENTS, TERMINAL_STATUSES, GenerationParams, JobCreate
+from shared.settings import ModelConfig
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 MAX_WAIT_S = 60
@@ -31,6 +32,7 @@ MAX_WAIT_S = 60
 class Submission:
     record: JobRecord
     replayed: bool
+    queue_position: int | None = None  # known when this request created the job
 
 
 def job_options(body: JobCreate) -> JobOptions:
@@ -82,22 +84,6 @@ def _replay(services: Services, stored: str, body_hash: str) -> JobRecord:
     )
 
 
-def check_queue_room(services: Services, model: str) -> None:
-    """429 with Retry-After when the model's queue is at its limit (checked before any work is stored)."""
-    limits = services.settings.limits
-    if (
-        limits.max_queued_jobs_per_model
-        and services.store.queue_depth(model) >= limits.max_queued_jobs_per_model
-    ):
-        raise ApiError(
-            429,
-            "queue_full",
-            f"The queue of the model {model!r} is full; retry later.",
-            "model",
-            headers={"Retry-After": str(limits.queue_full_retry_after_s)},
-        )
-
-
 def submit_job(
     services: Services,
     principal: Principal,
@@ -111,32 +97,64 @@ def submit_job(
     the OpenAI edits route, as ``uploads`` already checked; either way they are stored under the new
     job's id before its record is written, and the record's params name them.
     """
-    settings = services.settings
-    check_body_without_images(body, settings.limits)
-    model = resolve_model(settings, body.model)
-    params = resolve_params(body, model, settings.limits)
-    check_metadata(body.metadata, settings.limits)
-    check_job_options(body, settings)
-    references = list(uploads) or load_references(body.images or [], model, settings)
+    model, params = _checked(services, body)
+    references = list(uploads) or load_references(body.images or [], model, services.settings)
     job_id = new_job_id()
     body_hash = _body_hash(body, uploads) if idempotency_key is not None else ""
     reservation, replayed = _reserve(services, principal, idempotency_key, job_id, body_hash)
     if replayed is not None:  # a replay returns its job whatever the quotas say now
         return Submission(replayed, replayed=True)
+    now = time.time()
     try:
-        check_queue_room(services, model.name)
-        check_active_jobs(services, principal)
-        check_submission_rate(services, principal)
-        if references:
+        quotas = quotas_for(services.settings.limits, principal, now)
+        if references:  # checked before the images are stored, so a refused job stores none
+            check_quotas(services, principal, model.name)
+            quotas = Quotas()
             stored = store_references(services.storage, job_id, references)
             params = params.model_copy(update={"images": stored})
-        record = services.store.create(job_id, principal.owner, params, job_options(body))
+        message = generation_message(services.celery, model.queue, job_id, 1, body.priority)
+        options = job_options(body)
+        submitted = services.store.submit(job_id, principal.owner, params, options, quotas, message)
+    except QuotaExceeded as refused:
+        if reservation:
+            services.redis.delete(reservation)
+        raise quota_error(refused, services.settings.limits, model.name, now) from None
     except Exception:
         if reservation:
             services.redis.delete(reservation)
         raise
-    _enqueue(services, record, model.queue)
-    return Submission(record, replayed=False)
+    return _created(submitted)
+
+
+async def submit_job_async(services: Services, principal: Principal, body: JobCreate) -> Submission:
+    """:func:`submit_job` for a body without reference images or Idempotency-Key, on the event loop: the
+    asyncio Redis client, one round trip (quotas, record, task message, queue position), no thread."""
+    model, params = _checked(services, body)
+    job_id, now = new_job_id(), time.time()
+    quotas = quotas_for(services.settings.limits, principal, now)
+    message = generation_message(services.celery, model.queue, job_id, 1, body.priority)
+    try:
+        submitted = await services.store.submit_async(
+            services.redis_async, job_id, principal.owner, params, job_options(body), quotas, message
+        )
+    except QuotaExceeded as refused:
+        raise quota_error(refused, services.settings.limits, model.name, now) from None
+    return _created(submitted)
+
+
+def _checked(services: Services, body: JobCreate) -> tuple[ModelConfig, GenerationParams]:
+    """The body's model and resolved parameters; 400 for anything the limits or the model refuse."""
+    limits = services.settings.limits
+    check_body_without_images(body, limits)
+    model = resolve_model(services.settings, body.model)
+    params = resolve_params(body, model, limits)
+    check_metadata(body.metadata, limits)
+    check_job_options(body, services.settings)
+    return model, params
+
+
+def _created(submitted: Submitted) -> Submission:
+    return Submission(submitted.record, replayed=False, queue_position=submitted.queue_position)
 
 
 def _reserve(
@@ -150,23 +168,6 @@ def _reserve(
     if services.redis.set(reservation, claim, nx=True, ex=IDEMPOTENCY_TTL_S):
         return reservation, None
     return None, _replay(services, str(services.redis.get(reservation)), body_hash)
-
-
-def _enqueue(services: Services, record: JobRecord, queue: str) -> None:
-    try:
-        enqueue_generation(services.celery, queue, record.id, record.attempt, record.priority)
-    except Exception:
-        # The record exists but no message does: fail it rather than leave it queued forever.
-        services.store.transition(
-            record.id,
-            "failed",
-            allowed_from={"queued"},
-            fields={
-                "error": {"code": "enqueue_failed", "message": "The job could not be queued."},
-                "finished_at": now_iso(),
-            },
-        )
-        raise
 
 
 def parse_prefer_wait(prefer: str | None) -> int | None:

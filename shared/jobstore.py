@@ -8,20 +8,30 @@ workers can never both own an attempt and a stale attempt can never write a resu
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterable
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
-from shared.ids import now_iso, parse_iso
+from shared.ids import now_iso
 from shared.jobrecord import JobOptions, JobRecord, text
+from shared.jobsubmit import (
+    EVENT_MAXLEN,
+    QuotaExceeded,
+    Quotas,
+    SubmitCall,
+    Submitted,
+    encode,
+    submit_call,
+    submit_outcome,
+)
+from shared.queue import BrokerMessage
 from shared.schemas import GenerationParams, Progress
-from shared.store_scripts import CLAIM, CREATE, PROGRESS, TRANSITION
+from shared.store_scripts import CLAIM, PROGRESS, SUBMIT, TRANSITION
 from shared.workers import alive_key
 
 PREFIX = "fg"
-EVENT_MAXLEN = 1000
 
 # queued -> running -> succeeded | failed | canceled; running -> queued is a requeue (worker lost),
 # running -> running a reclaim of a dead worker's job by a new attempt; terminal -> queued an admin retry.
@@ -71,12 +81,7 @@ def events_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
 
-def _encode(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if hasattr(value, "model_dump"):
-        value = value.model_dump(mode="json")
-    return json.dumps(value, separators=(",", ":"))
+_encode = encode
 
 
 class JobStore:
@@ -86,39 +91,59 @@ class JobStore:
         self.redis = client
         self._transition = client.register_script(TRANSITION)
         self._progress = client.register_script(PROGRESS)
-        self._create = client.register_script(CREATE)
+        self._submit = client.register_script(SUBMIT)
+        self._submit_async: tuple[aioredis.Redis, Any] | None = None
         self._claim = client.register_script(CLAIM)
 
     def create(
         self, job_id: str, owner: str, params: GenerationParams, options: JobOptions | None = None
     ) -> JobRecord:
         """Write a new queued job (attempt 1), index it and append its ``job.queued`` event, atomically."""
-        options = options or JobOptions()
-        progress = Progress(step=0, total=params.num_inference_steps)
-        fields: dict[str, str] = {
-            "id": job_id,
-            "owner": owner,
-            "model": params.model,
-            "status": "queued",
-            "attempt": "1",
-            "created_at": now_iso(),
-            "params": _encode(params),
-            "progress": _encode(progress),
-            "metadata": _encode(options.metadata),
-            "priority": options.priority,
-            "webhook_url": options.webhook_url or "",
-            "webhook_events": ",".join(options.webhook_events),
-            "deadline_at": options.deadline_at or "",
-        }
-        event = {"type": "job.queued", "job_id": job_id, "status": "queued", "attempt": 1}
-        event["progress"] = progress.model_dump()
-        pairs = [part for item in fields.items() for part in item]
-        args = [str(EVENT_MAXLEN), owner, params.model, _encode(event), *pairs]
-        if not self._create(keys=[job_key(job_id), events_key(job_id)], args=args):
+        return self.submit(job_id, owner, params, options or JobOptions()).record
+
+    def submit(
+        self,
+        job_id: str,
+        owner: str,
+        params: GenerationParams,
+        options: JobOptions,
+        quotas: Quotas = Quotas(),
+        message: BrokerMessage | None = None,
+    ) -> Submitted:
+        """:meth:`create` in one round trip with the quota checks and the task message (shared/jobsubmit.py).
+
+        Raises :class:`QuotaExceeded` when a quota refuses it (nothing is written then, bar the rate
+        counter), :class:`IllegalTransition` when the id exists.
+        """
+        call = submit_call(job_id, owner, params, options, quotas, message)
+        return self._submitted(job_id, call, self._submit(keys=call.keys, args=call.args))
+
+    async def submit_async(
+        self,
+        client: aioredis.Redis,
+        job_id: str,
+        owner: str,
+        params: GenerationParams,
+        options: JobOptions,
+        quotas: Quotas = Quotas(),
+        message: BrokerMessage | None = None,
+    ) -> Submitted:
+        """:meth:`submit` on an asyncio client (the gateway's event loop: no thread per submission)."""
+        if self._submit_async is None or self._submit_async[0] is not client:
+            self._submit_async = (client, client.register_script(SUBMIT))
+        call = submit_call(job_id, owner, params, options, quotas, message)
+        reply = await self._submit_async[1](keys=call.keys, args=call.args)
+        return self._submitted(job_id, call, reply)
+
+    def _submitted(self, job_id: str, call: SubmitCall, reply: list[Any]) -> Submitted:
+        if text(reply[0]) == "exists":
             raise IllegalTransition(job_id, "exists", "", "")
-        if options.deadline_at:
-            self.redis.zadd(DEADLINES_KEY, {job_id: parse_iso(options.deadline_at).timestamp()})
-        return JobRecord.from_hash(fields)
+        submitted = submit_outcome(call, reply)
+        self.on_created(submitted.record)
+        return submitted
+
+    def on_created(self, record: JobRecord) -> None:
+        """Called once for each job this store creates (the gateway counts them)."""
 
     def cancel(self, job_id: str, reason: str = CANCELED_BY_USER) -> JobRecord | None:
         """Cancel a job: a queued one never runs; a running one is flagged and its worker stops at the
@@ -345,4 +370,4 @@ class JobStore:
         return bool(self.redis.exists(alive_key(worker_id)))
 
 
-__all__ = ["IllegalTransition", "JobOptions", "JobRecord", "JobStore"]
+__all__ = ["IllegalTransition", "JobOptions", "JobRecord", "JobStore", "QuotaExceeded", "Quotas", "Submitted"]

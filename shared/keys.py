@@ -1,17 +1,22 @@
 """API keys: stored hashed in Redis, each mapping to an owner and a role.
 
 Keys are 256-bit random tokens, so a plain SHA-256 is enough to store them (no password hashing
-needed: there is nothing to brute-force), and a lookup is one Redis read per request.
+needed: there is nothing to brute-force), and a lookup is one Redis read. The gateway keeps valid keys'
+principals in memory for :data:`KEY_CACHE_TTL_S` seconds: a key revoked through another process (the
+CLI, another replica) stops working within that bound; through the same store, at once. Invalid keys
+are not cached, so a new key works at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
+import redis.asyncio as aioredis
 
 from shared.ids import now_iso
 
@@ -19,6 +24,8 @@ Role = Literal["user", "admin"]
 ROLES: tuple[Role, ...] = ("user", "admin")
 KEY_PREFIX = "fg:apikey:"
 KEY_INDEX = "fg:apikeys"  # key id -> digest, for listing and revoking
+KEY_CACHE_TTL_S = 5.0  # the gateway's bound on how long a revoked key keeps working
+KEY_CACHE_MAX = 10_000  # entries; the cache starts over when full
 
 
 @dataclass(frozen=True)
@@ -41,8 +48,10 @@ def _digest(api_key: str) -> str:
 class KeyStore:
     """Create and look up API keys."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, cache_ttl_s: float = 0.0) -> None:
         self.redis = client
+        self.cache_ttl_s = cache_ttl_s
+        self._cache: dict[str, tuple[float, Principal]] = {}  # digest -> (valid until, principal)
 
     def create(self, owner: str, role: Role = "user") -> str:
         """A new key for ``owner``; the plaintext is returned once and never stored."""
@@ -86,15 +95,46 @@ class KeyStore:
         if digest is None:
             return False
         self.redis.hset(KEY_PREFIX + str(digest), "revoked", now_iso())
+        self._cache.pop(str(digest), None)
         return True
 
     def lookup(self, api_key: str) -> Principal | None:
         """The principal of a valid key, or None."""
-        fields = self.redis.hgetall(KEY_PREFIX + _digest(api_key))
-        if not fields:
+        digest = _digest(api_key)
+        cached = self._cached(digest)
+        if cached is not None:
+            return cached
+        return self._remember(digest, self.redis.hgetall(KEY_PREFIX + digest))
+
+    async def lookup_async(self, api_key: str, client: aioredis.Redis) -> Principal | None:
+        """:meth:`lookup` on an asyncio client (the same Redis)."""
+        digest = _digest(api_key)
+        cached = self._cached(digest)
+        if cached is not None:
+            return cached
+        return self._remember(digest, await client.hgetall(KEY_PREFIX + digest))
+
+    def _cached(self, digest: str) -> Principal | None:
+        entry = self._cache.get(digest)
+        if entry is None or entry[0] < time.monotonic():
             return None
-        decoded: dict[str, str] = dict(fields)  # type: ignore[arg-type]  # clients decode responses
-        if decoded.get("revoked") or decoded.get("role") not in ROLES:
-            return None
-        role: Role = "admin" if decoded["role"] == "admin" else "user"
-        return Principal(key_id=decoded["key_id"], owner=decoded["owner"], role=role)
+        return entry[1]
+
+    def _remember(self, digest: str, fields: Any) -> Principal | None:
+        principal = _principal(fields)
+        if principal is not None and self.cache_ttl_s > 0:
+            if len(self._cache) >= KEY_CACHE_MAX:
+                self._cache.clear()
+            self._cache[digest] = (time.monotonic() + self.cache_ttl_s, principal)
+        return principal
+
+
+def _principal(fields: Any) -> Principal | None:
+    """The principal a key's stored fields grant, or None (missing, revoked, or an unknown role)."""
+    if not fields:
+        return None
+    decoded: dict[str, str] = dict(fields)  # clients decode responses
+    if decoded.get("revoked") or decoded.get("role") not in ROLES:
+        return None
+    role: Role = "admin" if decoded["role"] == "admin" else "user"
+    return Principal(key_id=decoded["key_id"], owner=decoded["owner"], role=role)

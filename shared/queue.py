@@ -5,8 +5,14 @@ Job state lives in our own Redis records; Celery only carries messages (results 
 
 from __future__ import annotations
 
+import base64
+from dataclasses import dataclass
+from uuid import uuid4
+
 import redis
 from celery import Celery
+from kombu.serialization import dumps as serialize
+from kombu.utils.json import dumps as json_dumps
 
 from shared.settings import Settings
 
@@ -53,6 +59,49 @@ def enqueue_generation(app: Celery, queue: str, job_id: str, attempt: int, prior
     it runs whichever queued job's turn it is, and ``(job_id, attempt)`` is only a hint.
     """
     app.send_task(GENERATE_TASK, args=[job_id, attempt], queue=queue, priority=PRIORITY_STEPS[priority])
+
+
+@dataclass(frozen=True)
+class BrokerMessage:
+    """A task message as kombu's Redis transport stores it: the list it waits on, and its JSON."""
+
+    list_name: str
+    payload: str
+
+
+def generation_message(app: Celery, queue: str, job_id: str, attempt: int, priority: str) -> BrokerMessage:
+    """The message :func:`enqueue_generation` would send, built without sending it (the gateway pushes it
+    inside its submit script: one round trip for the job and its message).
+
+    Celery builds the task (protocol 2: headers, properties, body); the envelope is what kombu's virtual
+    transport adds on publish to the anonymous exchange (``basic_publish``: body base64-encoded,
+    ``delivery_tag``, ``delivery_info``; Celery sends to a direct queue that way) and the list is the
+    one kombu's Redis ``_put`` picks for the priority (``_q_for_pri``). ``tests/shared/test_queue.py``
+    holds it equal to what ``send_task`` writes, and a real worker consumes it in the integration suite.
+    Celery's ``before_task_publish``/``after_task_publish`` signals do not fire for it.
+    """
+    task_id = str(uuid4())
+    headers, properties, body, _ = app.amqp.create_task_message(
+        task_id, GENERATE_TASK, [job_id, attempt], {}, reply_to=app.thread_oid, ignore_result=None
+    )
+    content_type, content_encoding, encoded = serialize(body, app.conf.task_serializer)
+    step = PRIORITY_STEPS[priority]
+    message = {
+        "body": base64.b64encode(encoded.encode()).decode(),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": headers,
+        "properties": {
+            **properties,
+            "delivery_mode": 2,  # persistent: Celery's default for a queue's exchange
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": step,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid4()),
+        },
+    }
+    list_name = f"{queue}{PRIORITY_SEP}{step}" if step else queue
+    return BrokerMessage(list_name, json_dumps(message))
 
 
 def broker_lists(queue: str) -> list[str]:

@@ -209,20 +209,48 @@ return 'running'
 """
 )
 
-# KEYS[1] job hash, KEYS[2] its event stream. ARGV: 1 maxlen, 2 owner, 3 model, 4 event JSON,
-# 5.. field/value pairs of the new record. Creates a queued job with its indexes and first event.
-CREATE = (
+# A submission in one round trip. KEYS[1] job hash, KEYS[2] its event stream.
+# ARGV: 1 maxlen, 2 owner, 3 model, 4 event JSON, 5 max queued jobs of the model (0: no limit),
+#       6 max active jobs of the owner (0: no limit), 7 the key's rate counter ("": no limit),
+#       8 rate limit, 9 the counter's TTL, 10 deadline (Unix seconds, "": none), 11 the broker list of
+#       the task message ("": none), 12 the message, 13.. field/value pairs of the new record.
+# The quotas are checked in the order the gateway reports them (queue full, active jobs, rate; the rate
+# counter counts the attempt once the first two pass), then the queued job is created with its indexes
+# and first event, its deadline recorded and its task message pushed, all or nothing.
+# Returns {"ok", queue position}, {"queue_full", depth}, {"too_many_active_jobs", active},
+# {"rate_limit_exceeded", count} or {"exists", 0}.
+SUBMIT = (
     PRELUDE
     + """
 local job, stream = KEYS[1], KEYS[2]
-if redis.call('EXISTS', job) == 1 then return 0 end
-for i = 5, #ARGV, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
+local owner, model = ARGV[2], ARGV[3]
+local queue = 'fg:queue:' .. model
+local max_queued, max_active = tonumber(ARGV[5]), tonumber(ARGV[6])
+if max_queued > 0 then
+  local depth = redis.call('ZCARD', queue)
+  if depth >= max_queued then return {'queue_full', depth} end
+end
+local prefix = 'fg:owner:' .. owner
+if max_active > 0 then
+  local active = redis.call('ZCARD', prefix .. ':status:queued')
+  active = active + redis.call('ZCARD', prefix .. ':status:running')
+  if active >= max_active then return {'too_many_active_jobs', active} end
+end
+if ARGV[7] ~= '' then
+  local count = redis.call('INCR', ARGV[7])
+  redis.call('EXPIRE', ARGV[7], ARGV[9])
+  if count > tonumber(ARGV[8]) then return {'rate_limit_exceeded', count} end
+end
+if redis.call('EXISTS', job) == 1 then return {'exists', 0} end
+for i = 13, #ARGV, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
 local id = redis.call('HGET', job, 'id')
-redis.call('ZADD', 'fg:owner:' .. ARGV[2] .. ':jobs', 0, id)
+redis.call('ZADD', prefix .. ':jobs', 0, id)
 redis.call('ZADD', 'fg:jobs', 0, id)
-redis.call('ZADD', 'fg:owner:' .. ARGV[2] .. ':status:queued', 0, id)
+redis.call('ZADD', prefix .. ':status:queued', 0, id)
 enqueue(job)
 emit(job, stream, ARGV[1], 'job.queued', ARGV[4])
-return 1
+if ARGV[10] ~= '' then redis.call('ZADD', 'fg:deadlines', ARGV[10], id) end
+if ARGV[11] ~= '' then redis.call('LPUSH', ARGV[11], ARGV[12]) end
+return {'ok', redis.call('ZRANK', queue, id)}
 """
 )

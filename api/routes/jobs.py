@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentPrincipal, ServicesDep
 from api.presenters import job_public
 from api.services import Services
-from api.submission import parse_prefer_wait, submit_job, wait_for_terminal
+from api.submission import parse_prefer_wait, submit_job, submit_job_async, wait_for_terminal
 from shared.errors import ApiError, not_found
 from shared.ids import is_job_id
 from shared.jobstore import JobRecord
@@ -24,7 +25,7 @@ MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
 @router.post("/jobs", status_code=202, response_model=JobPublic)
-def create_job(
+async def create_job(
     body: JobCreate,
     principal: CurrentPrincipal,
     services: ServicesDep,
@@ -38,17 +39,23 @@ def create_job(
             400, "invalid_parameter", "Idempotency-Key must be 1 to 255 characters.", "Idempotency-Key"
         )
     wait_s = parse_prefer_wait(prefer)
-    submission = submit_job(services, principal, body, idempotency_key)
+    if body.images or idempotency_key is not None:  # fetches, stores, waits: blocking work, on a thread
+        submission = await run_in_threadpool(submit_job, services, principal, body, idempotency_key)
+    else:
+        submission = await submit_job_async(services, principal, body)
     record = submission.record
     response.headers["Location"] = f"/v1/jobs/{record.id}"
     if submission.replayed:
         response.status_code = 200
     if wait_s is not None:
         response.headers["Preference-Applied"] = f"wait={wait_s}"
-        finished = wait_for_terminal(services, record.id, wait_s)
+        finished = await run_in_threadpool(wait_for_terminal, services, record.id, wait_s)
         if finished is not None:
-            record, response.status_code = finished, 200
-    return job_public(record, services)
+            response.status_code = 200
+            return await run_in_threadpool(job_public, finished, services)
+    if submission.replayed:
+        return await run_in_threadpool(job_public, record, services)
+    return job_public(record, services, submission.queue_position)
 
 
 def owned_job(services: ServicesDep, principal: CurrentPrincipal, job_id: str) -> JobRecord:
