@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     launcher = GroupLauncher.local(args.num_gpus, "cpu" if args.smoke else "cuda", timeout_s=600)
     channel = launcher.start(args.smoke, options, group_loader)
-    engine = GroupEngine(group_loader(args.smoke, options, {}), channel, launcher.spec.keepalive_s)
+    engine = GroupEngine(group_loader(args.smoke, options, {}), channel, launcher.spec.keepalive_s, launcher)
     engine.start()
     report["load_and_warmup_s"] = round(time.perf_counter() - started, 1)
     for size in sizes:

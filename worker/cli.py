@@ -109,7 +109,7 @@ def run_worker(
     group = _start_group(model, options, loader, settings) if options.num_gpus > 1 else None
     engine = _load_engine(model, options, metrics, loader)
     if group is not None:
-        engine = GroupEngine(engine, group[1], group[0].spec.keepalive_s)
+        engine = GroupEngine(engine, group[1], group[0].spec.keepalive_s, supervisor=group[0])
     client = connect(settings.redis_url)
     secret = file_signing_secret(settings.file_signing_key, client)
     storage = open_storage(settings.storage_url, settings.public_base_url, secret, settings.s3_endpoint_url)

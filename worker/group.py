@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.connection import wait as wait_for_sentinels
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -111,10 +111,17 @@ class Lockstep:
 class GroupEngine:
     """Rank 0's engine: shares each job with the followers and runs it in lockstep with them."""
 
-    def __init__(self, engine: Any, channel: ControlChannel, keepalive_s: float) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        channel: ControlChannel,
+        keepalive_s: float,
+        supervisor: GroupLauncher | None = None,
+    ) -> None:
         self.engine = engine
         self.channel = channel
         self.keepalive_s = keepalive_s
+        self.supervisor = supervisor
         self._lock = threading.Lock()  # one message at a time: a job, or a keep-alive between jobs
         self._stopped = threading.Event()
         self._keepalive = threading.Thread(
@@ -157,17 +164,31 @@ class GroupEngine:
             try:
                 output = self.engine.generate(params, step, references=references)
             except BaseException:
-                lockstep.finish(FAIL)
+                self._unless_group_broken(lambda: lockstep.finish(FAIL))
                 raise
-            if lockstep.finish(CONTINUE) != CONTINUE:
+            if self._unless_group_broken(lambda: lockstep.finish(CONTINUE)) != CONTINUE:
                 raise GroupError("the job failed on another rank of the group")
             return output
+
+    def _unless_group_broken(self, collective: Callable[[], int]) -> int:
+        """Run a control collective; when it fails because a peer died (often before the supervisor's
+        watch notices), the running job goes back to the queue instead of failing: see ``abandon``."""
+        try:
+            return collective()
+        except Exception:
+            if self.supervisor is not None and not self.supervisor.healthy():
+                self.supervisor.abandon()
+            raise
+
+    def _send_idle(self) -> int:
+        self.channel.send(GroupMessage("idle"))
+        return CONTINUE
 
     def _keep_alive(self) -> None:
         while not self._stopped.wait(self.keepalive_s):
             with self._lock:
                 if not self._stopped.is_set():
-                    self.channel.send(GroupMessage("idle"))
+                    self._unless_group_broken(self._send_idle)
 
 
 def run_follower(engine: Any, channel: ControlChannel) -> None:
@@ -267,6 +288,8 @@ class GroupLauncher:
         self.store = store
         self.followers: list[multiprocessing.process.BaseProcess] = []
         self._closing = threading.Event()
+        self._on_rank_lost: Callable[[], None] = lambda: None
+        self._abandoning = threading.Lock()
 
     @staticmethod
     def local(world_size: int, device_type: str, timeout_s: float, json_logs: bool = False) -> GroupLauncher:
@@ -294,23 +317,38 @@ class GroupLauncher:
 
     def supervise(self, on_rank_lost: Callable[[], None]) -> None:
         """Watch the followers from a thread: when one dies, ``on_rank_lost`` runs and the group exits."""
-        threading.Thread(
-            target=self._watch, args=(on_rank_lost,), name="fluxgate-group-watch", daemon=True
-        ).start()
+        self._on_rank_lost = on_rank_lost
+        threading.Thread(target=self._watch, name="fluxgate-group-watch", daemon=True).start()
 
-    def _watch(self, on_rank_lost: Callable[[], None]) -> None:
-        sentinels = [process.sentinel for process in self.followers]
-        wait_for_sentinels(sentinels)
-        if self._closing.is_set():
-            return
-        dead = [process.name for process in self.followers if not process.is_alive()]
-        log.error("group rank(s) %s died; handing the current job back and stopping the group", dead)
-        try:
-            on_rank_lost()
-        except Exception:
-            log.exception("handing the job back failed; the sweeper requeues it when the heartbeat expires")
-        self.terminate()
-        os._exit(1)
+    def healthy(self, grace_s: float = 2.0) -> bool:
+        """Every follower alive, allowing ``grace_s`` for a death that a failed collective already saw
+        to reach the process table."""
+        deadline = time.monotonic() + grace_s
+        while all(process.is_alive() for process in self.followers):
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _watch(self) -> None:
+        wait_for_sentinels([process.sentinel for process in self.followers])
+        if not self._closing.is_set():
+            self.abandon()
+
+    def abandon(self) -> NoReturn:
+        """A rank died: run ``on_rank_lost`` (hand the running job back), stop the followers, exit.
+        Called by the watch thread or by the thread whose collective failed, whichever comes first."""
+        with self._abandoning:
+            dead = [process.name for process in self.followers if not process.is_alive()]
+            log.error("group rank(s) %s died; handing the current job back and stopping the group", dead)
+            try:
+                self._on_rank_lost()
+            except Exception:
+                log.exception(
+                    "handing the job back failed; the sweeper requeues it once the heartbeat expires"
+                )
+            self.terminate()
+            os._exit(1)
 
     def terminate(self) -> None:
         self._closing.set()

@@ -67,7 +67,7 @@ def drive_rank0(
     folder = Path(records)
     launcher = GroupLauncher.local(world, "cpu", timeout_s=timeout_s)
     channel = launcher.start(records, None, recording_loader)
-    engine = GroupEngine(RecordingEngine(folder, 0), channel, launcher.spec.keepalive_s)
+    engine = GroupEngine(RecordingEngine(folder, 0), channel, launcher.spec.keepalive_s, launcher)
     launcher.supervise(lambda: (folder / "rank_lost").write_text("yes"))
     engine.start()
     outcomes = []
