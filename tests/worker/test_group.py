@@ -10,6 +10,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support import wait_for
 from tests.worker.group_support import drive_rank0, drive_tiny_ulysses
 
@@ -144,3 +146,17 @@ def test_flux2s_mistral_encoder_sharded_over_two_ranks_draws_the_one_rank_image(
     config.text_config.num_key_value_heads = 2
     Mistral3ForConditionalGeneration(config).save_pretrained(model_dir / "text_encoder")
     assert tiny_group(model_dir, tmp_path, [64], tp_size=2)["max_pixel_difference"]["64"] <= 1
+
+
+def test_a_group_refuses_cache_dit_presets_at_start(tiny_model_dir: Path) -> None:
+    """Measured on CPU ranks: a cached step under diffusers' context parallelism returns the whole
+    sequence where the scheduler expects this rank's shard, so the combination is refused, not run."""
+    from shared.settings import ModelConfig
+    from worker.options import EngineOptions
+    from worker.startup import StartupError, load_engine
+
+    model = ModelConfig(
+        name="flux-tiny", path=str(tiny_model_dir), cache_presets=["fast"], default_cache="fast"
+    )
+    with pytest.raises(StartupError, match="multi-GPU group does not run yet"):
+        load_engine(model, EngineOptions(num_gpus=2, device="cpu", warmup=False), {})
