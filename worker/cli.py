@@ -159,13 +159,13 @@ def _start_group(
     """Start ranks 1..N-1 of a multi-GPU group and join it as rank 0; returns (launcher, channel)."""
     import torch
 
+    from worker.engine import resolve_device
     from worker.group import GroupLauncher
 
-    device_type = (
-        "cuda"
-        if options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
+    try:
+        device_type = resolve_device(options.device).type
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     if device_type == "cuda" and torch.cuda.device_count() < options.num_gpus:
         raise SystemExit(
             f"--num-gpus {options.num_gpus}: only {torch.cuda.device_count()} CUDA device(s) are visible"
