@@ -26,7 +26,7 @@ from worker.parallel import (
     attention_backend_for,
     prepare_sequence_split,
 )
-from worker.tensor_parallel import apply_text_encoder_tp
+from worker.tensor_parallel import apply_text_encoder_tp, sharded_text_encoder
 from worker.types import GenerationOutput, StepCallback
 
 log = logging.getLogger("fluxgate.engine")
@@ -109,7 +109,9 @@ def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device
         gpu_memory_budget_gb=options.gpu_memory_budget_gb,
         blocks_per_group=options.offload_blocks_per_group,
     )
-    offloaded = apply_offload(pipeline, offload, device)
+    # A text encoder sharded over the group is placed shard by shard, later (worker.tensor_parallel).
+    sharded = frozenset({sharded_text_encoder(pipeline)}) if options.tp_size > 1 else frozenset()
+    offloaded = apply_offload(pipeline, offload, device, placed_elsewhere=sharded)
     if options.quantize == "fp8":  # after placement (quantizing on the GPU takes seconds), before compile
         apply_fp8(pipeline, Fp8Config(), device)
     pipeline.set_progress_bar_config(disable=True)

@@ -32,22 +32,36 @@ def tensor_parallel_mesh(tp: int, device: torch.device) -> Any:
     return mesh["tp"]
 
 
-def apply_text_encoder_tp(pipe: Any, tp: int, device: torch.device) -> None:
-    """Shard the pipeline's large text encoder over ``tp`` ranks of the group (once it is on this rank's
-    device): FLUX.1's T5 (``text_encoder_2``) or FLUX.2's Mistral (``text_encoder``)."""
+def sharded_text_encoder(pipe: Any) -> str:
+    """The component ``--tp-size`` shards: FLUX.1's T5 (``text_encoder_2``) or FLUX.2's Mistral
+    (``text_encoder``)."""
     from transformers import T5EncoderModel
 
-    t5 = getattr(pipe, "text_encoder_2", None)
-    if isinstance(t5, T5EncoderModel):
-        _shard_t5(t5, tp, device)
-        return
-    mistral = getattr(pipe, "text_encoder", None)
-    if type(mistral).__name__ == "Mistral3ForConditionalGeneration":
-        _shard_mistral(mistral, tp, device)
-        return
+    if isinstance(getattr(pipe, "text_encoder_2", None), T5EncoderModel):
+        return "text_encoder_2"
+    if type(getattr(pipe, "text_encoder", None)).__name__ == "Mistral3ForConditionalGeneration":
+        return "text_encoder"
     raise ParallelError(
         f"--tp-size shards FLUX.1's T5 or FLUX.2's Mistral text encoder; {type(pipe).__name__} has neither"
     )
+
+
+def apply_text_encoder_tp(pipe: Any, tp: int, device: torch.device) -> None:
+    """Shard the pipeline's large text encoder over ``tp`` ranks of the group and place it on this
+    rank's device.
+
+    The encoder may still be on the CPU (the engine leaves it there): each weight then goes to the GPU
+    on its own, is split, and only this rank's shard stays; the unsharded rest (embeddings, norms,
+    FLUX.2's vision tower) moves afterwards. The GPU never holds the whole encoder, which for FLUX.2
+    (48 GB) would not fit beside its transformer on an 80 GB card.
+    """
+    name = sharded_text_encoder(pipe)
+    encoder = getattr(pipe, name)
+    if name == "text_encoder_2":
+        _shard_t5(encoder, tp, device)
+    else:
+        _shard_mistral(encoder, tp, device)
+    encoder.to(device)
 
 
 def _shard_t5(encoder: Any, tp: int, device: torch.device) -> None:

@@ -100,6 +100,17 @@ def test_offload_flags_install_group_offloading_on_the_chosen_components() -> No
     assert run(pipe).tobytes() == reference.tobytes()
 
 
+def test_a_text_encoder_sharded_over_the_group_is_left_where_it_is_for_the_sharding_to_place() -> None:
+    pipe = build_tiny_pipeline("flux1")
+    offloaded = apply_offload(
+        pipe, OffloadConfig(), torch.device("meta"), placed_elsewhere=frozenset({"text_encoder_2"})
+    )
+    assert offloaded == set()
+    assert next(pipe.transformer.parameters()).device.type == "meta"
+    assert next(pipe.text_encoder.parameters()).device.type == "meta"
+    assert next(pipe.text_encoder_2.parameters()).device.type == "cpu"
+
+
 def test_vae_offload_flag_offloads_only_the_vae() -> None:
     pipe = build_tiny_pipeline("flux1")
     assert apply_offload(pipe, OffloadConfig(vae=True), torch.device("cpu")) == {"vae"}

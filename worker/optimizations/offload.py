@@ -58,15 +58,22 @@ def offloaded_components(pipe: Any, config: OffloadConfig) -> set[str]:
     return chosen & set(_components(pipe))
 
 
-def apply_offload(pipe: Any, config: OffloadConfig, device: torch.device) -> set[str]:
+def apply_offload(
+    pipe: Any, config: OffloadConfig, device: torch.device, placed_elsewhere: frozenset[str] = frozenset()
+) -> set[str]:
     """Place every component: offloaded ones stream from the CPU, the rest move to ``device``.
 
     The transformer is offloaded block by block (its repeated blocks are the unit of compute);
-    text encoders and the VAE leaf by leaf. Returns the names of the offloaded components.
+    text encoders and the VAE leaf by leaf. Components in ``placed_elsewhere`` are left where they
+    are: a text encoder sharded over a worker group lands on the GPU one shard at a time
+    (``worker.tensor_parallel``); moving it whole first would need all of it on every GPU. Returns
+    the names of the offloaded components.
     """
-    offloaded = offloaded_components(pipe, config)
+    offloaded = offloaded_components(pipe, config) - placed_elsewhere
     use_stream = device.type == "cuda"
     for name in _components(pipe):
+        if name in placed_elsewhere:
+            continue
         module = getattr(pipe, name)
         if name not in offloaded:
             module.to(device)
