@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +61,18 @@ def internal_params(width: int, height: int, steps: int, cache: str, prompt: str
         output_quality=90,
         cache=cache,
     )
+
+
+def flux2_reference_tokens(image: Image.Image) -> int:
+    """Tokens a reference image adds to FLUX.2's sequence, as ``Flux2Pipeline.__call__`` sizes it
+    (diffusers 0.42.1, pipeline_flux2.py:893-901): scaled down to 1024x1024 pixels of area if larger
+    (``Flux2ImageProcessor._resize_to_target_area``: ``int`` of each side times the scale), floored to
+    multiples of 16, then one token per 16x16 pixels."""
+    width, height = image.size
+    if width * height > 1024 * 1024:
+        scale = math.sqrt(1024 * 1024 / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    return (width // 16) * (height // 16)
 
 
 def resolve_device(option: str) -> torch.device:
@@ -261,10 +274,17 @@ class FluxEngine:
     def _image_tokens(self, params: GenerationParams, references: Sequence[Image.Image]) -> int:
         """Image tokens of the transformer's sequence: 2x2 latent patches of the 8x VAE, so (W/16)(H/16).
 
-        Reference images add tokens at sizes the pipeline chooses, so with references the count is
-        reported as uneven (-1), which selects the split that works for any length.
+        FLUX.2 appends each reference image's tokens, sized as its pipeline sizes them
+        (``flux2_reference_tokens``), so the count is exact and an even split stays compilable.
+        Kontext resizes its reference to one of its preferred sizes; there the count is reported as
+        uneven (-1), which selects the split that works for any length.
         """
-        return -1 if references else (params.width // 16) * (params.height // 16)
+        tokens = (params.width // 16) * (params.height // 16)
+        if not references:
+            return tokens
+        if self.pipeline_class != "Flux2Pipeline":
+            return -1
+        return tokens + sum(flux2_reference_tokens(image) for image in references)
 
     def _peak_memory_mb(self) -> float:
         """Peak GPU memory of this job on CUDA; on a CPU, the process's peak resident memory."""

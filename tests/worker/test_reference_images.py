@@ -103,3 +103,27 @@ def test_kontext_gets_one_image_and_flux2_a_list() -> None:
         _engine("FluxKontextPipeline")._call_arguments(params(), lambda s, t: None, [one, two])
     with pytest.raises(ValueError, match="does not take reference images"):
         _engine("FluxPipeline")._call_arguments(params(), lambda s, t: None, [one])
+
+
+@pytest.mark.parametrize("size", [(90, 70), (1100, 1000)])
+def test_flux2_reference_tokens_are_the_tokens_its_pipeline_appends(size: tuple[int, int]) -> None:
+    """Exact counts keep an even sequence split (and compile) for FLUX.2 edits in a worker group."""
+    from worker.engine import flux2_reference_tokens
+    from worker.tiny_flux2 import build_tiny_flux2_pipeline
+
+    pipe: Any = build_tiny_flux2_pipeline()
+    lengths: list[int] = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["hidden_states"].shape[1]), with_kwargs=True
+    )
+    engine = FluxEngine(pipe, torch.device("cpu"))
+    reference = Image.new("RGB", size, (10, 200, 30))
+    engine.generate(
+        generation_params(model="m", prompt="edit", width=64, height=32, num_inference_steps=1),
+        lambda step, total: None,
+        references=[reference],
+    )
+    assert lengths == [4 * 2 + flux2_reference_tokens(reference)]
+    assert engine._image_tokens(
+        generation_params(model="m", prompt="edit", width=64, height=32), [reference]
+    ) == lengths[0]
