@@ -124,6 +124,7 @@ def test_flux2_reference_tokens_are_the_tokens_its_pipeline_appends(size: tuple[
         references=[reference],
     )
     assert lengths == [4 * 2 + flux2_reference_tokens(reference)]
-    assert engine._image_tokens(
-        generation_params(model="m", prompt="edit", width=64, height=32), [reference]
-    ) == lengths[0]
+    assert (
+        engine._image_tokens(generation_params(model="m", prompt="edit", width=64, height=32), [reference])
+        == lengths[0]
+    )
