@@ -85,7 +85,7 @@ def random_on_cpu(module: torch.nn.Module, generator_device: torch.device) -> to
             else:
                 parameter.zero_()
         for rotary in [child for child in module.modules() if hasattr(child, "inv_freq")]:
-            fresh = type(rotary)(rotary.config)  # type: ignore[call-arg]
+            fresh = type(rotary)(rotary.config)
             for buffer_name, buffer in fresh.named_buffers(recurse=False):
                 getattr(rotary, buffer_name).copy_(buffer)
     return module
@@ -115,12 +115,14 @@ def build_flux2_dev(
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            transformer = init_random(Flux2Transformer2DModel()).eval()
-            vae = init_random(AutoencoderKLFlux2()).eval()
+            transformer: Any = Flux2Transformer2DModel()
+            vae: Any = AutoencoderKLFlux2()
         with torch.device("meta"):
-            text_encoder = Mistral3ForConditionalGeneration(mistral_small_config())
+            text_encoder: Any = Mistral3ForConditionalGeneration(mistral_small_config())
     finally:
         torch.set_default_dtype(previous)
+    init_random(transformer).eval()
+    init_random(vae).eval()
     random_on_cpu(text_encoder, generator_device).eval()
     if not text_encoder_on_cpu:
         text_encoder.to(device)
