@@ -45,6 +45,9 @@ LEGAL_MOVES: dict[str, frozenset[str]] = {
 
 
 DEADLINES_KEY = f"{PREFIX}:deadlines"
+# How many queued jobs of the head's priority band a batch claim looks through for batch mates: bounds
+# the Lua script's work (each candidate's params are decoded) however deep the queue is.
+BATCH_LOOKAHEAD = 64
 RUNNING_KEY = f"{PREFIX}:running"
 RETENTION_KEY = f"{PREFIX}:retention"
 ALL_JOBS_KEY = f"{PREFIX}:jobs"
@@ -308,18 +311,44 @@ class JobStore:
         lives; if the worker died the job is reclaimed as attempt + 1, or fails ``worker_lost`` once
         ``max_attempts`` were used. ``model`` defaults to the hinted job's.
         """
+        batch = self.claim_batch(job_id, attempt, worker_id, max_attempts, model=model, ticket=ticket)
+        return batch[0] if batch else None
+
+    def claim_batch(
+        self,
+        job_id: str,
+        attempt: int,
+        worker_id: str,
+        max_attempts: int,
+        *,
+        model: str | None = None,
+        ticket: str | None = None,
+        max_batch: int = 1,
+    ) -> list[JobRecord]:
+        """:meth:`claim`, and with ``max_batch`` > 1 up to ``max_batch - 1`` more queued jobs that can run
+        in one pipeline call with the first (docs/design.md, "Batching"), in one atomic step.
+
+        The first job is the one :meth:`claim` would take; its mates are the next queued jobs of its
+        priority band in fair-share order that batch with it (the others are skipped), looking at most
+        :data:`BATCH_LOOKAHEAD` jobs deep. Each is claimed as its own current attempt, with its own
+        ``job.started``. Empty means: acknowledge and drop the message.
+        """
         model = model or text(self.redis.hget(job_key(job_id), "model") or "")
         if not model:
-            return None
+            return []
         ticket = ticket or f"{job_id}:{attempt}"
         args = [model, ticket, worker_id, now_iso(), str(max_attempts), str(EVENT_MAXLEN)]
-        outcome, detail = (text(part) for part in self._claim(args=args))
-        record = self.get(detail) if outcome in ("claimed", "lost") else None
-        if outcome == "lost" and record is not None:
-            with contextlib.suppress(IllegalTransition):  # else the sweeper got there first
-                self._fail_worker_lost(record, max_attempts)
-            return None
-        return record
+        args += [str(max(max_batch, 1)), str(BATCH_LOOKAHEAD)]
+        outcome, *ids = (text(part) for part in self._claim(args=args))
+        if outcome == "none":
+            return []
+        records = [record for record in map(self.get, ids) if record is not None]
+        if outcome == "lost":
+            for record in records:
+                with contextlib.suppress(IllegalTransition):  # else the sweeper got there first
+                    self._fail_worker_lost(record, max_attempts)
+            return []
+        return records
 
     def queue_head(self, model: str) -> JobRecord | None:
         """The queued job of ``model`` that the next ticket would claim."""
@@ -327,7 +356,8 @@ class JobStore:
         return self.get(text(head[0])) if head else None
 
     def record_progress(self, job_id: str, attempt: int, worker: str, step: int, total: int) -> str:
-        """Record step progress of the owning attempt; returns the job's current status."""
+        """Record step progress of the owning attempt; returns the job's current status, ``superseded`` when
+        another attempt owns it now, or ``cancel`` when its cancel was requested."""
         progress = _encode(Progress(step=step, total=total))
         reply = self._progress(
             keys=[job_key(job_id), events_key(job_id)],

@@ -96,6 +96,22 @@ class GenerationParams(BaseModel):
         """The seed image ``index`` was generated from (wraps at 2**32)."""
         return (self.seed + index) % 2**32
 
+    def batch_key(self) -> tuple[Any, ...] | None:
+        """What jobs run together in one pipeline call share (all but prompt, seed and output encoding);
+        None for a job that runs alone: several images, or reference images. The job store's CLAIM script
+        applies the same rule (docs/design.md, "Batching")."""
+        if self.num_images != 1 or self.images:
+            return None
+        return (
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.cache,
+            self.negative_prompt,
+            self.true_cfg_scale,
+        )
+
 
 class StoredImage(BaseModel):
     """One result image as recorded by the worker: where it lives, not how to download it."""
@@ -125,6 +141,7 @@ class JobMetrics(BaseModel):
     upload_s: float | None = None
     peak_memory_mb: float | None = None
     cached_steps: int = 0
+    batch_size: int = 1  # how many jobs ran in the one pipeline call that made this job's image
 
 
 class ImagePublic(BaseModel):

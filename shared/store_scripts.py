@@ -11,7 +11,8 @@ Key layout (prefix ``fg:``):
   queue:{model}:{priority}:owner:{owner}  zset  the owner's queued jobs of that band, by round
   queue:{model}:{priority}:round          string the round being served in that band
   queue:{model}:{priority}:served         set    owners already served in that round
-  ticket:{message}              string the job a task message claimed, while that job runs under it
+  ticket:{message}              string the jobs a task message claimed (comma list: one, or a batch), while
+                                       any of them runs under it
   worker:{id}:alive             string present while the worker heartbeats (expires)
   outbox                        stream events a job's webhook selected, for the delivery dispatcher
   running                       set    running job ids (the sweeper checks their workers' heartbeats)
@@ -77,6 +78,20 @@ local function serve(job)
   redis.call('SADD', served_key, owner)
 end
 
+-- `fg:ticket:{message}` lists (comma separated) the jobs a message claimed that still run under it: one
+-- job, or a batch (docs/design.md, "Batching"). A job leaving `running` leaves the list; the key goes
+-- with the last one, so a redelivery stays a duplicate for as long as any job of the batch runs.
+local function release_ticket(ticket, id)
+  local key = 'fg:ticket:' .. ticket
+  local held = redis.call('GET', key)
+  if not held then return end
+  local left = {}
+  for member in string.gmatch(held, '[^,]+') do
+    if member ~= id then left[#left + 1] = member end
+  end
+  if #left == 0 then redis.call('DEL', key) else redis.call('SET', key, table.concat(left, ',')) end
+end
+
 -- Move a job from `status` to `to` as `attempt`: set `fields` (a flat name/value list), move it between
 -- index sets and the queue, and append `event_types` (comma list) with `extra` (a table) to its events.
 local function move(job, stream, status, to, attempt, fields, event_types, extra, maxlen)
@@ -90,7 +105,7 @@ local function move(job, stream, status, to, attempt, fields, event_types, extra
   redis.call('ZADD', prefix .. ':status:' .. to, 0, id)
   if to == 'running' then redis.call('SADD', 'fg:running', id) else redis.call('SREM', 'fg:running', id) end
   if status == 'running' and to ~= 'running' and ticket and ticket ~= '' then
-    redis.call('DEL', 'fg:ticket:' .. ticket)  -- the message that claimed it is spent
+    release_ticket(ticket, id)  -- the message that claimed it is spent once its whole batch has left
     redis.call('HSET', job, 'ticket', '')
   end
   if to == 'succeeded' or to == 'failed' or to == 'canceled' then
@@ -139,15 +154,19 @@ return {'ok', status, new_attempt}
 )
 
 # A task message is a ticket for its model's queue. ARGV: 1 model, 2 ticket (the message's id, the same
-# on every delivery of it), 3 worker, 4 started_at, 5 max attempts, 6 stream maxlen.
-# A ticket that already claimed a job which still runs under it is a redelivery: a duplicate while that
-# job's worker lives (the same worker: a retried claim, given its job back), else the job is reclaimed
-# as attempt + 1, or reported lost past the maximum attempts. Any other ticket claims the head of the
-# queue. Returns {"claimed", id}, {"lost", id} (the caller fails it) or {"none", reason}.
+# on every delivery of it), 3 worker, 4 started_at, 5 max attempts, 6 stream maxlen, 7 batch size (the
+# most jobs the worker runs together), 8 how many queued jobs of the head's band to look through for
+# batch mates.
+# A ticket whose jobs still run under it is a redelivery: a duplicate while their worker lives (the same
+# worker: a retried claim, given its jobs back), else one of them is reclaimed as attempt + 1, or
+# reported lost past the maximum attempts. Any other ticket claims the head of the queue and, when the
+# batch size allows, the queued jobs that batch with it (docs/design.md, "Batching").
+# Returns {"claimed", id, ...}, {"lost", id} (the caller fails it) or {"none", reason}.
 CLAIM = (
     PRELUDE
     + """
 local model, ticket, worker, started_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local max_batch, lookahead = tonumber(ARGV[7] or '1'), tonumber(ARGV[8] or '0')
 local ticket_key = 'fg:ticket:' .. ticket
 
 local function start(id, status, attempt, event_types)
@@ -157,49 +176,102 @@ local function start(id, status, attempt, event_types)
   local fields = {'worker', worker, 'started_at', started_at, 'progress', cjson.encode(progress),
                   'ticket', ticket}
   move(job, job .. ':events', status, 'running', attempt, fields, event_types, {}, ARGV[6])
-  redis.call('SET', ticket_key, id)
-  return {'claimed', id}
+end
+
+local function claimed(ids)
+  redis.call('SET', ticket_key, table.concat(ids, ','))
+  return {'claimed', unpack(ids)}
+end
+
+-- Jobs run together when only their prompts and seeds differ: one image each, no reference images, the
+-- same size, steps, guidance, cache preset and negative prompt / true CFG scale. nil: the job runs alone.
+local BATCH_FIELDS = {'width', 'height', 'num_inference_steps', 'guidance_scale', 'cache',
+                      'negative_prompt', 'true_cfg_scale'}
+local function batch_key(job)
+  local ok, params = pcall(cjson.decode, redis.call('HGET', job, 'params') or '')
+  if not ok or type(params) ~= 'table' or params['num_images'] ~= 1 then return nil end
+  if type(params['images']) == 'table' and next(params['images']) ~= nil then return nil end
+  local parts = {}
+  for _, name in ipairs(BATCH_FIELDS) do
+    local value = params[name]
+    parts[#parts + 1] = value == nil and 'null' or cjson.encode(value)
+  end
+  return table.concat(parts, ',')
+end
+
+-- The head's batch mates: the next queued jobs of its priority band, in the queue's (fair-share) order,
+-- that batch with it, skipping the others, until the batch is full or `lookahead` jobs were looked at.
+local function add_mates(queue, head, score, ids)
+  local key = batch_key('fg:job:' .. head)
+  if not key then return end
+  local band = math.floor(tonumber(score) / BAND_WIDTH)
+  local low = string.format('%.0f', band * BAND_WIDTH)
+  local high = '(' .. string.format('%.0f', (band + 1) * BAND_WIDTH)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', queue, low, high, 'LIMIT', 0, lookahead)) do
+    if #ids >= max_batch then return end
+    local job = 'fg:job:' .. id
+    local cur = redis.call('HMGET', job, 'status', 'attempt')
+    if cur[1] == 'queued' and batch_key(job) == key then
+      serve(job)
+      start(id, 'queued', cur[2], 'job.started')
+      ids[#ids + 1] = id
+    end
+  end
 end
 
 local held = redis.call('GET', ticket_key)
 if held then
-  local cur = redis.call('HMGET', 'fg:job:' .. held, 'status', 'attempt', 'worker', 'ticket')
-  if cur[1] == 'running' and cur[4] == ticket then
-    local previous = cur[3] or ''
-    if previous == worker then return {'claimed', held} end
+  local mine, first = {}, nil
+  for id in string.gmatch(held, '[^,]+') do
+    local cur = redis.call('HMGET', 'fg:job:' .. id, 'status', 'attempt', 'worker', 'ticket')
+    if cur[1] == 'running' and cur[4] == ticket then
+      if (cur[3] or '') == worker then mine[#mine + 1] = id end
+      first = first or {id, cur[2], cur[3] or ''}
+    end
+  end
+  if #mine > 0 then return {'claimed', unpack(mine)} end
+  if first then
+    local id, attempt, previous = first[1], first[2], first[3]
     if previous ~= '' and redis.call('EXISTS', 'fg:worker:' .. previous .. ':alive') == 1 then
       return {'none', 'duplicate'}
     end
-    if tonumber(cur[2]) >= tonumber(ARGV[5]) then return {'lost', held} end
-    return start(held, 'running', tostring(tonumber(cur[2]) + 1), 'job.requeued,job.started')
+    if tonumber(attempt) >= tonumber(ARGV[5]) then return {'lost', id} end
+    -- One job of a dead worker's batch is reclaimed; the sweeper requeues the others, each with a message.
+    start(id, 'running', tostring(tonumber(attempt) + 1), 'job.requeued,job.started')
+    return claimed({id})
   end
   redis.call('DEL', ticket_key)
 end
 
 local queue = 'fg:queue:' .. model
 for _ = 1, 100 do
-  local head = redis.call('ZRANGE', queue, 0, 0)[1]
-  if not head then return {'none', 'empty'} end
-  local job = 'fg:job:' .. head
+  local head = redis.call('ZRANGE', queue, 0, 0, 'WITHSCORES')
+  if not head[1] then return {'none', 'empty'} end
+  local job = 'fg:job:' .. head[1]
   local cur = redis.call('HMGET', job, 'status', 'attempt')
   if cur[1] == 'queued' then
     serve(job)
-    return start(head, 'queued', cur[2], 'job.started')
+    start(head[1], 'queued', cur[2], 'job.started')
+    local ids = {head[1]}
+    if max_batch > 1 then add_mates(queue, head[1], head[2], ids) end
+    return claimed(ids)
   end
-  redis.call('ZREM', queue, head)  -- an index entry left behind by a purge: not a job to run
+  redis.call('ZREM', queue, head[1])  -- an index entry left behind by a purge: not a job to run
 end
 return {'none', 'empty'}
 """
 )
 
 # KEYS[1] job hash, KEYS[2] its event stream. ARGV: 1 attempt, 2 worker, 3 progress JSON, 4 maxlen.
-# Records progress only for the running attempt that owns the job. Returns the job's status, or
-# "cancel" when a cancel was requested for it (the worker then stops before the next step).
+# Records progress only for the running attempt that owns the job. Returns the job's status, "superseded"
+# when it runs under another attempt or worker (reclaimed), or "cancel" when a cancel was requested for it
+# (the worker then stops before the next step).
 PROGRESS = (
     PRELUDE
     + """
 local cur = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker', 'id', 'cancel_requested')
-if cur[1] ~= 'running' or cur[2] ~= ARGV[1] or cur[3] ~= ARGV[2] then return cur[1] or '' end
+if cur[1] ~= 'running' then return cur[1] or '' end
+if cur[2] ~= ARGV[1] or cur[3] ~= ARGV[2] then return 'superseded' end
 if cur[5] and cur[5] ~= '' then return 'cancel' end
 redis.call('HSET', KEYS[1], 'progress', ARGV[3])
 local data = cjson.encode({type = 'job.progress', job_id = cur[4], status = 'running',

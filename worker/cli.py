@@ -60,6 +60,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ring-degree", type=int, help="Ring attention degree")
     add("--tp-size", type=int, help="tensor-parallel degree of the text encoder within the group")
     add("--group-timeout-s", type=float, help="how long a group collective may wait for a peer (default 300)")
+    add(
+        "--max-batch-size",
+        type=int,
+        help="run up to N compatible queued jobs in one pipeline call (default 1: off; one GPU only)",
+    )
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
@@ -122,6 +127,7 @@ def run_worker(
         "cache_presets": ",".join(model.cache_choices),
         "gpus": str(options.num_gpus),
         "parallel": engine.layout.describe,
+        "max_batch_size": str(options.max_batch_size),
     }
     heartbeat = Heartbeat(
         client, worker_id, info, settings.heartbeat_interval_s, settings.heartbeat_timeout_s
@@ -135,6 +141,7 @@ def run_worker(
         heartbeat,
         metrics,
         model=model.name,
+        max_batch_size=options.max_batch_size,
     )
     app = create_celery(settings)
     register_generate_task(app, runtime)
@@ -196,6 +203,10 @@ def _load_engine(
         engine = (loader or load_engine)(model, options, os.environ)
     except StartupError as error:
         raise SystemExit(f"worker for {model.name!r} cannot start: {error}") from None
+    if options.max_batch_size > 1 and options.warmup:
+        resolutions = options.resolutions or [(model.defaults.width, model.defaults.height)]
+        seconds = engine.warmup_batches(resolutions, model.cache_choices, options.max_batch_size)
+        log.info("warmed batches of 2 to %d in %.1fs", options.max_batch_size, seconds)
     metrics.load_seconds.set(time.perf_counter() - started)
     return engine
 

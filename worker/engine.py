@@ -226,6 +226,48 @@ class FluxEngine:
             images=list(images), peak_memory_mb=self._peak_memory_mb(), cached_steps=cached
         )
 
+    def generate_batch(self, batch: Sequence[GenerationParams], on_step: StepCallback) -> GenerationOutput:
+        """Run jobs that differ only in prompt and seed (``GenerationParams.batch_key``) in one pipeline call.
+
+        Image ``i`` is job ``i``'s, from its own CPU generator seeded ``image_seed(0)`` as when it runs
+        alone, so it is the same image up to the batched kernels' rounding (docs/design.md, "Batching").
+        ``on_step`` hears each step once, for the whole batch.
+        """
+        first = batch[0]
+        if len({params.batch_key() for params in batch}) != 1 or first.batch_key() is None:
+            raise ValueError("a batch takes one-image jobs that differ only in prompt and seed")
+        if self.layout.sp > 1:
+            raise ValueError("a sequence-parallel group runs one job at a time")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.cache is not None:
+            true_cfg = first.negative_prompt is not None and (first.true_cfg_scale or 1.0) > 1.0
+            self.cache.prepare(first.cache, first.num_inference_steps, true_cfg=true_cfg)
+        kwargs = self._call_arguments(first, on_step)
+        kwargs["prompt"] = [params.prompt for params in batch]
+        kwargs["generator"] = [torch.Generator(device="cpu").manual_seed(p.image_seed(0)) for p in batch]
+        if first.negative_prompt is not None:  # one per prompt: a lone string is encoded as a batch of one
+            kwargs["negative_prompt"] = [first.negative_prompt] * len(batch)
+        with torch.inference_mode():
+            images = self.pipeline(**kwargs).images
+        cached = self.cache.cached_steps() if self.cache is not None else 0
+        return GenerationOutput(
+            images=list(images), peak_memory_mb=self._peak_memory_mb(), cached_steps=cached
+        )
+
+    def warmup_batches(
+        self, resolutions: list[tuple[int, int]], presets: list[str], max_batch_size: int, steps: int = 2
+    ) -> float:
+        """Run every batch size from 2 to ``max_batch_size`` once per (resolution, preset) at start: a new
+        batch size retraces the compiled blocks, which must not land on a user."""
+        started = time.perf_counter()
+        for width, height in resolutions or [(256, 256)]:
+            for preset in presets or ["off"]:
+                params = internal_params(width, height, steps, preset, prompt="warm-up")
+                for size in range(2, max_batch_size + 1):
+                    self.generate_batch([params] * size, lambda step, total: None)
+        return time.perf_counter() - started
+
     def _call_arguments(
         self, params: GenerationParams, on_step: StepCallback, references: Sequence[Image.Image] = ()
     ) -> dict[str, Any]:

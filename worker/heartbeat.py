@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -52,12 +53,13 @@ class Heartbeat:
         )
         pipe.execute()
 
-    def set_current_job(self, job_id: str | None) -> None:
-        """The job this worker runs now; clearing it counts one more job done (any outcome), shown at
-        the next beat (the admin workers view)."""
+    def set_current_job(self, job_id: str | Sequence[str] | None) -> None:
+        """The job this worker runs now, or the jobs of its batch (shown comma separated); clearing it
+        counts each of them as one more job done (any outcome), shown at the next beat (the admin
+        workers view). The sweeper does not read it: it requeues every running job whose worker is gone."""
         if not job_id and self._current_job:
-            self.jobs_done += 1
-        self._current_job = job_id or ""
+            self.jobs_done += len(self._current_job.split(","))
+        self._current_job = job_id if isinstance(job_id, str) else ",".join(job_id or ())
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

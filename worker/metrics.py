@@ -18,6 +18,7 @@ MIB = 2**20
 QUEUE_BUCKETS = (0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 INFERENCE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
 UPLOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)  # --max-batch-size is at most 16
 
 
 class WorkerMetrics:
@@ -54,6 +55,13 @@ class WorkerMetrics:
             "fluxgate_job_steps_per_second",
             "Denoising steps per second of the last job",
             ["model"],
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            "fluxgate_job_batch_size",
+            "Jobs in the pipeline call that made each succeeded job (1: it ran alone)",
+            ["model"],
+            buckets=BATCH_BUCKETS,
             registry=reg,
         )
         self.cached_steps = Counter(
@@ -96,6 +104,7 @@ class WorkerMetrics:
         if metrics.upload_s is not None:
             self.upload_seconds.labels(model).observe(metrics.upload_s)
         self.cached_steps.labels(model).inc(metrics.cached_steps)
+        self.batch_size.labels(model).observe(metrics.batch_size)
         if metrics.peak_memory_mb is not None:
             self.peak_memory.labels(model).set(metrics.peak_memory_mb * MIB)
 

@@ -15,6 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 RESOLUTION = re.compile(r"^(\d+)x(\d+)$")
+# Every batch size up to the maximum is warmed up at start (compiled graphs), so the bound keeps start-up
+# short; 16 FLUX images of 1024x1024 at once are already past what one 80 GB card holds with the model.
+MAX_BATCH_SIZE = 16
 
 
 class EngineOptions(BaseSettings):
@@ -48,6 +51,8 @@ class EngineOptions(BaseSettings):
     ring_degree: int | None = Field(default=None, ge=1)
     tp_size: int = Field(default=1, ge=1)
     group_timeout_s: float = Field(default=300.0, gt=0)
+    # Jobs run together in one pipeline call when compatible (docs/design.md, "Batching"); 1 = off.
+    max_batch_size: int = Field(default=1, ge=1, le=MAX_BATCH_SIZE)
 
     @field_validator("model_path", "vae_path", "attention_backend", "compile_cache_dir")
     @classmethod
@@ -105,6 +110,11 @@ class EngineOptions(BaseSettings):
             )
         if self.num_gpus % self.tp_size:
             raise ValueError(f"--tp-size {self.tp_size} must divide --num-gpus {self.num_gpus}")
+        if self.num_gpus > 1 and self.max_batch_size > 1:
+            raise ValueError(
+                f"--max-batch-size {self.max_batch_size} is for one-GPU workers: a multi-GPU group "
+                "(--num-gpus > 1) runs one job at a time"
+            )
         if self.num_gpus > 1 and self.any_offload:
             raise ValueError(
                 "offloading is for one GPU; a multi-GPU group (--num-gpus > 1) keeps weights resident"

@@ -42,12 +42,15 @@ class RetryingJobStore(JobStore):
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def claim(
+    def claim_batch(
         self, job_id: str, attempt: int, worker_id: str, max_attempts: int, **kwargs: Any
-    ) -> JobRecord | None:
-        # Safe to repeat: a claim whose reply was lost is given back to the same worker (same ticket).
+    ) -> list[JobRecord]:
+        # Safe to repeat: a claim whose reply was lost is given back to the same worker (same ticket),
+        # the whole batch with it. (``claim`` goes through here too.)
         return self._retry(
-            lambda: super(RetryingJobStore, self).claim(job_id, attempt, worker_id, max_attempts, **kwargs),
+            lambda: super(RetryingJobStore, self).claim_batch(
+                job_id, attempt, worker_id, max_attempts, **kwargs
+            ),
             f"claim {job_id}",
         )
 

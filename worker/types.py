@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,3 +24,9 @@ class StepCallback(Protocol):
 
 class Engine(Protocol):
     def generate(self, params: GenerationParams, on_step: StepCallback) -> GenerationOutput: ...
+
+
+class BatchEngine(Engine, Protocol):
+    def generate_batch(self, batch: Sequence[GenerationParams], on_step: StepCallback) -> GenerationOutput:
+        """One image per job of ``batch`` (jobs that differ only in prompt and seed), in its order."""
+        ...

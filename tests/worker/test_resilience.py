@@ -17,15 +17,15 @@ def test_claim_is_retried_until_redis_answers_again(
     store = RetryingJobStore(redis_client, patience_s=5)
     job_id = store.create(new_job_id(), "alice", generation_params()).id
     failures = iter([redis.ConnectionError("down"), redis.TimeoutError("slow")])
-    original = JobStore.claim
+    original = JobStore.claim_batch  # what claim goes through, batch or not
 
-    def flaky_claim(self: JobStore, *args: object) -> object:
+    def flaky_claim(self: JobStore, *args: object, **kwargs: object) -> object:
         error = next(failures, None)
         if error:
             raise error
-        return original(self, *args)  # type: ignore[arg-type]
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(JobStore, "claim", flaky_claim)
+    monkeypatch.setattr(JobStore, "claim_batch", flaky_claim)
     record = store.claim(job_id, 1, "w1", 3)
     assert record is not None and record.status == "running"
 
