@@ -107,7 +107,7 @@ def _apply_job(record: RequestRecord, job: dict[str, Any]) -> None:
         record.error_code = error.get("code") or record.status
         record.error_message = error.get("message")
     metrics = job.get("metrics") or {}
-    for name in ("queue_s", "inference_s", "upload_s", "peak_memory_mb"):
+    for name in ("queue_s", "inference_s", "upload_s", "peak_memory_mb", "batch_size"):
         setattr(record, name, metrics.get(name))
 
 

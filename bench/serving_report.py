@@ -34,6 +34,7 @@ class RequestRecord:
     inference_s: float | None = None
     upload_s: float | None = None
     peak_memory_mb: float | None = None
+    batch_size: int | None = None  # jobs in the pipeline call that made this job's image
 
 
 @dataclass

@@ -14,6 +14,9 @@
 #   restart fp8 compiled engine started twice on one compile cache (cold, then warm)
 #   mgpu4   Fluxgate groups Ulysses-4 and Ulysses-2 x Ring-2
 #   dp      one compiled one-GPU engine per GPU of the lane at once (N independent workers)
+#   batch   the whole stack at c=20, 28 steps, 1024x1024, once per --max-batch-size in BATCH_SIZES
+#           (default "1 2 4"), one after the other on the lane's GPU, each with a fresh compiled worker
+#           (one compile cache for all); BATCH_FLAGS (default --compile) are the worker's other flags
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
@@ -73,6 +76,15 @@ lane_dp() {  # one independent compiled worker engine per GPU of the lane, all a
   wait "${pids[@]}"
 }
 
+lane_batch() {  # one e2e run per batch size; each gets the lane's remaining time as its budget
+  export FLUXGATE_COMPILE_CACHE_DIR=/tmp/batch-cache
+  local size end=$((SECONDS + LANE_TIMEOUT_S - 20))
+  for size in ${BATCH_SIZES:-1 2 4}; do
+    python3 -m bench.e2e --out "$1/batch$size" --only c20-28steps --no-stock --budget-s $((end - SECONDS)) \
+      --worker-flags "${BATCH_FLAGS:---compile} --max-batch-size $size"
+  done
+}
+
 pids=()
 for spec in "$@"; do
   name=${spec%%:*}
@@ -92,5 +104,5 @@ done
 wait "${pids[@]}"
 for spec in "$@"; do
   name=${spec%%:*}
-  echo "== $name"; grep -h "RESULT\|^exit\|Error" "/tmp/lanes/$name/console.log" | tail -8
+  echo "== $name"; grep -h "RESULT\|req/s\|^exit\|Error" "/tmp/lanes/$name/console.log" | tail -8
 done

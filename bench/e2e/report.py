@@ -45,16 +45,31 @@ def overhead_breakdown(requests: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def engine_bound(document: dict[str, Any]) -> tuple[float | None, float]:
+    """The rate one worker's engine time allows, and the mean batch size of the requests.
+
+    A job that ran in a batch of ``b`` (``--max-batch-size``) shares its ``inference_s`` with ``b - 1``
+    others, so the engine spent ``inference_s / b`` on it: the bound is jobs / the sum of those (1 / mean
+    inference when nothing was batched, or when the requests carry no metrics)."""
+    done = [r for r in document.get("requests", []) if r.get("success") and r.get("inference_s")]
+    if done:
+        sizes = [r.get("batch_size") or 1 for r in done]
+        engine_s = sum(r["inference_s"] / size for r, size in zip(done, sizes, strict=True))
+        return len(done) / engine_s, statistics.fmean(sizes)
+    inference = document["summary"].get("inference_mean_s")
+    return (1 / inference if inference else None), 1.0
+
+
 def throughput(document: dict[str, Any]) -> dict[str, Any]:
-    """Requests per second, against the bound one worker's engine time sets (1 / mean inference)."""
+    """Requests per second, against the bound one worker's engine time sets (:func:`engine_bound`)."""
     summary = document["summary"]
     rate = summary["request_throughput"]
-    inference = summary.get("inference_mean_s")
-    bound = 1 / inference if inference else None
+    bound, batch = engine_bound(document)
     return {
         "request_throughput": round(rate, 4),
         "engine_bound_throughput": round(bound, 4) if bound else None,
         "stack_efficiency": round(rate / bound, 4) if bound else None,
+        "mean_batch_size": round(batch, 2),
         "completed": summary["completed"],
         "failed": summary["failed"],
         "duration_s": round(summary["duration_s"], 2),
@@ -141,7 +156,7 @@ def format_headline(result: dict[str, Any]) -> str:
             row = result[key]
             lines.append(
                 f"{label:<14}{row['request_throughput']:.4f} req/s "
-                f"({row['completed']} ok, {row['failed']} failed); "
+                f"({row['completed']} ok, {row['failed']} failed); mean batch {row['mean_batch_size']}; "
                 f"engine bound {row['engine_bound_throughput']} req/s; target >= {row['target_throughput']}: "
                 f"{'met' if row['met'] else 'NOT met'}"
             )

@@ -136,6 +136,15 @@ def test_throughput_is_judged_against_the_issue_and_the_engine_bound() -> None:
     assert "0.2500 req/s" in table and "NOT met" in table and "stock/engine" in table
 
 
+def test_a_batched_run_counts_each_jobs_share_of_its_batchs_engine_time() -> None:
+    batched = [{**_request(12.0, 8.0), "batch_size": 4}] * 16 + [{**_request(5.0, 3.9), "batch_size": 1}] * 4
+    result = headline({"c20-28steps": _document(batched, throughput=0.4, inference=7.18)}, None, None)
+    row = result["c20_28steps"]
+    assert row["engine_bound_throughput"] == pytest.approx(20 / (16 * 2.0 + 4 * 3.9), abs=1e-4)
+    assert row["mean_batch_size"] == pytest.approx(3.4)
+    assert "mean batch 3.4" in format_headline(result)
+
+
 def test_the_gpu_plan_measures_what_the_issue_asks() -> None:
     plan = gpu_plan()
     by_name = {scenario.name: scenario for scenario in plan.scenarios}

@@ -124,7 +124,7 @@ def test_table_has_the_seed_rows() -> None:
 
 def _fake_gateway(request: httpx.Request) -> httpx.Response:
     """Prompt 'bad' → 429 queue_full; 'slow' → 202 then a failed job on the first poll; else 200."""
-    metrics = {"queue_s": 0.1, "inference_s": 0.2, "upload_s": 0.01, "peak_memory_mb": 123.0}
+    metrics = {"queue_s": 0.1, "inference_s": 0.2, "upload_s": 0.01, "peak_memory_mb": 123.0, "batch_size": 2}
     if request.method == "GET":
         error = {"code": "worker_error", "message": "boom"}
         return httpx.Response(
@@ -151,6 +151,7 @@ def test_run_benchmark_records_every_outcome(tmp_path: Path) -> None:
     assert [r.error_code for r in records] == [None, "queue_full", "worker_error", None]
     assert records[1].http_status == 429 and records[2].job_id == "job_slow"
     assert records[0].peak_memory_mb == 123.0 and all(r.latency_s > 0 for r in records)
+    assert records[0].batch_size == 2  # the e2e report's engine bound divides a batch's time by it
     out = tmp_path / "out.json"
     serving.write_output(out, summarize(records, duration, vars(args)), records)
     document = json.loads(out.read_text())
