@@ -59,6 +59,18 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ulysses-degree", type=int, help="Ulysses (all-to-all attention) degree")
     add("--ring-degree", type=int, help="Ring attention degree")
     add("--tp-size", type=int, help="tensor-parallel degree of the text encoder within the group")
+    add(
+        "--sp-runtime",
+        choices=["cache-dit", "diffusers"],
+        help="a group's sequence parallelism: cache-dit's (default; runs Cache-DiT presets) or diffusers'",
+    )
+    add(
+        "--ulysses-async",
+        action="store_true",
+        default=None,
+        help="overlap Ulysses' all-to-all with the attention projections (cache-dit)",
+    )
+    add("--parallel-vae", action="store_true", default=None, help="split the VAE decode over the group")
     add("--group-timeout-s", type=float, help="how long a group collective may wait for a peer (default 300)")
     add(
         "--max-batch-size",

@@ -23,8 +23,9 @@ from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
 from worker.options import EngineOptions
 from worker.parallel import (
     ParallelLayout,
-    apply_context_parallel,
+    apply_sequence_parallel,
     attention_backend_for,
+    parallel_layout,
     prepare_sequence_split,
 )
 from worker.tensor_parallel import apply_text_encoder_tp, sharded_text_encoder
@@ -171,9 +172,9 @@ class FluxEngine:
     ) -> FluxEngine:
         """Apply the load-time options to a built pipeline (the GPU benchmark builds its own)."""
         offloaded = prepare_pipeline(pipeline, options, device)
-        layout = options_layout(options)
-        if layout.sp > 1:  # after the attention backend, before the cache and compile wrap the blocks
-            apply_context_parallel(pipeline, layout, device)
+        layout = parallel_layout(options)
+        if layout.sp > 1:  # once per process, with its attention backend, before the cache and compile
+            apply_sequence_parallel(pipeline, layout, options.attention_backend, device)
         if layout.tp > 1:
             apply_text_encoder_tp(pipeline, layout.tp, device)
         engine = cls(pipeline, device, cache(pipeline) if cache else None)

@@ -51,6 +51,11 @@ class EngineOptions(BaseSettings):
     ring_degree: int | None = Field(default=None, ge=1)
     tp_size: int = Field(default=1, ge=1)
     group_timeout_s: float = Field(default=300.0, gt=0)
+    # A group's sequence parallelism (docs/design.md, "Multi-GPU worker groups"): cache-dit's runtime, or
+    # diffusers' to compare; async Ulysses and the decode split are cache-dit's.
+    sp_runtime: Literal["cache-dit", "diffusers"] = "cache-dit"
+    ulysses_async: bool = False
+    parallel_vae: bool = False
     # Jobs run together in one pipeline call when compatible (docs/design.md, "Batching"); 1 = off.
     max_batch_size: int = Field(default=1, ge=1, le=MAX_BATCH_SIZE)
 
@@ -119,6 +124,23 @@ class EngineOptions(BaseSettings):
             raise ValueError(
                 "offloading is for one GPU; a multi-GPU group (--num-gpus > 1) keeps weights resident"
             )
+        self._check_group_features()
+
+    def _check_group_features(self) -> None:
+        """Async Ulysses and the decode split are cache-dit's, and need a group (and Ulysses) to act on."""
+        ulysses, ring = self.layout
+        if self.ulysses_async and ulysses == 1:
+            raise ValueError("--ulysses-async overlaps Ulysses' all-to-all: it needs --ulysses-degree > 1")
+        if self.ulysses_async and ring > 1:
+            raise ValueError(
+                "--ulysses-async is for Ulysses alone: cache-dit's async path skips the Ring exchange, so "
+                "drop it or --ring-degree"
+            )
+        if self.parallel_vae and self.num_gpus == 1:
+            raise ValueError("--parallel-vae splits the decode over a group's GPUs: it needs --num-gpus > 1")
+        for flag, on in (("--ulysses-async", self.ulysses_async), ("--parallel-vae", self.parallel_vae)):
+            if on and self.sp_runtime != "cache-dit":
+                raise ValueError(f"{flag} is cache-dit's: it needs --sp-runtime cache-dit")
 
     def _check_quantize(self) -> None:
         """fp8 quantizes bf16 weights of a resident transformer (streamed fp8 weights are not verified)."""

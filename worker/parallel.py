@@ -1,14 +1,20 @@
-"""Sequence parallelism of the transformer (Ulysses, Ring) through diffusers' context parallelism.
+"""Sequence parallelism of the transformer (Ulysses, Ring) in a worker group, applied once per process.
 
-Every rank of a worker group holds the whole pipeline; ``enable_parallelism`` splits the transformer's
+Every rank of a worker group holds the whole pipeline; sequence parallelism splits the transformer's
 sequence (text and image tokens) across the ranks, and attention exchanges heads (Ulysses, an
 all-to-all) or key/value blocks (Ring) so that each rank computes exact attention over the whole
-sequence. The rest of the pipeline (text encoders, VAE) runs replicated: every rank gets the same
+sequence. Text encoders and (unless ``--parallel-vae``) the VAE run replicated: every rank gets the same
 latents from the same seed, and rank 0's image is the result.
 
-We use diffusers' ``ContextParallelConfig`` and not cache-dit's ``ParallelismConfig`` (never both:
-../shared/reference/libraries.md); cache-dit's cache decision is averaged over the world group when
-one is initialised, so every rank caches the same steps.
+Two runtimes, one per process and never both (../shared/reference/libraries.md):
+
+* ``cache-dit`` (default): cache-dit's own ``ParallelismConfig`` runtime (``cache_dit/distributed``). Its
+  hooks compose with Cache-DiT's cached steps (docs/design.md, "Cache-DiT under sequence parallelism"),
+  and it offers async Ulysses (the all-to-all overlapped with the QKV projections) and a decode split
+  over the ranks.
+* ``diffusers``: diffusers' ``ContextParallelConfig``, the runtime groups started with; kept to compare
+  against and for Ring at sizes that do not divide (cache-dit has no uneven Ring split). It runs no
+  Cache-DiT presets.
 """
 
 from __future__ import annotations
@@ -17,11 +23,16 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from worker.options import EngineOptions
+
 log = logging.getLogger("fluxgate.parallel")
+
+RUNTIMES = ("cache-dit", "diffusers")
 
 # diffusers 0.42.1 backends registered with supports_context_parallel=True (models/attention_dispatch.py).
 CONTEXT_PARALLEL_BACKENDS = frozenset(
@@ -45,6 +56,17 @@ RING_BACKENDS = frozenset(
 )
 RING_DEFAULT_BACKEND = "_native_cudnn"
 
+# cache-dit 1.5.3 backends registered with supports_context_parallel=True (cache_dit/attention/backends/),
+# leaving out its NPU and sm_89/sm_120-only (ffpa) kernels. cache-dit names them itself: diffusers'
+# "_native_cudnn" is its "_sdpa_cudnn".
+CACHE_DIT_BACKENDS = frozenset(
+    {"native", "_sdpa_cudnn", "flash", "_flash_3", "flash_varlen", "sage", "sage3"}
+)
+# Those whose forward op returns the log-sum-exp Ring needs ("native" through torch's flash SDPA kernel,
+# which has no CPU implementation; "_sdpa_cudnn", "flash_varlen" and "sage3" raise on return_lse).
+CACHE_DIT_RING_BACKENDS = frozenset({"native", "flash", "_flash_3", "sage"})
+CACHE_DIT_NAME_OF = {"_native_cudnn": "_sdpa_cudnn", "_native_flash": "native", "_flash_3_hub": "_flash_3"}
+
 
 class ParallelError(ValueError):
     """The group's degrees do not fit this model or backend; the message names the flag to change."""
@@ -52,11 +74,15 @@ class ParallelError(ValueError):
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """How a worker group splits the work: sequence parallel degrees and text-encoder tensor parallel."""
+    """How a worker group splits the work: sequence-parallel degrees and runtime, text-encoder tensor
+    parallel, and the optional async Ulysses and decode split."""
 
     ulysses: int = 1
     ring: int = 1
     tp: int = 1
+    runtime: str = "cache-dit"
+    ulysses_async: bool = False
+    parallel_vae: bool = False
 
     @property
     def sp(self) -> int:
@@ -64,13 +90,40 @@ class ParallelLayout:
 
     @property
     def describe(self) -> str:
-        return f"ulysses={self.ulysses},ring={self.ring},tp={self.tp}"
+        extras = [f"runtime={self.runtime}"] if self.runtime != RUNTIMES[0] else []
+        extras += [name for name in ("ulysses_async", "parallel_vae") if getattr(self, name)]
+        return ",".join([f"ulysses={self.ulysses},ring={self.ring},tp={self.tp}", *extras])
+
+
+def parallel_layout(options: EngineOptions) -> ParallelLayout:
+    """The layout the worker options ask for (validated by ``EngineOptions``)."""
+    ulysses, ring = options.layout
+    return ParallelLayout(
+        ulysses=ulysses,
+        ring=ring,
+        tp=options.tp_size,
+        runtime=options.sp_runtime,
+        ulysses_async=options.ulysses_async,
+        parallel_vae=options.parallel_vae,
+    )
 
 
 def attention_backend_for(layout: ParallelLayout, chosen: str | None, device: torch.device) -> str | None:
-    """The attention backend a layout runs on: the chosen one if it can, else Ring's default on CUDA."""
-    if layout.sp == 1:
-        return chosen
+    """The backend set through diffusers while the pipeline is prepared: the chosen one on one GPU.
+
+    A group's backend belongs to its parallelism and is set with it (``group_attention_backend``).
+    """
+    return chosen if layout.sp == 1 else None
+
+
+def group_attention_backend(layout: ParallelLayout, chosen: str | None, device: torch.device) -> str | None:
+    """The backend a group runs on (``None``: the runtime's default, SDPA), checked against its runtime."""
+    if layout.runtime == "diffusers":
+        return _diffusers_backend(layout, chosen, device)
+    return _cache_dit_backend(layout, chosen, device)
+
+
+def _diffusers_backend(layout: ParallelLayout, chosen: str | None, device: torch.device) -> str | None:
     if chosen is not None and chosen.lower() not in CONTEXT_PARALLEL_BACKENDS:
         names = ", ".join(sorted(CONTEXT_PARALLEL_BACKENDS))
         raise ParallelError(
@@ -90,6 +143,30 @@ def attention_backend_for(layout: ParallelLayout, chosen: str | None, device: to
     return chosen
 
 
+def _cache_dit_backend(layout: ParallelLayout, chosen: str | None, device: torch.device) -> str | None:
+    name = chosen.lower() if chosen is not None else None
+    if name is not None and name not in CACHE_DIT_BACKENDS:
+        hint = f" (cache-dit's name for it: {CACHE_DIT_NAME_OF[name]!r})" if name in CACHE_DIT_NAME_OF else ""
+        raise ParallelError(
+            f"--attention-backend {chosen!r} is not one of cache-dit's sequence-parallel backends{hint}; "
+            f"choose one of: {', '.join(sorted(CACHE_DIT_BACKENDS))} (or --sp-runtime diffusers)"
+        )
+    if device.type != "cuda" and name not in (None, "native"):
+        raise ParallelError(f"--attention-backend {chosen!r} needs CUDA; a CPU group runs 'native'")
+    if layout.ring > 1:
+        if device.type != "cuda":
+            raise ParallelError(
+                "--ring-degree > 1 needs a CUDA attention kernel that returns log-sum-exp "
+                "(torch's flash SDPA kernel has no CPU implementation)"
+            )
+        if name is not None and name not in CACHE_DIT_RING_BACKENDS:
+            names = ", ".join(sorted(CACHE_DIT_RING_BACKENDS))
+            raise ParallelError(
+                f"--ring-degree > 1 needs an attention backend returning log-sum-exp: one of {names}"
+            )
+    return name
+
+
 def check_heads(pipe: Any, layout: ParallelLayout) -> None:
     """Ulysses gives each rank whole attention heads, so the degree must divide the head count."""
     heads = int(pipe.transformer.config.num_attention_heads)
@@ -99,65 +176,131 @@ def check_heads(pipe: Any, layout: ParallelLayout) -> None:
         )
 
 
-def apply_context_parallel(pipe: Any, layout: ParallelLayout, device: torch.device) -> None:
-    """Split the transformer's sequence over the group (once per process, after the attention backend)."""
+def apply_sequence_parallel(
+    pipe: Any, layout: ParallelLayout, attention_backend: str | None, device: torch.device
+) -> None:
+    """Split the transformer's sequence over the group: once per process, after placement and before
+    Cache-DiT and compile wrap the blocks (either runtime refuses a second call)."""
+    check_heads(pipe, layout)
+    backend = group_attention_backend(layout, attention_backend, device)
+    if layout.runtime == "diffusers":
+        _apply_diffusers(pipe, layout, backend, device)
+    else:
+        _apply_cache_dit(pipe, layout, backend, device)
+    log.info("sequence parallel over %d ranks (%s, attention %s)", layout.sp, layout.describe, backend)
+
+
+def _apply_diffusers(pipe: Any, layout: ParallelLayout, backend: str | None, device: torch.device) -> None:
     from diffusers import ContextParallelConfig
 
-    check_heads(pipe, layout)
+    from worker.optimizations.attention import apply_attention_backend
+
+    if backend:  # diffusers checks the backend's context-parallel support when parallelism is enabled
+        apply_attention_backend(pipe, backend)
     config = ContextParallelConfig(ulysses_degree=layout.ulysses, ring_degree=layout.ring)
-    with _one_device_on_cpu(device):
+    with _cpu_as_one_device(device):
         pipe.transformer.enable_parallelism(config=config)
-    log.info("sequence parallel over %d ranks (%s)", layout.sp, layout.describe)
+
+
+def _apply_cache_dit(pipe: Any, layout: ParallelLayout, backend: str | None, device: torch.device) -> None:
+    """cache-dit's planner for the transformer class (FluxTransformer2DModel, Flux2Transformer2DModel:
+    ``cache_dit/distributed/transformers/flux.py``, ``flux2.py``); with ``ulysses_async`` it also patches the
+    attention processors to overlap each all-to-all with the next projection
+    (``distributed/async_ulysses/flux.py``, ``flux2.py``). The VAE's decode split is tiles handed out
+    round-robin (``distributed/autoencoders``), sized per call by ``worker.parallel_vae``."""
+    from cache_dit import ParallelismConfig
+    from cache_dit.distributed import enable_parallelism
+
+    from worker.parallel_vae import check_parallel_vae, split_decode_tiles
+
+    encode_tiling = bool(getattr(pipe.vae, "use_tiling", False))
+    if layout.parallel_vae:
+        check_parallel_vae(pipe.vae)
+    config = ParallelismConfig(
+        ulysses_size=layout.ulysses if layout.ulysses > 1 else None,
+        ring_size=layout.ring if layout.ring > 1 else None,
+        attention_backend=backend,
+        ulysses_async=layout.ulysses_async,
+        extra_parallel_modules=[pipe.vae] if layout.parallel_vae else [],
+    )
+    with _cpu_as_one_device(device):
+        enable_parallelism(pipe.transformer, config)
+    if layout.parallel_vae:
+        split_decode_tiles(pipe.vae, encode_tiling)
 
 
 def prepare_sequence_split(pipe: Any, tokens: int, layout: ParallelLayout) -> bool:
-    """Choose the even split (fast) or diffusers' uneven one for this job's image-token count; True
-    when uneven. The uneven split gathers shard sizes on the host, which torch.compile cannot trace,
-    so a compiled engine runs such a job eagerly.
+    """Choose the even split (fast) or the uneven one for this job's image-token count; True when
+    uneven. The uneven split gathers shard sizes on the host, which torch.compile cannot trace, so a
+    compiled engine runs such a job eagerly.
 
     Plain Ulysses and Ring need the sequence to divide by the degree; FLUX's 512 text tokens always do,
     image tokens ((width/16) x (height/16), plus reference-image tokens) may not, e.g. 1008x1008.
-    The uneven ("anything") modes exist for one kind of parallelism at a time, so a Ulysses x Ring
-    group refuses such sizes.
+    The uneven ("anything") modes exist for one kind of parallelism at a time (cache-dit: Ulysses only),
+    so other groups refuse such sizes.
     """
     if layout.sp == 1:
         return False
-    config = pipe.transformer._parallel_config.context_parallel_config
+    config = pipe.transformer._parallel_config.context_parallel_config  # cache-dit's config is its own
     uneven = tokens % layout.sp != 0
-    if uneven and layout.ulysses > 1 and layout.ring > 1:
-        if tokens < 0:
-            raise ParallelError(
-                f"this worker group (Ulysses {layout.ulysses} x Ring {layout.ring}) does not take reference "
-                "images: their token count varies, and only a single kind of parallelism splits any length"
-            )
+    if uneven:
+        _check_uneven_split(tokens, layout)
+    config.ulysses_anything = uneven and layout.ulysses > 1
+    if layout.runtime == "diffusers":
+        config.ring_anything = uneven and layout.ring > 1
+    return uneven
+
+
+def _check_uneven_split(tokens: int, layout: ParallelLayout) -> None:
+    reason = _no_uneven_split(layout)
+    if reason is not None and tokens < 0:
         raise ParallelError(
-            f"this worker group (Ulysses {layout.ulysses} x Ring {layout.ring}) needs the image token count "
-            f"({tokens}) to divide by {layout.sp}; use a width and height that are multiples of "
-            f"{16 * layout.sp}"
+            f"this worker group ({reason}) does not take reference images of varying token counts"
         )
-    if uneven and not torch.cuda.is_available():
+    if reason is not None:
+        raise ParallelError(
+            f"this worker group ({reason}) needs the image token count ({tokens}) to divide by "
+            f"{layout.sp}; use a width and height that are multiples of {16 * layout.sp}"
+        )
+    if not torch.cuda.is_available():
         raise ParallelError(
             f"a CPU worker group (gloo) needs the image token count ({tokens}) to divide by {layout.sp}: "
             "gloo gathers only equal shards"
         )
-    config.ulysses_anything = uneven and layout.ulysses > 1
-    config.ring_anything = uneven and layout.ring > 1
-    return uneven
+
+
+def _no_uneven_split(layout: ParallelLayout) -> str | None:
+    """Why this group has no split for a sequence that does not divide (None: it has one)."""
+    if layout.ulysses > 1 and layout.ring > 1:
+        return (
+            f"Ulysses {layout.ulysses} x Ring {layout.ring}: only a single kind of parallelism "
+            "splits any length"
+        )
+    if layout.ring > 1 and layout.runtime == "cache-dit":
+        return (
+            f"Ring {layout.ring} on cache-dit, which splits any length for Ulysses only; "
+            "--sp-runtime diffusers has an uneven Ring"
+        )
+    return None
 
 
 @contextlib.contextmanager
-def _one_device_on_cpu(device: torch.device) -> Iterator[None]:
-    """diffusers places each rank on ``rank % accelerator count``, which is 0 on a CPU: present one.
+def _cpu_as_one_device(device: torch.device) -> Iterator[None]:
+    """Present a CPU as one accelerator device while parallelism is enabled on a CPU group (gloo).
 
-    Only for CPU groups (gloo), where the tests check the group protocol and the numerics of Ulysses
-    without GPUs; CUDA groups never take this path.
+    diffusers places each rank on ``rank % accelerator count``, which is 0 on a CPU, and cache-dit's VAE
+    split builds its mesh on ``torch.accelerator.current_accelerator()``, which is None there. Only for
+    CPU groups, where the tests check the group protocol and the numerics without GPUs; CUDA groups
+    never take this path.
     """
     if device.type != "cpu":
         yield
         return
-    original = torch.accelerator.device_count
+    count, current = torch.accelerator.device_count, torch.accelerator.current_accelerator
     torch.accelerator.device_count = lambda: 1
+    torch.accelerator.current_accelerator = lambda check_available=False: torch.device("cpu")
     try:
         yield
     finally:
-        torch.accelerator.device_count = original
+        torch.accelerator.device_count = count
+        torch.accelerator.current_accelerator = current

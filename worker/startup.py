@@ -53,12 +53,12 @@ def load_engine(model: ModelConfig, options: EngineOptions, environ: Mapping[str
     from worker.optimizations.cache_dit import apply_cache_dit
 
     presets = cache_presets_for_model(model, environ)
-    if presets and options.num_gpus > 1:
+    if presets and options.num_gpus > 1 and options.sp_runtime == "diffusers":
         raise StartupError(
-            f"model {model.name!r} offers Cache-DiT presets ({', '.join(presets)}), which a multi-GPU "
-            "group does not run yet: cache-dit's cached steps and diffusers' context parallelism "
-            "disagree on the output's sequence length. Serve it with one GPU per worker, or drop "
-            "its cache_presets for the group"
+            f"model {model.name!r} offers Cache-DiT presets ({', '.join(presets)}), which a group on "
+            "--sp-runtime diffusers does not run: a cached step under diffusers' context parallelism "
+            "returns the whole sequence where the rank's shard is expected. Use --sp-runtime cache-dit "
+            "(the default), or drop the model's cache_presets for this group"
         )
     factory = (lambda pipe: apply_cache_dit(pipe, presets, default=model.default_cache)) if presets else None
     try:

@@ -90,35 +90,79 @@ def drive_rank0(
     launcher.join()
 
 
-def drive_tiny_ulysses(tiny_model_dir: str, out: str, sizes: list[int], tp_size: int = 1) -> None:
-    """Rank 0 of a 2-rank CPU group running the tiny FLUX model with Ulysses; writes, per size, the
-    largest pixel difference from the same job on one rank."""
+def drive_tiny_group(
+    tiny_model_dir: str,
+    out: str,
+    jobs: list[tuple[int, str]],
+    options: dict[str, Any],
+    presets: tuple[str, ...] = (),
+    environ: dict[str, str] | None = None,
+    steps: int = 3,
+) -> None:
+    """Rank 0 of a 2-rank CPU group running the tiny FLUX model: one job per (size, cache preset), each
+    compared with the same job on one rank. Writes, per job, the largest pixel difference (or the
+    error's type), both engines' cached steps, and how many tiles each VAE decoder ran.
+
+    ``presets`` are the model's Cache-DiT presets, tuned by ``environ`` (every rank reads the same knobs,
+    from the environment they inherit). With ``parallel_vae`` the one-rank engine decodes with the same
+    tiles, unsplit.
+    """
     import numpy as np
 
     from shared.settings import ModelConfig
     from tests.support import generation_params
-    from worker.engine import FluxEngine
     from worker.group import GroupEngine, GroupLauncher
     from worker.options import EngineOptions
+    from worker.parallel_vae import split_decode_tiles
     from worker.startup import load_engine
 
-    model = ModelConfig(name="flux-tiny", path=tiny_model_dir)
-    options = EngineOptions(num_gpus=2, device="cpu", warmup=False, tp_size=tp_size)
+    os.environ.update(environ or {})
+    model = ModelConfig(name="flux-tiny", path=tiny_model_dir, cache_presets=list(presets))
+    group_options = EngineOptions(num_gpus=2, device="cpu", warmup=False, **options)
+    all_params = [
+        generation_params(width=size, height=size, num_inference_steps=steps, seed=7, cache=preset)
+        for size, preset in jobs
+    ]
+    # The one-rank jobs run before this process joins the group: with a process group of two formed,
+    # cache-dit would average a one-rank engine's residual difference with a rank that is not running it.
+    single = load_engine(model, EngineOptions(device="cpu", warmup=False), os.environ)
+    if group_options.parallel_vae:
+        split_decode_tiles(single.pipeline.vae, single.pipeline.vae.use_tiling)
+    expected = [_run_counting_tiles(single, params) for params in all_params]
+    del single
+
     launcher = GroupLauncher.local(2, "cpu", timeout_s=60)
-    channel = launcher.start(model, options, None)
-    group = GroupEngine(load_engine(model, options, {}), channel, launcher.spec.keepalive_s)
+    channel = launcher.start(model, group_options, None)
+    local = load_engine(model, group_options, os.environ)
+    group = GroupEngine(local, channel, launcher.spec.keepalive_s)
     group.start()
-    single = FluxEngine.load(tiny_model_dir, EngineOptions(device="cpu", warmup=False))
-    differences: dict[str, int | str] = {}
-    for size in sizes:
-        params = generation_params(width=size, height=size, num_inference_steps=3, seed=7)
+    results: list[dict[str, Any]] = []
+    for params, (whole, single_tiles) in zip(all_params, expected, strict=True):
+        job = {"size": params.width, "preset": params.cache}
         try:
-            split = np.asarray(group.generate(params, lambda step, total: None).images[0], dtype=np.int16)
+            split, group_tiles = _run_counting_tiles(local, params, group)
         except Exception as error:
-            differences[str(size)] = type(error).__name__
+            results.append({**job, "error": type(error).__name__})
             continue
-        whole = np.asarray(single.generate(params, lambda step, total: None).images[0], dtype=np.int16)
-        differences[str(size)] = int(np.abs(split - whole).max())
-    Path(out).write_text(json.dumps({"layout": group.layout.describe, "max_pixel_difference": differences}))
+        difference = np.abs(
+            np.asarray(split.images[0], dtype=np.int16) - np.asarray(whole.images[0], dtype=np.int16)
+        )
+        job["max_pixel_difference"] = int(difference.max())
+        job["cached_steps"] = [split.cached_steps, whole.cached_steps]
+        job["tiles"] = [group_tiles, single_tiles]
+        results.append(job)
+    Path(out).write_text(json.dumps({"layout": group.layout.describe, "jobs": results}))
     group.stop()
     launcher.join()
+
+
+def _run_counting_tiles(engine: Any, params: GenerationParams, runner: Any = None) -> tuple[Any, int]:
+    """Run one job (through ``runner``, else ``engine``); its output and how many tiles ``engine``'s
+    VAE decoder ran (1 for a whole decode)."""
+    tiles = [0]
+    hook = engine.pipeline.vae.decoder.register_forward_hook(lambda *_: tiles.__setitem__(0, tiles[0] + 1))
+    try:
+        output = (runner or engine).generate(params, lambda step, total: None)
+    finally:
+        hook.remove()
+    return output, tiles[0]

@@ -287,3 +287,29 @@ def test_a_pipeline_call_without_prepare_is_caught() -> None:
     generate(pipe, 8)  # a second call on the same context
     with pytest.raises(RuntimeError, match="ran 16 steps since prepare\\(\\) for 8"):
         controller.stats()
+
+
+def test_presets_switch_on_top_of_a_parallelism_enabled_once() -> None:
+    """cache-dit's parallelism wraps the transformer's forward in a ``functools.partial`` and marks the
+    transformer; ``disable_cache`` would drop the marks (and fail to rebind the partial), after which the
+    next preset's forward bypasses the hooks. Here the hooks are a counting partial, on one process."""
+    import functools
+
+    pipe = build_tiny_pipeline("flux1")
+    transformer = pipe.transformer
+    calls = [0]
+
+    def hooked(module: Any, *args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return type(module).forward(module, *args, **kwargs)
+
+    transformer.forward = functools.partial(hooked, transformer)
+    transformer._is_parallelized, transformer._parallelism_config = True, "config"
+    transformer._extra_parallel_modules = []
+    controller = apply_cache_dit(pipe, STATIC_PRESETS)
+    for preset in ("off", "fast", "off", "fast"):
+        calls[0] = 0
+        run(controller, pipe, preset, 8)
+        assert calls[0] == 8, preset  # every step went through the hooks, cached or not
+        assert (transformer._is_parallelized, transformer._parallelism_config) == (True, "config")
+    assert controller.cached_steps() == mask_cached(STATIC_PRESETS["fast"], 8)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.support import wait_for
-from tests.worker.group_support import drive_rank0, drive_tiny_ulysses
+from tests.worker.group_support import drive_rank0, drive_tiny_group
 
 
 def run_group(
@@ -98,26 +98,48 @@ def test_keepalives_keep_idle_followers_waiting_longer_than_the_group_timeout(tm
     assert exitcode == 0 and outcomes == ["succeeded", "succeeded"]
 
 
-def tiny_group(model_dir: Path, tmp_path: Path, sizes: list[int], tp_size: int = 1) -> dict[str, Any]:
-    """Run a tiny model on a two-rank CPU group (rank 0 in its own process); its report."""
+def run_tiny_group(
+    model_dir: Path,
+    tmp_path: Path,
+    jobs: list[tuple[int, str]],
+    options: dict[str, Any],
+    presets: tuple[str, ...] = (),
+    environ: dict[str, str] | None = None,
+    steps: int = 3,
+) -> dict[str, Any]:
+    """Run a tiny model on a two-rank CPU group (rank 0 in its own process), each job against one rank."""
     out = tmp_path / "result.json"
     process = multiprocessing.get_context("spawn").Process(
-        target=drive_tiny_ulysses, args=(str(model_dir), str(out), sizes, tp_size)
+        target=drive_tiny_group, args=(str(model_dir), str(out), jobs, options, presets, environ, steps)
     )
     process.start()
-    process.join(timeout=240)
+    process.join(timeout=300)
     assert process.exitcode == 0
     result: dict[str, Any] = json.loads(out.read_text())
-    assert result["layout"] == f"ulysses=2,ring=1,tp={tp_size}"
     return result
 
 
-def test_ulysses_on_two_cpu_ranks_draws_the_one_rank_image(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """64x64 splits 16 image tokens evenly. 48x48 has 9: GPU groups take diffusers' uneven split (checked
+def tiny_group(
+    model_dir: Path, tmp_path: Path, sizes: list[int], tp_size: int = 1, runtime: str = "cache-dit"
+) -> dict[int, Any]:
+    """Uncached jobs of ``sizes`` on a Ulysses-2 group: per size, the largest pixel difference from one
+    rank, or the type of the error the group raised."""
+    options = {"tp_size": tp_size, "sp_runtime": runtime}
+    result = run_tiny_group(model_dir, tmp_path, [(size, "off") for size in sizes], options)
+    runtime_tag = "" if runtime == "cache-dit" else f",runtime={runtime}"
+    assert result["layout"] == f"ulysses=2,ring=1,tp={tp_size}{runtime_tag}"
+    return {job["size"]: job.get("error", job.get("max_pixel_difference")) for job in result["jobs"]}
+
+
+@pytest.mark.parametrize("runtime", ["cache-dit", "diffusers"])
+def test_ulysses_on_two_cpu_ranks_draws_the_one_rank_image(
+    tmp_path: Path, tiny_model_dir: Path, runtime: str
+) -> None:
+    """64x64 splits 16 image tokens evenly. 48x48 has 9: GPU groups take the uneven split (checked
     on the device); a CPU group refuses it cleanly, gloo gathering only equal shards, and goes on."""
-    differences = tiny_group(tiny_model_dir, tmp_path, [64, 48, 32])["max_pixel_difference"]
-    assert differences["48"] == "ParallelError", differences
-    assert differences["64"] <= 1 and differences["32"] <= 1, differences
+    differences = tiny_group(tiny_model_dir, tmp_path, [64, 48, 32], runtime=runtime)
+    assert differences[48] == "ParallelError", differences
+    assert differences[64] <= 1 and differences[32] <= 1, differences
 
 
 def test_a_text_encoder_sharded_over_two_ranks_draws_the_one_rank_image(
@@ -131,7 +153,7 @@ def test_a_text_encoder_sharded_over_two_ranks_draws_the_one_rank_image(
     config = T5Config.from_pretrained(model_dir / "text_encoder_2")
     config.d_ff = 38
     T5EncoderModel(config).save_pretrained(model_dir / "text_encoder_2")
-    assert tiny_group(model_dir, tmp_path, [64], tp_size=2)["max_pixel_difference"]["64"] <= 1
+    assert tiny_group(model_dir, tmp_path, [64], tp_size=2)[64] <= 1
 
 
 def test_flux2s_mistral_encoder_sharded_over_two_ranks_draws_the_one_rank_image(tmp_path: Path) -> None:
@@ -145,10 +167,55 @@ def test_flux2s_mistral_encoder_sharded_over_two_ranks_draws_the_one_rank_image(
     config = Mistral3Config.from_pretrained(model_dir / "text_encoder")
     config.text_config.num_key_value_heads = 2
     Mistral3ForConditionalGeneration(config).save_pretrained(model_dir / "text_encoder")
-    assert tiny_group(model_dir, tmp_path, [64], tp_size=2)["max_pixel_difference"]["64"] <= 1
+    assert tiny_group(model_dir, tmp_path, [64], tp_size=2)[64] <= 1
 
 
-def test_a_group_refuses_cache_dit_presets_at_start(tiny_model_dir: Path) -> None:
+# Threshold knobs loose enough that random weights cache some steps: the "default" preset decides by
+# threshold alone, "fast"/"medium" (the default "dynamic" policy) by threshold on their mask's cache steps.
+LOOSE_THRESHOLD = {
+    "FLUXGATE_CACHE_DIT_RDT": "0.6",
+    "FLUXGATE_CACHE_DIT_WARMUP": "2",
+    "FLUXGATE_CACHE_DIT_MC": "-1",
+}
+
+
+def test_cache_dit_presets_in_a_group_draw_the_one_rank_cached_image_and_count_the_same_steps(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Presets switch between jobs on top of the parallelism enabled once at load; every rank takes the
+    one-rank engine's decisions, including the threshold's, whose residual difference cache-dit averages
+    over the group."""
+    jobs = [(64, "off"), (64, "fast"), (64, "off"), (64, "medium"), (64, "default"), (64, "fast")]
+    presets = ("fast", "medium", "default")
+    result = run_tiny_group(tiny_model_dir, tmp_path, jobs, {}, presets, LOOSE_THRESHOLD, steps=8)
+    assert result["layout"] == "ulysses=2,ring=1,tp=1"
+    for job in result["jobs"]:
+        assert "error" not in job, job
+        group, single = job["cached_steps"]
+        assert job["max_pixel_difference"] <= 1 and group == single, job
+        assert (group == 0) == (job["preset"] == "off"), job
+
+
+def test_async_ulysses_and_a_split_decode_draw_the_one_rank_image(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """At 128x128 the decode is split into four tiles, rank 0 decoding two; the one-rank engine decodes
+    the same four. At 64x64 the latent is too small to split: every rank decodes it whole."""
+    options = {"ulysses_async": True, "parallel_vae": True}
+    jobs = [(128, "fast"), (128, "off"), (64, "off")]
+    result = run_tiny_group(tiny_model_dir, tmp_path, jobs, options, ("fast",), steps=8)
+    assert result["layout"] == "ulysses=2,ring=1,tp=1,ulysses_async,parallel_vae"
+    for job in result["jobs"]:
+        assert "error" not in job, job
+        assert job["max_pixel_difference"] <= 1, job
+        assert job["cached_steps"][0] == job["cached_steps"][1], job
+    assert [job["tiles"] for job in result["jobs"]] == [[2, 4], [2, 4], [1, 1]]
+    assert result["jobs"][0]["cached_steps"][0] > 0
+
+
+def test_a_group_on_diffusers_context_parallelism_refuses_cache_dit_presets_at_start(
+    tiny_model_dir: Path,
+) -> None:
     """Measured on CPU ranks: a cached step under diffusers' context parallelism returns the whole
     sequence where the scheduler expects this rank's shard, so the combination is refused, not run."""
     from shared.settings import ModelConfig
@@ -158,5 +225,6 @@ def test_a_group_refuses_cache_dit_presets_at_start(tiny_model_dir: Path) -> Non
     model = ModelConfig(
         name="flux-tiny", path=str(tiny_model_dir), cache_presets=["fast"], default_cache="fast"
     )
-    with pytest.raises(StartupError, match="multi-GPU group does not run yet"):
-        load_engine(model, EngineOptions(num_gpus=2, device="cpu", warmup=False), {})
+    options = EngineOptions(num_gpus=2, device="cpu", warmup=False, sp_runtime="diffusers")
+    with pytest.raises(StartupError, match="--sp-runtime cache-dit"):
+        load_engine(model, options, {})

@@ -14,6 +14,8 @@ from worker.parallel import (
     ParallelLayout,
     attention_backend_for,
     check_heads,
+    group_attention_backend,
+    parallel_layout,
     prepare_sequence_split,
 )
 
@@ -61,20 +63,70 @@ def test_ulysses_must_divide_the_attention_heads() -> None:
         check_heads(pipe, ParallelLayout(ulysses=5))
 
 
-def test_ring_takes_cudnn_attention_unless_a_backend_returning_lse_was_chosen() -> None:
-    assert attention_backend_for(ParallelLayout(ring=2), None, CUDA) == "_native_cudnn"
-    assert attention_backend_for(ParallelLayout(ring=2), "flash", CUDA) == "flash"
-    assert attention_backend_for(ParallelLayout(ulysses=2), None, CUDA) is None  # SDPA's own choice
-    with pytest.raises(ParallelError, match="log-sum-exp"):
-        attention_backend_for(ParallelLayout(ring=2), "native", CUDA)
-    with pytest.raises(ParallelError, match="log-sum-exp"):
-        attention_backend_for(ParallelLayout(ring=2), None, CPU)
+DIFFUSERS = "diffusers"
 
 
-def test_backends_without_context_parallel_support_are_refused_for_a_group() -> None:
+def test_one_gpu_takes_the_chosen_backend_and_a_group_sets_its_own_with_its_parallelism() -> None:
     assert attention_backend_for(ParallelLayout(), "_native_efficient", CUDA) == "_native_efficient"
+    assert attention_backend_for(ParallelLayout(ulysses=2), "flash", CUDA) is None
+
+
+def test_on_diffusers_ring_takes_cudnn_attention_unless_a_backend_returning_lse_was_chosen() -> None:
+    ring = ParallelLayout(ring=2, runtime=DIFFUSERS)
+    assert group_attention_backend(ring, None, CUDA) == "_native_cudnn"
+    assert group_attention_backend(ring, "flash", CUDA) == "flash"
+    assert group_attention_backend(ParallelLayout(ulysses=2, runtime=DIFFUSERS), None, CUDA) is None
+    with pytest.raises(ParallelError, match="log-sum-exp"):
+        group_attention_backend(ring, "native", CUDA)
+    with pytest.raises(ParallelError, match="log-sum-exp"):
+        group_attention_backend(ring, None, CPU)
     with pytest.raises(ParallelError, match="does not support sequence parallelism"):
-        attention_backend_for(ParallelLayout(ulysses=2), "_native_efficient", CUDA)
+        group_attention_backend(ParallelLayout(ulysses=2, runtime=DIFFUSERS), "_native_efficient", CUDA)
+
+
+def test_on_cache_dit_a_group_takes_cache_dits_backends_and_ring_those_returning_lse() -> None:
+    ulysses, ring = ParallelLayout(ulysses=2), ParallelLayout(ring=2)
+    assert group_attention_backend(ulysses, None, CUDA) is None  # cache-dit's "native" (SDPA)
+    assert group_attention_backend(ulysses, "_SDPA_cudnn", CUDA) == "_sdpa_cudnn"
+    assert group_attention_backend(ulysses, "native", CPU) == "native"
+    assert group_attention_backend(ring, None, CUDA) is None  # native returns it through flash SDPA
+    assert group_attention_backend(ring, "flash", CUDA) == "flash"
+    with pytest.raises(ParallelError, match="cache-dit's name for it: '_sdpa_cudnn'"):
+        group_attention_backend(ulysses, "_native_cudnn", CUDA)
+    with pytest.raises(ParallelError, match="log-sum-exp: one of"):
+        group_attention_backend(ring, "_sdpa_cudnn", CUDA)
+    with pytest.raises(ParallelError, match="no CPU implementation"):
+        group_attention_backend(ring, None, CPU)
+    with pytest.raises(ParallelError, match="needs CUDA"):
+        group_attention_backend(ulysses, "flash", CPU)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ulysses_async": True}, "--ulysses-async overlaps Ulysses' all-to-all: it needs --ulysses-degree"),
+        ({"num_gpus": 4, "ulysses_degree": 2, "ring_degree": 2, "ulysses_async": True}, "skips the Ring"),
+        ({"num_gpus": 2, "ulysses_async": True, "sp_runtime": DIFFUSERS}, "--ulysses-async is cache-dit's"),
+        ({"parallel_vae": True}, "--parallel-vae splits the decode over a group's GPUs"),
+        ({"num_gpus": 2, "parallel_vae": True, "sp_runtime": DIFFUSERS}, "--parallel-vae is cache-dit's"),
+        ({"num_gpus": 2, "sp_runtime": "megatron"}, "sp_runtime"),
+    ],
+)
+def test_cache_dit_features_are_refused_at_start_where_they_cannot_act(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        EngineOptions(**options)
+
+
+def test_the_layout_carries_the_runtime_and_features_and_describes_those_not_default() -> None:
+    layout = parallel_layout(EngineOptions(num_gpus=2, ulysses_async=True, parallel_vae=True))
+    assert (layout.ulysses, layout.runtime) == (2, "cache-dit")
+    assert layout.ulysses_async and layout.parallel_vae
+    assert layout.describe == "ulysses=2,ring=1,tp=1,ulysses_async,parallel_vae"
+    plain = parallel_layout(EngineOptions(num_gpus=2, ring_degree=2, sp_runtime=DIFFUSERS))
+    assert plain.describe == "ulysses=1,ring=2,tp=1,runtime=diffusers"
+    assert parallel_layout(EngineOptions(num_gpus=2)).describe == "ulysses=2,ring=1,tp=1"
 
 
 def _pipe_with_cp_config() -> SimpleNamespace:
@@ -93,12 +145,16 @@ def test_even_token_counts_take_the_even_split_and_others_the_uneven_one(
     assert (config.ulysses_anything, config.ring_anything) == (False, False)
     prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ulysses=2))  # 1008x1008
     assert (config.ulysses_anything, config.ring_anything) == (True, False)
-    prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ring=2))
+    prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ring=2, runtime=DIFFUSERS))
     assert (config.ulysses_anything, config.ring_anything) == (False, True)
     with pytest.raises(ParallelError, match="multiples of 64"):
         prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ulysses=2, ring=2))
     with pytest.raises(ParallelError, match="does not take reference images"):
         prepare_sequence_split(pipe, -1, ParallelLayout(ulysses=2, ring=2))
+    # cache-dit splits any length for Ulysses only
+    with pytest.raises(ParallelError, match="--sp-runtime diffusers has an uneven Ring"):
+        prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ring=2))
+    prepare_sequence_split(pipe, 64 * 64, ParallelLayout(ring=2))
 
 
 def test_cpu_groups_refuse_uneven_splits_that_gloo_cannot_gather(monkeypatch: pytest.MonkeyPatch) -> None:
