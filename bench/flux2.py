@@ -119,7 +119,9 @@ def measure(
     size = args.res
     references = reference_images(count, args.reference_size)
     warm = internal_params(size, size, 2, "off", prompt=PROMPT)
-    engine.generate(warm, lambda step, total: None, references=references)
+    warm_image = engine.generate(warm, lambda step, total: None, references=references).images[0]
+    if image_dir is not None:  # two steps: where layouts differ before the random weights amplify it
+        warm_image.save(image_dir / f"{args.tag}_refs{count}_2steps.png")
     for timer in timers.values():
         timer.take()
     params = internal_params(size, size, args.steps, "off", prompt=PROMPT)
