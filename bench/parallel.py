@@ -1,14 +1,19 @@
 """Multi-GPU benchmark: one worker group (``--num-gpus``) on FLUX.1-dev's architecture, random weights.
 
     python -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --output-file u2.json
+    python -m bench.parallel --num-gpus 2 --compile --ulysses-async --parallel-vae --cache fast
 
 The process is rank 0 of a real worker group (``worker.group``: it spawns ranks 1..N-1, shares
 each job over the control channel and runs the pipeline in lockstep with them), so the timings are
 those of the production path. Every rank builds the same random weights (same seed), applies the
-worker's load-time options (``FluxEngine.from_pipeline``: sequence parallelism, compile) and warms
-up. Before the group is formed, rank 0 draws a one-GPU image with the same seed and the plain
-pipeline; the group's image is compared with it (PSNR, max pixel difference): bf16 tolerance is
-expected, not equality. ``--profile`` adds a CUDA-kernel breakdown of one image on rank 0.
+worker's load-time options (``FluxEngine.from_pipeline``: sequence parallelism on ``--sp-runtime``,
+``--ulysses-async``, ``--parallel-vae``, compile; the Cache-DiT preset of ``--cache``: a step mask
+with the static policy, as ``bench.pipeline`` times them, or ``default``, the threshold preset of the
+``FLUXGATE_CACHE_DIT_*`` knobs) and warms up. Before the group is formed, rank 0 draws a one-GPU image
+with the same seed, the plain pipeline, the same cache preset and (``--parallel-vae``) the same decode
+tiles; the group's image is compared with it (PSNR, max pixel difference): bf16 tolerance is expected,
+not equality. ``--profile`` adds a CUDA-kernel breakdown of one image on rank 0. ``--smoke`` runs the
+tiny model on CPU ranks (gloo) to check the flags, not to time them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import statistics
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,17 +52,43 @@ def build_random_pipeline(smoke: bool) -> Any:
     return build_flux1_dev(f"cuda:{torch.cuda.current_device()}")
 
 
-def group_loader(smoke: Any, options: EngineOptions, environ: Mapping[str, str]) -> FluxEngine:
-    """Every rank's engine (a module-level function: spawned ranks import it); ``smoke`` rides in the
-    loader's model argument, ``--overlap`` in the environment the ranks inherit."""
+@dataclass(frozen=True)
+class BenchModel:
+    """What every rank builds: the tiny model on the CPU (``--smoke``) or FLUX.1-dev's shapes on its GPU,
+    with the Cache-DiT preset ``cache`` ("off": none)."""
+
+    smoke: bool
+    cache: str = "off"
+
+    def cache_factory(self, environ: Mapping[str, str]) -> Any:
+        """The engine's cache controller factory for ``cache``. A mask preset caches its mask's steps
+        (static policy, as ``bench.pipeline`` times them: random weights make a threshold meaningless);
+        ``default`` is the threshold preset of the ``FLUXGATE_CACHE_DIT_*`` knobs."""
+        if self.cache == "off":
+            return None
+        import dataclasses
+
+        from worker.optimizations.cache_dit import CacheDitConfig, apply_cache_dit, cache_config_from_env
+
+        if self.cache == "default":
+            config = dataclasses.replace(cache_config_from_env(environ), enabled=True)
+        else:
+            config = CacheDitConfig(enabled=True, scm_preset=self.cache, scm_policy="static", mc=-1)
+        return lambda pipe: apply_cache_dit(pipe, {self.cache: config})
+
+
+def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str, str]) -> FluxEngine:
+    """Every rank's engine (a module-level function: spawned ranks import it); ``model`` rides in the
+    loader's model argument, ``--overlap`` and the cache knobs in the environment the ranks inherit."""
     if os.environ.get("BENCH_COMM_OVERLAP") == "1":
         import torch._inductor.config as inductor_config
 
         # Let inductor move each block's all-to-alls next to independent compute (an experiment).
         inductor_config.reorder_for_compute_comm_overlap = True
-    device = torch.device("cpu") if smoke else torch.device("cuda", torch.cuda.current_device())
-    engine = FluxEngine.from_pipeline(build_random_pipeline(bool(smoke)), options, device)
-    engine.warmup(options.resolutions, [])
+    device = torch.device("cpu") if model.smoke else torch.device("cuda", torch.cuda.current_device())
+    pipeline = build_random_pipeline(model.smoke)
+    engine = FluxEngine.from_pipeline(pipeline, options, device, model.cache_factory(os.environ))
+    engine.warmup(options.resolutions, [model.cache])
     return engine
 
 
@@ -70,21 +102,53 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def timed(engine: Any, width: int, height: int, steps: int) -> tuple[float, np.ndarray]:
-    params = internal_params(width, height, steps, "off", prompt=PROMPT)
+def timed(engine: Any, width: int, height: int, steps: int, cache: str = "off") -> tuple[float, Any]:
+    """Seconds of one job, and its output (images, cached steps)."""
+    params = internal_params(width, height, steps, cache, prompt=PROMPT)
     synchronize()
     started = time.perf_counter()
-    image = engine.generate(params, lambda step, total: None).images[0]
+    output = engine.generate(params, lambda step, total: None)
     synchronize()
-    return time.perf_counter() - started, np.asarray(image)
+    return time.perf_counter() - started, output
 
 
-def kernel_breakdown(engine: Any, width: int, height: int, steps: int) -> dict[str, float]:
+def one_gpu_images(model: BenchModel, args: argparse.Namespace, sizes: list[int]) -> dict[int, np.ndarray]:
+    """The images of the plain pipeline on one device, same seed, cache preset and decode tiles."""
+    plain = build_random_pipeline(model.smoke)
+    plain.set_progress_bar_config(disable=True)
+    factory = model.cache_factory(os.environ)
+    controller = factory(plain) if factory else None
+    if args.parallel_vae:
+        from worker.parallel_vae import split_decode_tiles
+
+        split_decode_tiles(plain.vae, plain.vae.use_tiling)
+    images = {}
+    for size in sizes:
+        params = internal_params(size, size, args.steps, model.cache, prompt=PROMPT)
+        if controller is not None:
+            controller.prepare(model.cache, args.steps)
+        with torch.inference_mode():
+            generator = torch.Generator("cpu").manual_seed(params.image_seed(0))
+            image = plain(
+                prompt=PROMPT,
+                width=size,
+                height=size,
+                num_inference_steps=args.steps,
+                guidance_scale=3.5,
+                generator=generator,
+            ).images[0]
+        images[size] = np.asarray(image)
+    if controller is not None:
+        controller.prepare("off", args.steps)  # releases cache-dit's hold on this pipeline
+    return images
+
+
+def kernel_breakdown(engine: Any, width: int, height: int, steps: int, cache: str) -> dict[str, float]:
     """Seconds of CUDA kernel time per kind over one image on rank 0 (collectives, attention, GEMM...)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        timed(engine, width, height, steps)
+        timed(engine, width, height, steps, cache)
     kinds: dict[str, float] = {}
     for event in prof.key_averages():
         name = event.key.lower()
@@ -111,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ulysses-degree", type=int)
     parser.add_argument("--ring-degree", type=int)
     parser.add_argument("--tp-size", type=int, default=1, help="shard the T5 text encoder too")
+    parser.add_argument("--sp-runtime", default="cache-dit", choices=["cache-dit", "diffusers"])
+    parser.add_argument("--ulysses-async", action="store_true", help="cache-dit's async Ulysses")
+    parser.add_argument("--parallel-vae", action="store_true", help="split the decode over the group")
+    parser.add_argument(
+        "--cache",
+        default="off",
+        choices=["off", "default", "slow", "medium", "fast", "ultra"],
+        help="time this Cache-DiT preset (masks: static policy; default: the FLUXGATE_CACHE_DIT_* knobs)",
+    )
     parser.add_argument("--attention-backend")
     parser.add_argument("--quantize", default="none", choices=["none", "fp8"])
     parser.add_argument("--compile", action="store_true")
@@ -123,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-file")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU ranks (gloo), to check")
     args = parser.parse_args(argv)
+    if args.cache != "off" and args.sp_runtime == "diffusers":
+        parser.error("--cache needs --sp-runtime cache-dit: diffusers' context parallelism runs no presets")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     sizes = [args.res, *args.extra_res]
@@ -133,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree,
         tp_size=args.tp_size,
+        sp_runtime=args.sp_runtime,
+        ulysses_async=args.ulysses_async,
+        parallel_vae=args.parallel_vae,
         quantize=args.quantize,
         attention_backend=args.attention_backend,
         compile=args.compile,
@@ -144,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         "device": f"{gpus}x {torch.cuda.get_device_name(0)}" if gpus else "cpu",
         "torch": torch.__version__,
         "layout": {**dict(zip(("ulysses", "ring"), options.layout, strict=True)), "tp": args.tp_size},
+        "sp_runtime": args.sp_runtime,
+        "ulysses_async": args.ulysses_async,
+        "parallel_vae": args.parallel_vae,
+        "cache": args.cache,
         "compile": args.compile,
         "comm_overlap": args.overlap,
         "quantize": args.quantize,
@@ -151,41 +233,28 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.smoke:
         torch.cuda.set_device(0)
-    reference = {}
-    plain = build_random_pipeline(args.smoke)  # the one-GPU image of the same seed, before the group forms
-    plain.set_progress_bar_config(disable=True)
-    for size in sizes:
-        params = internal_params(size, size, args.steps, "off", prompt=PROMPT)
-        with torch.inference_mode():
-            generator = torch.Generator("cpu").manual_seed(params.image_seed(0))
-            image = plain(
-                prompt=PROMPT,
-                width=size,
-                height=size,
-                num_inference_steps=args.steps,
-                guidance_scale=3.5,
-                generator=generator,
-            ).images[0]
-        reference[size] = np.asarray(image)
-    del plain
+    model = BenchModel(args.smoke, args.cache)
+    reference = one_gpu_images(model, args, sizes)  # before the group forms: one device, no collectives
     if not args.smoke:
         torch.cuda.empty_cache()
 
     started = time.perf_counter()
     launcher = GroupLauncher.local(args.num_gpus, "cpu" if args.smoke else "cuda", timeout_s=600)
-    channel = launcher.start(args.smoke, options, group_loader)
-    engine = GroupEngine(group_loader(args.smoke, options, {}), channel, launcher.spec.keepalive_s, launcher)
+    channel = launcher.start(model, options, group_loader)
+    engine = GroupEngine(group_loader(model, options, {}), channel, launcher.spec.keepalive_s, launcher)
     engine.start()
     report["load_and_warmup_s"] = round(time.perf_counter() - started, 1)
     for size in sizes:
-        seconds, image = [], None
+        seconds, output = [], None
         for _ in range(args.repeats):
-            elapsed, image = timed(engine, size, size, args.steps)
+            elapsed, output = timed(engine, size, size, args.steps, args.cache)
             seconds.append(round(elapsed, 3))
-        assert image is not None
+        assert output is not None
+        image = np.asarray(output.images[0])
         report[f"{size}"] = {
             "seconds": seconds,
             "median_s": statistics.median(seconds),
+            "cached_steps": output.cached_steps,
             "psnr_vs_one_gpu_db": round(psnr(image, reference[size]), 2),
             "max_pixel_difference_vs_one_gpu": int(np.abs(image.astype(np.int16) - reference[size]).max()),
         }
@@ -193,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if gpus:
         report["peak_memory_gb_rank0"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     if args.profile and gpus:
-        report["kernel_seconds_rank0"] = kernel_breakdown(engine, args.res, args.res, args.steps)
+        report["kernel_seconds_rank0"] = kernel_breakdown(engine, args.res, args.res, args.steps, args.cache)
     print("RESULT " + json.dumps(report), flush=True)
     if args.output_file:
         with open(args.output_file, "w") as file:

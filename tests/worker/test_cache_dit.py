@@ -313,3 +313,11 @@ def test_presets_switch_on_top_of_a_parallelism_enabled_once() -> None:
         assert calls[0] == 8, preset  # every step went through the hooks, cached or not
         assert (transformer._is_parallelized, transformer._parallelism_config) == (True, "config")
     assert controller.cached_steps() == mask_cached(STATIC_PRESETS["fast"], 8)
+
+
+def test_presets_are_refused_on_diffusers_context_parallelism() -> None:
+    pipe: Any = build_tiny_pipeline("flux1")
+    pipe.transformer._parallel_config = object()  # what enable_parallelism(ContextParallelConfig) leaves
+    with pytest.raises(ValueError, match="need cache-dit's sequence parallelism"):
+        apply_cache_dit(pipe, STATIC_PRESETS)
+    assert apply_cache_dit(pipe, {}).preset_names == ("off",)

@@ -365,6 +365,18 @@ class CacheController:
             self._installed = None
 
 
+def _check_parallelism_is_cache_dits(transformer: Any) -> None:
+    """Under diffusers' context parallelism a cached step returns the whole sequence where the rank's
+    shard is expected (seen on CPU ranks); cache-dit's own parallelism marks the transformer."""
+    if getattr(transformer, "_parallel_config", None) is not None and not getattr(
+        transformer, "_is_parallelized", False
+    ):
+        raise ValueError(
+            "Cache-DiT presets in a group need cache-dit's sequence parallelism (--sp-runtime cache-dit), "
+            "not diffusers' context parallelism"
+        )
+
+
 def apply_cache_dit(pipe: Any, presets: Mapping[str, CacheDitConfig], default: str = OFF) -> CacheController:
     """Check the presets against ``pipe`` and install the default one; returns the per-call controller."""
     for name, config in presets.items():
@@ -378,6 +390,7 @@ def apply_cache_dit(pipe: Any, presets: Mapping[str, CacheDitConfig], default: s
             f"default cache preset {default!r} is not among {', '.join(controller.preset_names)}"
         )
     if presets:
+        _check_parallelism_is_cache_dits(pipe.transformer)
         _, prefixes = cache_dit.supported_pipelines()
         transformer_class = type(pipe.transformer).__name__
         if not any(transformer_class.startswith(prefix) for prefix in prefixes):
