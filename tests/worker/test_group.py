@@ -156,8 +156,11 @@ def test_a_text_encoder_sharded_over_two_ranks_draws_the_one_rank_image(
     assert tiny_group(model_dir, tmp_path, [64], tp_size=2)[64] <= 1
 
 
-def test_flux2s_mistral_encoder_sharded_over_two_ranks_draws_the_one_rank_image(tmp_path: Path) -> None:
-    """The tiny Mistral has one key/value head, which does not split in two: use a copy with two."""
+def test_flux2_with_its_mistral_encoder_sharded_async_ulysses_a_split_decode_and_a_preset(
+    tmp_path: Path,
+) -> None:
+    """FLUX.2 on every group feature at once, against one rank; its mask cached whole (static policy).
+    The tiny Mistral has one key/value head, which does not split in two: use a copy with two."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     from worker.tiny_flux2 import build_tiny_flux2_pipeline
@@ -167,7 +170,16 @@ def test_flux2s_mistral_encoder_sharded_over_two_ranks_draws_the_one_rank_image(
     config = Mistral3Config.from_pretrained(model_dir / "text_encoder")
     config.text_config.num_key_value_heads = 2
     Mistral3ForConditionalGeneration(config).save_pretrained(model_dir / "text_encoder")
-    assert tiny_group(model_dir, tmp_path, [64], tp_size=2)[64] <= 1
+    options = {"tp_size": 2, "ulysses_async": True, "parallel_vae": True}
+    jobs = [(64, "off"), (128, "fast"), (128, "off")]
+    static = {"FLUXGATE_CACHE_DIT_SCM_POLICY": "static"}
+    result = run_tiny_group(model_dir, tmp_path, jobs, options, ("fast",), static, steps=8)
+    assert result["layout"] == "ulysses=2,ring=1,tp=2,ulysses_async,parallel_vae"
+    for job in result["jobs"]:
+        assert "error" not in job, job
+        assert job["max_pixel_difference"] <= 1 and job["cached_steps"][0] == job["cached_steps"][1], job
+    assert [job["tiles"] for job in result["jobs"]] == [[1, 1], [2, 4], [2, 4]]
+    assert result["jobs"][1]["cached_steps"][0] == 3  # cache-dit's "fast" mask at 8 steps
 
 
 # Threshold knobs loose enough that random weights cache some steps: the "default" preset decides by

@@ -22,7 +22,8 @@ fixed at start; each request picks one or ``"off"``. How (cache-dit 1.5.3, paths
   must count pairs (``enable_separate_cfg=True``), or the mask runs out half-way.
 * **FluxKontextPipeline** works as-is: the context is the transformer's, no ``cache_context`` needed.
 * **Worker groups.** cache-dit's sequence parallelism is enabled once, at load (``worker.parallel``), and
-  the presets switch on top of it: ``KeepParallelism`` undoes what ``disable_cache`` does to it. Every
+  the presets switch on top of it: ``cache_dit_groups.KeepParallelism`` undoes what ``disable_cache``
+  does to it. Every
   rank takes the same decisions: masks are fixed, and the residual difference that a threshold compares
   is averaged over the world group, which is the group (``cache_contexts/cache_manager.py:611-614``,
   ``cache_blocks/pattern_base.py:370``).
@@ -32,13 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import cache_dit
 from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+
+from worker.optimizations.cache_dit_groups import KeepParallelism, check_parallelism_is_cache_dits
 
 OFF = "off"
 DEFAULT_PRESET = "default"
@@ -254,44 +256,6 @@ class CacheCallStats:
     executed_steps: int  # denoising steps that ran since prepare() (fewer if the call was interrupted)
 
 
-class KeepParallelism:
-    """Keeps cache-dit's sequence parallelism, enabled once at load, across ``disable_cache``.
-
-    ``disable_cache`` deletes the markers ``enable_parallelism`` left on the transformer and its extra
-    modules (``remove_parallelism_stats``, ``cache_adapters/cache_adapter.py:629-636``) though the
-    split/gather hooks stay. Without them the next ``enable_cache`` applies the FLUX.1 patch functor
-    (``patch_functors/functor_base.py:43``), whose forward replaces the hooked one, and each rank then
-    computes the whole sequence where its shard is expected (seen on CPU ranks: 32 tokens for 16). It
-    also rebinds the forward it saved with ``__get__`` (``cache_adapter.py:553``), which the hooks'
-    ``functools.partial`` lacks, so that forward is presented as a bound method.
-    """
-
-    MARKERS = ("_is_parallelized", "_parallelism_config", "_extra_parallel_modules")
-
-    def __init__(self, transformer: Any) -> None:
-        modules = [transformer, *getattr(transformer, "_extra_parallel_modules", [])]
-        self._markers = [
-            (module, {name: getattr(module, name) for name in self.MARKERS if hasattr(module, name)})
-            for module in modules
-        ]
-        hooked = vars(transformer).get("forward")
-        parallel = getattr(transformer, "_is_parallelized", False)
-        if parallel and callable(hooked) and not isinstance(hooked, types.MethodType):
-            transformer.forward = types.MethodType(_calling(hooked), transformer)
-
-    def restore(self) -> None:
-        for module, markers in self._markers:
-            for name, value in markers.items():
-                setattr(module, name, value)
-
-
-def _calling(function: Callable[..., Any]) -> Callable[..., Any]:
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return function(*args, **kwargs)
-
-    return forward
-
-
 class CacheController:
     """Switches the transformer between ``"off"`` and the presets fixed at start; one call at a time."""
 
@@ -365,18 +329,6 @@ class CacheController:
             self._installed = None
 
 
-def _check_parallelism_is_cache_dits(transformer: Any) -> None:
-    """Under diffusers' context parallelism a cached step returns the whole sequence where the rank's
-    shard is expected (seen on CPU ranks); cache-dit's own parallelism marks the transformer."""
-    if getattr(transformer, "_parallel_config", None) is not None and not getattr(
-        transformer, "_is_parallelized", False
-    ):
-        raise ValueError(
-            "Cache-DiT presets in a group need cache-dit's sequence parallelism (--sp-runtime cache-dit), "
-            "not diffusers' context parallelism"
-        )
-
-
 def apply_cache_dit(pipe: Any, presets: Mapping[str, CacheDitConfig], default: str = OFF) -> CacheController:
     """Check the presets against ``pipe`` and install the default one; returns the per-call controller."""
     for name, config in presets.items():
@@ -390,7 +342,7 @@ def apply_cache_dit(pipe: Any, presets: Mapping[str, CacheDitConfig], default: s
             f"default cache preset {default!r} is not among {', '.join(controller.preset_names)}"
         )
     if presets:
-        _check_parallelism_is_cache_dits(pipe.transformer)
+        check_parallelism_is_cache_dits(pipe.transformer)
         _, prefixes = cache_dit.supported_pipelines()
         transformer_class = type(pipe.transformer).__name__
         if not any(transformer_class.startswith(prefix) for prefix in prefixes):
