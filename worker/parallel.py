@@ -20,6 +20,7 @@ Two runtimes, one per process and never both (../shared/reference/libraries.md):
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,7 +66,15 @@ CACHE_DIT_BACKENDS = frozenset(
 # Those whose forward op returns the log-sum-exp Ring needs ("native" through torch's flash SDPA kernel,
 # which has no CPU implementation; "_sdpa_cudnn", "flash_varlen" and "sage3" raise on return_lse).
 CACHE_DIT_RING_BACKENDS = frozenset({"native", "flash", "_flash_3", "sage"})
-CACHE_DIT_NAME_OF = {"_native_cudnn": "_sdpa_cudnn", "_native_flash": "native", "_flash_3_hub": "_flash_3"}
+CACHE_DIT_NAME_OF = {"_native_cudnn": "_sdpa_cudnn"}
+# The package each cache-dit kernel imports (cache_dit/attention/backends/): checked at start.
+CACHE_DIT_PACKAGES = {
+    "flash": "flash_attn",
+    "flash_varlen": "flash_attn",
+    "_flash_3": "flash_attn_interface",
+    "sage": "sageattention",
+    "sage3": "sageattn3",
+}
 
 
 class ParallelError(ValueError):
@@ -153,6 +162,11 @@ def _cache_dit_backend(layout: ParallelLayout, chosen: str | None, device: torch
         )
     if device.type != "cuda" and name not in (None, "native"):
         raise ParallelError(f"--attention-backend {chosen!r} needs CUDA; a CPU group runs 'native'")
+    package = CACHE_DIT_PACKAGES.get(name or "")
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ParallelError(
+            f"--attention-backend {chosen!r} needs the {package!r} package, not installed here"
+        )
     if layout.ring > 1:
         if device.type != "cuda":
             raise ParallelError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from types import SimpleNamespace
 
 import pytest
@@ -84,13 +85,18 @@ def test_on_diffusers_ring_takes_cudnn_attention_unless_a_backend_returning_lse_
         group_attention_backend(ParallelLayout(ulysses=2, runtime=DIFFUSERS), "_native_efficient", CUDA)
 
 
-def test_on_cache_dit_a_group_takes_cache_dits_backends_and_ring_those_returning_lse() -> None:
+def test_on_cache_dit_a_group_takes_cache_dits_backends_and_ring_those_returning_lse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     ulysses, ring = ParallelLayout(ulysses=2), ParallelLayout(ring=2)
     assert group_attention_backend(ulysses, None, CUDA) is None  # cache-dit's "native" (SDPA)
     assert group_attention_backend(ulysses, "_SDPA_cudnn", CUDA) == "_sdpa_cudnn"
     assert group_attention_backend(ulysses, "native", CPU) == "native"
     assert group_attention_backend(ring, None, CUDA) is None  # native returns it through flash SDPA
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: name == "flash_attn" or None)
     assert group_attention_backend(ring, "flash", CUDA) == "flash"
+    with pytest.raises(ParallelError, match="needs the 'sageattention' package"):
+        group_attention_backend(ulysses, "sage", CUDA)
     with pytest.raises(ParallelError, match="cache-dit's name for it: '_sdpa_cudnn'"):
         group_attention_backend(ulysses, "_native_cudnn", CUDA)
     with pytest.raises(ParallelError, match="log-sum-exp: one of"):
