@@ -17,6 +17,11 @@
 #   batch   the whole stack at c=20, 28 steps, 1024x1024, once per --max-batch-size in BATCH_SIZES
 #           (default "1 2 4"), one after the other on the lane's GPU, each with a fresh compiled worker
 #           (one compile cache for all); BATCH_FLAGS (default --compile) are the worker's other flags
+#   flux2u2  FLUX.2-dev at full size on 2 GPUs: a group with Ulysses-2, fp8 transformer and the Mistral
+#            sharded (0, 1 and 4 references, 50 steps), then stock's transformer step on the first GPU
+#   flux2one FLUX.2-dev on one GPU, Mistral streamed from pinned memory: fp8, then bf16
+#   sp2      FLUX.1-dev Ulysses-2 on each sequence runtime (diffusers, cache-dit, cache-dit async), then
+#            async with a split decode and the `fast` preset; stock Ulysses-2 (torchrun) first
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
@@ -83,6 +88,29 @@ lane_batch() {  # one e2e run per batch size; each gets the lane's remaining tim
     python3 -m bench.e2e --out "$1/batch$size" --only c20-28steps --no-stock --budget-s $((end - SECONDS)) \
       --worker-flags "${BATCH_FLAGS:---compile} --max-batch-size $size"
   done
+}
+
+lane_flux2u2() {
+  python3 -m bench.flux2 --num-gpus 2 --ulysses-degree 2 --tp-size 2 --quantize fp8 --compile \
+    --references "${FLUX2_REFERENCES:-0,1,4}" --tag u2fp8 --image-dir "$1" --output-file "$1/u2fp8.json"
+  (cd .gpu && CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*} python3 stock_flux2_dev_transformer.py) \
+    >"$1/stock_flux2.log" 2>&1
+}
+
+lane_flux2one() {
+  local B="python3 -m bench.flux2 --compile --text-encoder-cpu-offload --pin-cpu-memory --image-dir $1"
+  $B --quantize fp8 --references 0,1 --tag one_fp8 --output-file "$1/one_fp8.json"
+  $B --references 0 --tag one_bf16 --output-file "$1/one_bf16.json"
+}
+
+lane_sp2() {
+  export FLUXGATE_COMPILE_CACHE_DIR=/tmp/sp2-cache
+  torchrun --nproc-per-node 2 --master-port 29612 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
+  $P --sp-runtime diffusers --output-file "$1/u2_diffusers.json"
+  $P --output-file "$1/u2_cachedit.json"
+  $P --ulysses-async --output-file "$1/u2_async.json"
+  $P --ulysses-async --parallel-vae --cache fast --output-file "$1/u2_async_vae_fast.json"
 }
 
 pids=()
