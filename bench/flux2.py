@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.parallel import psnr, synchronize
 from worker.engine import FluxEngine, internal_params
 from worker.options import EngineOptions
 
@@ -58,11 +58,6 @@ def group_loader(smoke: Any, options: EngineOptions, environ: Mapping[str, str])
     engine = FluxEngine.from_pipeline(build_pipeline(bool(smoke)), options, device)
     engine.warmup(options.resolutions, [])
     return engine
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class StageTimer:
@@ -100,11 +95,6 @@ def gpu_memory_in_use_gb() -> list[float]:
         free, total = torch.cuda.mem_get_info(index)
         used.append(round((total - free) / 1e9, 1))
     return used
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def compare(paths: list[str]) -> dict[str, float]:
