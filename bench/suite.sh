@@ -19,6 +19,7 @@
 #           (one compile cache for all); BATCH_FLAGS (default --compile) are the worker's other flags
 #   flux2u2  FLUX.2-dev at full size on 2 GPUs: a group with Ulysses-2, fp8 transformer and the Mistral
 #            sharded (0, 1 and 4 references, 50 steps), then stock's transformer step on the first GPU
+#   flux2u4  the same on 4 GPUs: Ulysses-4, fp8 transformer, the Mistral sharded four ways
 #   flux2one FLUX.2-dev on one GPU, Mistral streamed from pinned memory: fp8, then bf16
 #   sp2      FLUX.1-dev Ulysses-2 on each sequence runtime (diffusers, cache-dit, cache-dit async), then
 #            async with a split decode and the `fast` preset; stock Ulysses-2 (torchrun) first
@@ -95,6 +96,11 @@ lane_flux2u2() {
     --references "${FLUX2_REFERENCES:-0,1,4}" --tag u2fp8 --image-dir "$1" --output-file "$1/u2fp8.json"
   (cd .gpu && CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*} python3 stock_flux2_dev_transformer.py) \
     >"$1/stock_flux2.log" 2>&1
+}
+
+lane_flux2u4() {
+  python3 -m bench.flux2 --num-gpus 4 --ulysses-degree 4 --tp-size 4 --quantize fp8 --compile \
+    --references "${FLUX2_REFERENCES:-0,1,4}" --tag u4fp8 --image-dir "$1" --output-file "$1/u4fp8.json"
 }
 
 lane_flux2one() {
