@@ -125,7 +125,7 @@ def _parallelize(
         _keep_slice(getattr(module, name), rank, tp, dim=0, device=device)
     for name in rows:
         linear = getattr(module, name)
-        bias = linear.bias
+        bias = None if linear.bias is None else linear.bias.detach().to(device)
         linear.bias = None  # added once, after the partial sums are reduced
         _keep_slice(linear, rank, tp, dim=1, device=device)
         linear.register_forward_hook(_all_reduce_hook(group, bias))
@@ -158,7 +158,7 @@ def _all_reduce_hook(group: Any, bias: torch.Tensor | None) -> Any:
 
     def reduce(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(output, group=group)
-        return output if bias is None else output + bias.to(output.device)
+        return output if bias is None else output + bias
 
     return reduce
 
