@@ -3,6 +3,8 @@
     # 2 GPUs: a worker group, fp8 transformer in Ulysses-2, Mistral sharded over both GPUs
     python -m bench.flux2 --num-gpus 2 --ulysses-degree 2 --tp-size 2 --quantize fp8 --compile \\
         --references 0,1,4 --output-file $OUT/u2.json --image-dir $OUT
+    # 2 GPUs, lossless: the bf16 transformer and the Mistral both sharded (tensor parallel)
+    python -m bench.flux2 --num-gpus 2 --dit-tp-size 2 --tp-size 2 --compile --references 0,1
     # 1 GPU: the transformer resident, the text encoder streamed from pinned CPU memory
     python -m bench.flux2 --text-encoder-cpu-offload --pin-cpu-memory --compile --output-file one.json
 
@@ -147,6 +149,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree,
         tp_size=args.tp_size,
+        dit_tp_size=args.dit_tp_size,
         quantize=args.quantize,
         compile=args.compile,
         text_encoder_cpu_offload=args.text_encoder_cpu_offload,
@@ -162,6 +165,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ulysses-degree", type=int)
     parser.add_argument("--ring-degree", type=int)
     parser.add_argument("--tp-size", type=int, default=1, help="shard the Mistral text encoder")
+    parser.add_argument("--dit-tp-size", type=int, default=1, help="shard the transformer (no Ulysses)")
     parser.add_argument("--quantize", default="none", choices=["none", "fp8"])
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--text-encoder-cpu-offload", action="store_true")
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ulysses_degree",
                 "ring_degree",
                 "tp_size",
+                "dit_tp_size",
                 "quantize",
                 "compile",
                 "text_encoder_cpu_offload",

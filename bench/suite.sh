@@ -19,7 +19,8 @@
 #           (one compile cache for all); BATCH_FLAGS (default --compile) are the worker's other flags
 #   flux2u2  FLUX.2-dev at full size on 2 GPUs: a group with Ulysses-2, fp8 transformer and the Mistral
 #            sharded (0, 1 and 4 references, 50 steps), then stock's transformer step on the first GPU
-#   flux2u4  the same on 4 GPUs: Ulysses-4, fp8 transformer, the Mistral sharded four ways
+#   flux2tp2 FLUX.2-dev on 2 GPUs lossless: bf16 transformer and Mistral both tensor parallel
+#   flux2u4  the same as flux2u2 on 4 GPUs: Ulysses-4, fp8 transformer, the Mistral sharded four ways
 #   flux2one FLUX.2-dev on one GPU, Mistral streamed from pinned memory: fp8, then bf16
 #   sp2      FLUX.1-dev Ulysses-2 on each sequence runtime (diffusers, cache-dit, cache-dit async), then
 #            async with a split decode and the `fast` preset; stock Ulysses-2 (torchrun) first
@@ -96,6 +97,11 @@ lane_flux2u2() {
     --references "${FLUX2_REFERENCES:-0,1,4}" --tag u2fp8 --image-dir "$1" --output-file "$1/u2fp8.json"
   (cd .gpu && CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*} python3 stock_flux2_dev_transformer.py) \
     >"$1/stock_flux2.log" 2>&1
+}
+
+lane_flux2tp2() {
+  python3 -m bench.flux2 --num-gpus 2 --dit-tp-size 2 --tp-size 2 --compile \
+    --references "${FLUX2_REFERENCES:-0,1}" --tag tp2bf16 --image-dir "$1" --output-file "$1/tp2bf16.json"
 }
 
 lane_flux2u4() {

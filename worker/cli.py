@@ -59,6 +59,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ulysses-degree", type=int, help="Ulysses (all-to-all attention) degree")
     add("--ring-degree", type=int, help="Ring attention degree")
     add("--tp-size", type=int, help="tensor-parallel degree of the text encoder within the group")
+    add("--dit-tp-size", type=int, help="shard the transformer over the whole group (no Ulysses/Ring)")
     add(
         "--sp-runtime",
         choices=["cache-dit", "diffusers"],

@@ -28,7 +28,7 @@ from worker.parallel import (
     parallel_layout,
     prepare_sequence_split,
 )
-from worker.tensor_parallel import apply_text_encoder_tp, sharded_text_encoder
+from worker.tensor_parallel import apply_text_encoder_tp, apply_transformer_tp, sharded_text_encoder
 from worker.types import GenerationOutput, StepCallback
 
 log = logging.getLogger("fluxgate.engine")
@@ -125,6 +125,7 @@ def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device
     )
     # A text encoder sharded over the group is placed shard by shard, later (worker.tensor_parallel).
     sharded = frozenset({sharded_text_encoder(pipeline)}) if options.tp_size > 1 else frozenset()
+    sharded |= {"transformer"} if options.dit_tp_size > 1 else set()
     offloaded = apply_offload(pipeline, offload, device, placed_elsewhere=sharded)
     if options.quantize == "fp8":  # after placement (quantizing on the GPU takes seconds), before compile
         apply_fp8(pipeline, Fp8Config(), device)
@@ -177,6 +178,8 @@ class FluxEngine:
             apply_sequence_parallel(pipeline, layout, options.attention_backend, device)
         if layout.tp > 1:
             apply_text_encoder_tp(pipeline, layout.tp, device)
+        if layout.dit_tp > 1:  # before compile; --dit-tp-size excludes sequence parallelism and fp8
+            apply_transformer_tp(pipeline, layout.dit_tp, device)
         engine = cls(pipeline, device, cache(pipeline) if cache else None)
         engine.offloaded = offloaded
         engine.layout = layout

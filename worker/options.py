@@ -50,6 +50,7 @@ class EngineOptions(BaseSettings):
     ulysses_degree: int | None = Field(default=None, ge=1)
     ring_degree: int | None = Field(default=None, ge=1)
     tp_size: int = Field(default=1, ge=1)
+    dit_tp_size: int = Field(default=1, ge=1)
     group_timeout_s: float = Field(default=300.0, gt=0)
     # A group's sequence parallelism (docs/design.md, "Multi-GPU worker groups"): cache-dit's runtime, or
     # diffusers' to compare; async Ulysses and the decode split are cache-dit's.
@@ -105,6 +106,9 @@ class EngineOptions(BaseSettings):
                 f"({ulysses} x {ring})"
             )
         sp = self.layout[0] * self.layout[1]
+        if self.dit_tp_size > 1:
+            self._check_transformer_tp(sp)
+            return
         if sp > self.num_gpus:
             raise ValueError(f"the sequence-parallel degree {sp} exceeds --num-gpus {self.num_gpus}")
         if sp != self.num_gpus:
@@ -125,6 +129,26 @@ class EngineOptions(BaseSettings):
                 "offloading is for one GPU; a multi-GPU group (--num-gpus > 1) keeps weights resident"
             )
         self._check_group_features()
+
+    def _check_transformer_tp(self, sp: int) -> None:
+        """``--dit-tp-size`` shards the transformer over the whole group, without sequence parallelism."""
+        tp = self.dit_tp_size
+        if tp != self.num_gpus or sp != 1:
+            raise ValueError(
+                f"--dit-tp-size {tp} shards the transformer over the whole group: it must equal --num-gpus "
+                f"({self.num_gpus}), without --ulysses-degree, --ring-degree or --sp-degree"
+            )
+        if self.num_gpus % self.tp_size:
+            raise ValueError(f"--tp-size {self.tp_size} must divide --num-gpus {self.num_gpus}")
+        for flag, on in (
+            ("--quantize fp8", self.quantize != "none"),
+            ("--max-batch-size", self.max_batch_size > 1),
+            ("an offload option", self.any_offload),
+            ("--ulysses-async", self.ulysses_async),
+            ("--parallel-vae", self.parallel_vae),
+        ):
+            if on:
+                raise ValueError(f"--dit-tp-size {tp} does not combine with {flag}")
 
     def _check_group_features(self) -> None:
         """Async Ulysses and the decode split are cache-dit's, and need a group (and Ulysses) to act on."""
@@ -166,7 +190,7 @@ class EngineOptions(BaseSettings):
         """(ulysses, ring) degrees; ``--sp-degree`` or ``--num-gpus`` alone means Ulysses over all of them."""
         if self.ulysses_degree or self.ring_degree:
             return self.ulysses_degree or 1, self.ring_degree or 1
-        return self.sp_degree or self.num_gpus, 1
+        return self.sp_degree or self.num_gpus // self.dit_tp_size, 1
 
     @property
     def resolutions(self) -> list[tuple[int, int]]:

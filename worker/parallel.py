@@ -89,6 +89,7 @@ class ParallelLayout:
     ulysses: int = 1
     ring: int = 1
     tp: int = 1
+    dit_tp: int = 1
     runtime: str = "cache-dit"
     ulysses_async: bool = False
     parallel_vae: bool = False
@@ -99,7 +100,8 @@ class ParallelLayout:
 
     @property
     def describe(self) -> str:
-        extras = [f"runtime={self.runtime}"] if self.runtime != RUNTIMES[0] else []
+        extras = [f"dit_tp={self.dit_tp}"] if self.dit_tp > 1 else []
+        extras += [f"runtime={self.runtime}"] if self.runtime != RUNTIMES[0] else []
         extras += [name for name in ("ulysses_async", "parallel_vae") if getattr(self, name)]
         return ",".join([f"ulysses={self.ulysses},ring={self.ring},tp={self.tp}", *extras])
 
@@ -111,6 +113,7 @@ def parallel_layout(options: EngineOptions) -> ParallelLayout:
         ulysses=ulysses,
         ring=ring,
         tp=options.tp_size,
+        dit_tp=options.dit_tp_size,
         runtime=options.sp_runtime,
         ulysses_async=options.ulysses_async,
         parallel_vae=options.parallel_vae,

@@ -1,4 +1,5 @@
-"""Tensor parallelism of the text encoder within a worker group (``--tp-size``).
+"""Tensor parallelism within a worker group: the text encoder (``--tp-size``) and the transformer
+(``--dit-tp-size``).
 
 FLUX.1's T5-XXL encoder (4.7B parameters, 9.5 GB in bf16) and FLUX.2's Mistral Small (24B, 48 GB)
 are held whole by every rank unless they are sharded. Megatron-style: the query/key/value and the
@@ -7,6 +8,12 @@ attention heads), the output projections by input features (row parallel: one al
 sub-layer). T5's relative position bias, an embedding with one column per head, keeps the columns
 of the rank's heads. Each rank then holds 1/tp of the encoder, and every rank still gets the full
 prompt embedding.
+
+The transformer follows its own diffusers ``_tp_plan`` (FLUX.1 and FLUX.2 both have one): the same
+column/row pairs, plus packed projections whose fused blocks (FLUX.2's Q, K, V, gate and up in one
+linear) are each split, so every rank's slice keeps the blocks in proportion; diffusers' attention
+processors reshape by head size, so they run on a rank's heads unchanged. Modulation, embedders and
+norms stay whole on every rank.
 
 The shards are plain tensors in plain ``nn.Linear`` layers, and the all-reduce is a forward hook on
 each row-parallel layer. torch's ``parallelize_module`` (DTensor) did the same math, but its
@@ -107,6 +114,61 @@ def _shard_mistral(encoder: Any, tp: int, device: torch.device) -> None:
         _parallelize(layer.self_attn, mesh, device, columns=("q_proj", "k_proj", "v_proj"), rows=("o_proj",))
         _parallelize(layer.mlp, mesh, device, columns=("gate_proj", "up_proj"), rows=("down_proj",))
     log.info("Mistral text encoder sharded over %d ranks", tp)
+
+
+def apply_transformer_tp(pipe: Any, tp: int, device: torch.device) -> None:
+    """Shard the transformer over ``tp`` ranks by its diffusers ``_tp_plan`` and place it on this rank's
+    device, copying only this rank's slices (the engine leaves the transformer where it was loaded)."""
+    from diffusers.hooks.tensor_parallel import resolve_tp_shard_specs
+
+    transformer = pipe.transformer
+    plan = getattr(transformer, "_tp_plan", None)
+    if not plan:
+        raise ParallelError(f"--dit-tp-size: {type(transformer).__name__} has no tensor-parallel plan")
+    heads = int(transformer.config.num_attention_heads)
+    if heads % tp:
+        raise ParallelError(f"--dit-tp-size {tp} must divide the transformer's {heads} attention heads")
+    try:
+        specs = resolve_tp_shard_specs(transformer, plan, tp)
+    except ValueError as error:
+        raise ParallelError(f"--dit-tp-size {tp}: {error}") from error
+    mesh = tensor_parallel_mesh(tp, device)
+    paths = sorted({name.rsplit(".", 1)[0] for name in specs})
+    for path in paths:
+        _shard_planned_linear(transformer.get_submodule(path), specs[f"{path}.weight"], mesh, device)
+    transformer.to(device)
+    log.info("transformer sharded over %d ranks (%d linear layers)", tp, len(paths))
+
+
+def _shard_planned_linear(linear: nn.Linear, spec: Any, mesh: Any, device: torch.device) -> None:
+    """Keep this rank's slice of a planned linear: its output features (``spec.dim`` 0, column parallel) or
+    its input features (1, row parallel: an all-reduce after it, then the bias), block by block."""
+    rank, tp = mesh.get_local_rank(), mesh.size()
+    bias = None
+    if linear.bias is not None and spec.dim == 1:  # added once, after the partial sums are reduced
+        bias = linear.bias.detach().to(device)
+        linear.register_parameter("bias", None)
+    with torch.no_grad():
+        weight = _blocks_slice(linear.weight, spec.dim, spec.block_sizes, rank, tp, device)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if linear.bias is not None:
+            local_bias = _blocks_slice(linear.bias, 0, spec.block_sizes, rank, tp, device)
+            linear.bias = nn.Parameter(local_bias, requires_grad=False)
+    linear.out_features, linear.in_features = linear.weight.shape
+    if spec.dim == 1:
+        linear.register_forward_hook(_all_reduce_hook(mesh.get_group(), bias))
+
+
+def _blocks_slice(
+    tensor: torch.Tensor, dim: int, block_sizes: list[int], rank: int, tp: int, device: torch.device
+) -> torch.Tensor:
+    """This rank's 1/tp of each block of ``tensor`` along ``dim``, concatenated, copied to ``device``."""
+    parts, offset = [], 0
+    for size in block_sizes:
+        chunk = size // tp
+        parts.append(_own_copy(tensor.narrow(dim, offset + rank * chunk, chunk), device))
+        offset += size
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _check_divides(tp: int, sizes: dict[str, int]) -> None:

@@ -182,6 +182,23 @@ def test_flux2_with_its_mistral_encoder_sharded_async_ulysses_a_split_decode_and
     assert result["jobs"][1]["cached_steps"][0] == 3  # cache-dit's "fast" mask at 8 steps
 
 
+@pytest.mark.parametrize("kind", ["flux1", "flux2"])
+def test_a_transformer_sharded_over_two_ranks_draws_the_one_rank_image_at_any_size(
+    tmp_path: Path, tiny_model_dir: Path, kind: str
+) -> None:
+    """--dit-tp-size splits weights, not the sequence: 48x48 (9 image tokens) runs too."""
+    from worker.tiny_flux2 import build_tiny_flux2_pipeline
+
+    model_dir = tiny_model_dir
+    if kind == "flux2":
+        model_dir = tmp_path / "tiny-flux2"
+        build_tiny_flux2_pipeline().save_pretrained(model_dir)
+    result = run_tiny_group(model_dir, tmp_path, [(64, "off"), (48, "off")], {"dit_tp_size": 2})
+    assert result["layout"] == "ulysses=1,ring=1,tp=1,dit_tp=2"
+    for job in result["jobs"]:
+        assert "error" not in job and job["max_pixel_difference"] <= 1, job
+
+
 # Threshold knobs loose enough that random weights cache some steps: the "default" preset decides by
 # threshold alone, "fast"/"medium" (the default "dynamic" policy) by threshold on their mask's cache steps.
 LOOSE_THRESHOLD = {

@@ -48,6 +48,10 @@ def test_degrees_default_to_ulysses_over_every_gpu_of_the_group(
         ({"num_gpus": 2, "tp_size": 3}, "--tp-size 3 must divide --num-gpus 2"),
         ({"num_gpus": 2, "dit_cpu_offload": True}, "offloading is for one GPU"),
         ({"num_gpus": 0}, "num_gpus"),
+        ({"num_gpus": 4, "dit_tp_size": 2}, "--dit-tp-size 2 shards the transformer over the whole group"),
+        ({"num_gpus": 2, "dit_tp_size": 2, "ulysses_degree": 2}, "without --ulysses-degree"),
+        ({"num_gpus": 2, "dit_tp_size": 2, "quantize": "fp8"}, "does not combine with --quantize fp8"),
+        ({"num_gpus": 2, "dit_tp_size": 2, "parallel_vae": True}, "does not combine with --parallel-vae"),
     ],
 )
 def test_impossible_layouts_are_refused_at_start_naming_the_flag(
