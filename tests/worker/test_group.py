@@ -225,6 +225,19 @@ def test_cache_dit_presets_in_a_group_draw_the_one_rank_cached_image_and_count_t
         assert (group == 0) == (job["preset"] == "off"), job
 
 
+def test_cache_dit_presets_on_a_transformer_sharded_over_two_ranks_cache_the_one_rank_steps(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    jobs = [(64, "fast"), (64, "off"), (64, "default")]
+    result = run_tiny_group(
+        tiny_model_dir, tmp_path, jobs, {"dit_tp_size": 2}, ("fast", "default"), LOOSE_THRESHOLD, steps=8
+    )
+    for job in result["jobs"]:
+        assert "error" not in job and job["max_pixel_difference"] <= 1, job
+        assert job["cached_steps"][0] == job["cached_steps"][1], job
+    assert [job["cached_steps"][0] > 0 for job in result["jobs"]] == [True, False, True]
+
+
 def test_async_ulysses_and_a_split_decode_draw_the_one_rank_image(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
