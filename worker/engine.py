@@ -123,7 +123,7 @@ def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device
         gpu_memory_budget_gb=options.gpu_memory_budget_gb,
         blocks_per_group=options.offload_blocks_per_group,
     )
-    # A text encoder sharded over the group is placed shard by shard, later (worker.tensor_parallel).
+    # What is sharded over the group is placed shard by shard, later (worker.tensor_parallel).
     sharded = frozenset({sharded_text_encoder(pipeline)}) if options.tp_size > 1 else frozenset()
     sharded |= {"transformer"} if options.dit_tp_size > 1 else set()
     offloaded = apply_offload(pipeline, offload, device, placed_elsewhere=sharded)

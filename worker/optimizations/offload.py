@@ -65,8 +65,8 @@ def apply_offload(
 
     The transformer is offloaded block by block (its repeated blocks are the unit of compute);
     text encoders and the VAE leaf by leaf. Components in ``placed_elsewhere`` are left where they
-    are: a text encoder sharded over a worker group lands on the GPU one shard at a time
-    (``worker.tensor_parallel``); moving it whole first would need all of it on every GPU. Returns
+    are: a text encoder or transformer sharded over a worker group lands on the GPU one shard at a
+    time (``worker.tensor_parallel``); moving it whole first would need all of it on every GPU. Returns
     the names of the offloaded components.
     """
     offloaded = offloaded_components(pipe, config) - placed_elsewhere
