@@ -11,6 +11,19 @@ from typing import Any
 from tests.support import free_port
 
 
+def on_two_ranks(target: Any, tmp_path: Path) -> list[dict[str, Any]]:
+    """Run ``target(rank, port, out)`` on two spawned gloo ranks; each rank's JSON report."""
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    ranks = [context.Process(target=target, args=(rank, port, str(tmp_path))) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
 def shard_and_compare(rank: int, port: int, out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -38,16 +51,7 @@ def shard_and_compare(rank: int, port: int, out: str) -> None:
 
 
 def test_a_column_then_row_sharded_pair_computes_the_whole_pair_with_its_biases(tmp_path: Path) -> None:
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    ranks = [context.Process(target=shard_and_compare, args=(rank, port, str(tmp_path))) for rank in (0, 1)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=120)
-        assert process.exitcode == 0
-    for rank in (0, 1):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for report in on_two_ranks(shard_and_compare, tmp_path):
         assert report["max_difference"] < 1e-5
         assert (report["up"], report["down"]) == ([6, 8], [6, 6])  # half the up's outputs, the down's inputs
 
@@ -90,17 +94,6 @@ def shard_flux2_transformer(rank: int, port: int, out: str) -> None:
 
 def test_flux2s_transformer_sharded_by_its_plan_computes_the_whole_transformer(tmp_path: Path) -> None:
     """Packed projections included: the single blocks' fused Q/K/V/gate/up linear keeps half of each block."""
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    ranks = [
-        context.Process(target=shard_flux2_transformer, args=(rank, port, str(tmp_path))) for rank in (0, 1)
-    ]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=120)
-        assert process.exitcode == 0
-    for rank in (0, 1):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for report in on_two_ranks(shard_flux2_transformer, tmp_path):
         assert report["max_difference"] < 1e-4
         assert report["rows"][1] * 2 == report["rows"][0]
