@@ -19,6 +19,7 @@
 #           (one compile cache for all); BATCH_FLAGS (default --compile) are the worker's other flags
 #   flux2u2  FLUX.2-dev at full size on 2 GPUs: a group with Ulysses-2, fp8 transformer and the Mistral
 #            sharded (0, 1 and 4 references, 50 steps), then stock's transformer step on the first GPU
+#   offload  the streamed transformer (budget 24 GB) with 1, 2 and 4 blocks per copy group
 #   flux2tp2 FLUX.2-dev on 2 GPUs lossless: bf16 transformer and Mistral both tensor parallel
 #   flux2u4  the same as flux2u2 on 4 GPUs: Ulysses-4, fp8 transformer, the Mistral sharded four ways
 #   flux2one FLUX.2-dev on one GPU, Mistral streamed from pinned memory: fp8, then bf16
@@ -97,6 +98,11 @@ lane_flux2u2() {
     --references "${FLUX2_REFERENCES:-0,1,4}" --tag u2fp8 --image-dir "$1" --output-file "$1/u2fp8.json"
   (cd .gpu && CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*} python3 stock_flux2_dev_transformer.py) \
     >"$1/stock_flux2.log" 2>&1
+}
+
+lane_offload() {
+  python3 -m bench.pipeline --variants offload-budget-24,offload-budget-24-g2,offload-budget-24-g4 --repeats 1 \
+    --output-file "$1/offload.json"
 }
 
 lane_flux2tp2() {
