@@ -112,7 +112,7 @@ def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device
         check_vae_fits(pipeline, options.vae_path)
     if options.vae_tiling:
         apply_vae_tiling(pipeline)
-    backend = attention_backend_for(options_layout(options), options.attention_backend, device)
+    backend = attention_backend_for(parallel_layout(options), options.attention_backend, device)
     if backend:
         apply_attention_backend(pipeline, backend)
     offload = OffloadConfig(
@@ -131,11 +131,6 @@ def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device
         apply_fp8(pipeline, Fp8Config(), device)
     pipeline.set_progress_bar_config(disable=True)
     return offloaded
-
-
-def options_layout(options: EngineOptions) -> ParallelLayout:
-    ulysses, ring = options.layout
-    return ParallelLayout(ulysses=ulysses, ring=ring, tp=options.tp_size)
 
 
 class FluxEngine:

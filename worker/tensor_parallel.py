@@ -135,27 +135,32 @@ def apply_transformer_tp(pipe: Any, tp: int, device: torch.device) -> None:
     mesh = tensor_parallel_mesh(tp, device)
     paths = sorted({name.rsplit(".", 1)[0] for name in specs})
     for path in paths:
-        _shard_planned_linear(transformer.get_submodule(path), specs[f"{path}.weight"], mesh, device)
+        spec = specs[f"{path}.weight"]
+        assert spec.dim is not None and spec.block_sizes is not None  # only a row-parallel bias is unsharded
+        _shard_linear(transformer.get_submodule(path), spec.dim, spec.block_sizes, mesh, device)
     transformer.to(device)
     log.info("transformer sharded over %d ranks (%d linear layers)", tp, len(paths))
 
 
-def _shard_planned_linear(linear: nn.Linear, spec: Any, mesh: Any, device: torch.device) -> None:
-    """Keep this rank's slice of a planned linear: its output features (``spec.dim`` 0, column parallel) or
-    its input features (1, row parallel: an all-reduce after it, then the bias), block by block."""
+def _shard_linear(
+    linear: nn.Linear, dim: int, block_sizes: list[int], mesh: Any, device: torch.device
+) -> None:
+    """Keep this rank's 1/tp of each block of a linear's output features (``dim`` 0, column parallel) or
+    input features (1, row parallel: an all-reduce after it, then the bias), copied to ``device`` on
+    their own (the whole weight never goes there)."""
     rank, tp = mesh.get_local_rank(), mesh.size()
     bias = None
-    if linear.bias is not None and spec.dim == 1:  # added once, after the partial sums are reduced
+    if linear.bias is not None and dim == 1:  # added once, after the partial sums are reduced
         bias = linear.bias.detach().to(device)
         linear.register_parameter("bias", None)
     with torch.no_grad():
-        weight = _blocks_slice(linear.weight, spec.dim, spec.block_sizes, rank, tp, device)
+        weight = _blocks_slice(linear.weight, dim, block_sizes, rank, tp, device)
         linear.weight = nn.Parameter(weight, requires_grad=False)
         if linear.bias is not None:
-            local_bias = _blocks_slice(linear.bias, 0, spec.block_sizes, rank, tp, device)
+            local_bias = _blocks_slice(linear.bias, 0, block_sizes, rank, tp, device)
             linear.bias = nn.Parameter(local_bias, requires_grad=False)
     linear.out_features, linear.in_features = linear.weight.shape
-    if spec.dim == 1:
+    if dim == 1:
         linear.register_forward_hook(_all_reduce_hook(mesh.get_group(), bias))
 
 
@@ -182,32 +187,10 @@ def _parallelize(
 ) -> None:
     """Megatron's pair: inputs split by output features (column parallel), outputs by input features
     (row parallel, then one all-reduce of the partial sums)."""
-    group, rank, tp = mesh.get_group(), mesh.get_local_rank(), mesh.size()
-    for name in columns:
-        _keep_slice(getattr(module, name), rank, tp, dim=0, device=device)
-    for name in rows:
-        linear = getattr(module, name)
-        bias = None if linear.bias is None else linear.bias.detach().to(device)
-        linear.bias = None  # added once, after the partial sums are reduced
-        _keep_slice(linear, rank, tp, dim=1, device=device)
-        linear.register_forward_hook(_all_reduce_hook(group, bias))
-
-
-def _keep_slice(linear: nn.Linear, rank: int, tp: int, dim: int, device: torch.device) -> None:
-    """Keep this rank's 1/tp of a linear layer's output (``dim=0``) or input (``dim=1``) features,
-    copied to ``device`` on its own (the whole weight never goes there)."""
-    with torch.no_grad():
-        size = linear.weight.shape[dim] // tp
-        shard = linear.weight.narrow(dim, rank * size, size)
-        linear.weight = nn.Parameter(_own_copy(shard, device), requires_grad=False)
-        if dim == 0 and linear.bias is not None:
-            linear.bias = nn.Parameter(
-                _own_copy(linear.bias.narrow(0, rank * size, size), device), requires_grad=False
-            )
-    if dim == 0:
-        linear.out_features = size
-    else:
-        linear.in_features = size
+    for names, dim in ((columns, 0), (rows, 1)):
+        for name in names:
+            linear = getattr(module, name)
+            _shard_linear(linear, dim, [linear.weight.shape[dim]], mesh, device)
 
 
 def _own_copy(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
