@@ -48,11 +48,17 @@ def word_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
     )
 
 
-def init_random(module: torch.nn.Module) -> torch.nn.Module:
-    """normal(0, 0.02) weights, unit norm scales, zero biases: activations stay in a realistic range."""
+def init_random(module: torch.nn.Module, draw_on: torch.device | None = None) -> torch.nn.Module:
+    """normal(0, 0.02) weights, unit norm scales, zero biases: activations stay in a realistic range.
+
+    ``draw_on``: draw the normal values on that device and copy them in (CPU weights filled from a GPU's
+    generator, much faster than the CPU's); by default each parameter draws on its own device."""
     with torch.no_grad():
         for name, parameter in module.named_parameters():
-            if parameter.dim() >= 2:
+            if parameter.dim() >= 2 and draw_on is not None:
+                drawn = torch.empty(parameter.shape, dtype=parameter.dtype, device=draw_on)
+                parameter.copy_(drawn.normal_(0, 0.02))
+            elif parameter.dim() >= 2:
                 parameter.normal_(0, 0.02)
             elif "norm" in name and name.endswith("weight"):
                 parameter.fill_(1.0)

@@ -70,20 +70,12 @@ def mistral_small_config() -> Any:
 def random_on_cpu(module: torch.nn.Module, generator_device: torch.device) -> torch.nn.Module:
     """Give a meta-built module CPU memory and random weights drawn on ``generator_device``.
 
-    Same rule as ``init_random`` (normal(0, 0.02) matrices, unit norm scales, zero biases). The
-    rotary embeddings' frequency buffers are computed at construction, which the meta device skipped:
-    they are rebuilt from each module's config.
+    ``init_random``'s rule, drawn on ``generator_device``. The rotary embeddings' frequency buffers are
+    computed at construction, which the meta device skipped: they are rebuilt from each module's config.
     """
     module.to_empty(device="cpu")
+    init_random(module, draw_on=generator_device)
     with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if parameter.dim() >= 2:
-                drawn = torch.empty(parameter.shape, dtype=parameter.dtype, device=generator_device)
-                parameter.copy_(drawn.normal_(0, 0.02))
-            elif "norm" in name and name.endswith("weight"):
-                parameter.fill_(1.0)
-            else:
-                parameter.zero_()
         for rotary in [child for child in module.modules() if hasattr(child, "inv_freq")]:
             fresh = type(rotary)(rotary.config)
             for buffer_name, buffer in fresh.named_buffers(recurse=False):
