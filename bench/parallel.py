@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.profiling import kernel_seconds
 from worker.engine import FluxEngine, internal_params
 from worker.options import EngineOptions
 
@@ -143,28 +144,9 @@ def one_gpu_images(model: BenchModel, args: argparse.Namespace, sizes: list[int]
     return images
 
 
-def kernel_breakdown(engine: Any, width: int, height: int, steps: int, cache: str) -> dict[str, float]:
+def kernel_breakdown(engine: Any, width: int, height: int, steps: int, cache: str) -> dict[str, Any]:
     """Seconds of CUDA kernel time per kind over one image on rank 0 (collectives, attention, GEMM...)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        timed(engine, width, height, steps, cache)
-    kinds: dict[str, float] = {}
-    for event in prof.key_averages():
-        name = event.key.lower()
-        seconds = event.device_time_total / 1e6 if hasattr(event, "device_time_total") else 0.0
-        if seconds <= 0:
-            continue
-        if "nccl" in name:
-            kind = "collectives (NCCL)"
-        elif "attention" in name or "flash" in name or "cudnn" in name or "fmha" in name or "sdpa" in name:
-            kind = "attention"
-        elif "gemm" in name or "matmul" in name or "cutlass" in name or "sm90" in name or "nvjet" in name:
-            kind = "GEMM"
-        else:
-            kind = "other (elementwise, norms, copies)"
-        kinds[kind] = kinds.get(kind, 0.0) + seconds
-    return {kind: round(seconds, 3) for kind, seconds in sorted(kinds.items())}
+    return kernel_seconds(lambda: timed(engine, width, height, steps, cache))
 
 
 def main(argv: list[str] | None = None) -> int:

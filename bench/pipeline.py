@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch._inductor.config
 
 from bench.fidelity import Capture, capture, difference, weights_fingerprint
+from bench.profiling import kernel_seconds
 from bench.random_flux import build_flux1_dev
 from shared.schemas import GenerationParams
 from worker.engine import FluxEngine, internal_params
@@ -46,12 +48,16 @@ class Variant:
     Cache presets: cache-dit DBCache F1B0 with a fixed compute/cache step schedule (random weights
     never pass a residual threshold, so masks it is). ``fp8_recipe``: another fp8 recipe than
     ``--quantize fp8``'s, applied by the benchmark before the engine's options (then compile).
+    ``whole``: one graph for the whole transformer instead of the worker's regional compile (cross-block
+    fusion; with "reduce-overhead", a CUDA graph per step). ``inductor``: inductor settings for the run.
     """
 
     options: dict[str, Any] = field(default_factory=dict)
     cache: str | None = None
     fp8_recipe: Fp8Config | None = None
     fuse_qkv: bool = False
+    whole: str | None = None  # compile the whole transformer as one graph with this mode ("default", ...)
+    inductor: dict[str, Any] = field(default_factory=dict)  # torch._inductor.config while it compiles
 
     @property
     def fp8(self) -> bool:
@@ -88,6 +94,11 @@ VARIANTS: dict[str, Variant] = {
     "fp8-all-compiled": Variant(COMPILED, fp8_recipe=Fp8Config(layers="all")),  # stock's layer choice
     "fp8-fused-compiled": Variant({**FP8, **COMPILED}, fuse_qkv=True),
     "fp8-autotune": Variant({**FP8, "compile": True, "compile_mode": "max-autotune-no-cudagraphs"}),
+    "whole-compiled": Variant(whole="default"),
+    "whole-graphs": Variant(whole="reduce-overhead"),
+    "fp8-whole-graphs": Variant(FP8, whole="reduce-overhead"),
+    "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
+    "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }
 
 
@@ -192,17 +203,40 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
         pipe.transformer.fuse_qkv_projections()
     if variant.fp8_recipe is not None:
         apply_fp8(pipe, variant.fp8_recipe, device)
-    return FluxEngine.from_pipeline(pipe, options, device, cache_factory(variant.cache))
+    engine = FluxEngine.from_pipeline(pipe, options, device, cache_factory(variant.cache))
+    if variant.whole is not None:
+        mode = None if variant.whole == "default" else variant.whole
+        pipe.transformer.compile(fullgraph=True, mode=mode)
+    return engine
 
 
 def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Capture]) -> dict[str, Any]:
     """Build, prepare, warm up and time one variant; fp8 on the CPU (``--smoke``) only checks the wiring."""
     variant = VARIANTS[name]
     overrides, options = engine_options(variant, args.smoke)
-    device = torch.device("cpu" if args.smoke else "cuda")
     result: dict[str, Any] = {"variant": name, "options": overrides, "cache": variant.cache}
-    if variant.fp8_recipe is not None or variant.fuse_qkv:
-        result["bench_changes"] = {"fp8_recipe": str(variant.fp8_recipe), "fuse_qkv": variant.fuse_qkv}
+    if variant.fp8_recipe is not None or variant.fuse_qkv or variant.whole or variant.inductor:
+        result["bench_changes"] = {
+            "fp8_recipe": str(variant.fp8_recipe),
+            "fuse_qkv": variant.fuse_qkv,
+            "whole": variant.whole,
+            "inductor": variant.inductor,
+        }
+    with torch._inductor.config.patch(variant.inductor):
+        result.update(run_prepared(variant, args, references, overrides, options))
+    return result
+
+
+def run_prepared(
+    variant: Variant,
+    args: argparse.Namespace,
+    references: dict[Any, Capture],
+    overrides: dict[str, Any],
+    options: EngineOptions,
+) -> dict[str, Any]:
+    """Build, prepare, warm up and time ``variant`` (``run_variant``'s body, under its inductor settings)."""
+    device = torch.device("cpu" if args.smoke else "cuda")
+    result: dict[str, Any] = {}
     built = time.perf_counter()
     pipe = build(args.smoke, variant.fp8)
     result["build_s"] = round(time.perf_counter() - built, 1)
@@ -222,11 +256,14 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         result["resident_gb"] = round(torch.cuda.memory_allocated() / 1e9, 2)
     params = image_params(args.res, args.res, args.steps, variant.cache)
     result["fp8_layers"] = fp8_layer_count(pipe.transformer)
-    result.update(measure(engine, variant, args.repeats, params, options.compile))
+    compiled = options.compile or variant.whole is not None
+    result.update(measure(engine, variant, args.repeats, params, compiled))
     # the restart figure: worker start to first image, beyond loading (here: building) the weights
     result["restart_s"] = round(result["prepare_s"] + result["warmup_s"] + result["seconds"][0], 1)
     if reference is not None:
         result["difference"] = difference(reference, capture(engine, params))
+    if args.profile:
+        result["kernel_seconds"] = kernel_seconds(lambda: engine.generate(params, lambda step, total: None))
     if not options.any_offload and variant.cache is None and not args.smoke:
         result["step_s"] = round(transformer_step_s(pipe, args.res, args.res), 4)
     return result
@@ -300,6 +337,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="compare against the bf16 image of the same seed: fp8 variants (auto), every variant, none",
     )
     parser.add_argument("--output-file")
+    parser.add_argument("--profile", action="store_true", help="CUDA kernel time by kind over one image")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny pipeline on the CPU: checks the script only"
     )

@@ -23,6 +23,9 @@
 #   flux2tp2 FLUX.2-dev on 2 GPUs lossless: bf16 transformer and Mistral both tensor parallel
 #   flux2u4  the same as flux2u2 on 4 GPUs: Ulysses-4, fp8 transformer, the Mistral sharded four ways
 #   flux2one FLUX.2-dev on one GPU, Mistral streamed from pinned memory: fp8, then bf16
+#   engine   one-GPU engine experiments (ENGINE_VARIANTS, default: compiled and the whole transformer as one
+#            graph, with and without CUDA graphs), each with a kernel-time profile; stock one-GPU first
+#   enginefp8  the same for fp8 and inductor's coordinate-descent tuning (ENGINE_FP8_VARIANTS)
 #   sp2      FLUX.1-dev Ulysses-2 on each sequence runtime (diffusers, cache-dit, cache-dit async), then
 #            async with a split decode and the `fast` preset; stock Ulysses-2 (torchrun) first
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
@@ -119,6 +122,17 @@ lane_flux2one() {
   local B="python3 -m bench.flux2 --compile --text-encoder-cpu-offload --pin-cpu-memory --image-dir $1"
   $B --quantize fp8 --references 0,1 --tag one_fp8 --output-file "$1/one_fp8.json"
   $B --references 0 --tag one_bf16 --output-file "$1/one_bf16.json"
+}
+
+lane_engine() {
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.pipeline --variants "${ENGINE_VARIANTS:-compiled,whole-compiled,whole-graphs}" \
+    --repeats 2 --profile --reference none --output-file "$1/engine.json"
+}
+
+lane_enginefp8() {
+  python3 -m bench.pipeline --variants "${ENGINE_FP8_VARIANTS:-fp8-compiled,fp8-whole-graphs,compiled-cd}" \
+    --repeats 2 --profile --output-file "$1/enginefp8.json"
 }
 
 lane_sp2() {

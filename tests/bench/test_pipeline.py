@@ -58,3 +58,18 @@ def test_difference_reports_psnr_and_absolute_differences() -> None:
 def test_unknown_variant_is_refused_with_the_choices() -> None:
     with pytest.raises(SystemExit):
         pipeline.main(["--smoke", "--variants", "fp9"])
+
+
+def test_whole_transformer_variants_compile_one_graph_and_report_a_profile(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    argv = ["--smoke", "--res", "64", "--steps", "2", "--repeats", "1", "--output-file", str(out)]
+    assert pipeline.main([*argv, "--variants", "whole-compiled,compiled-cd", "--profile"]) == 0
+    results = {result["variant"]: result for result in json.loads(out.read_text())["variants"]}
+    whole = results["whole-compiled"]
+    assert whole["options"]["compile"] is False and whole["bench_changes"]["whole"] == "default"
+    assert "compile_cache" in whole  # the benchmark's own compile counts as compiled
+    assert results["compiled-cd"]["bench_changes"]["inductor"] == {"coordinate_descent_tuning": True}
+    for result in results.values():
+        assert "error" not in result and "kernel_seconds" in result
+    # the inductor settings apply to the variant only
+    assert torch._inductor.config.coordinate_descent_tuning is False
