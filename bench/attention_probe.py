@@ -46,6 +46,10 @@ def main() -> None:
                 results[f"{name}/{layout}"] = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1)}
             except RuntimeError as error:
                 results[f"{name}/{layout}"] = {"error": str(error)[:120]}
+    for layout, (q, k, v) in (("contiguous", contiguous), ("strided", strided)):  # torch's own choice
+        ms = time_ms(partial(torch.nn.functional.scaled_dot_product_attention, q, k, v))
+        results[f"default/{layout}"] = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1)}
+    results["priority_order"] = [str(SDPBackend(int(b))) for b in torch._C._get_sdp_priority_order()]
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
         q, k, v = strided
         ms = time_ms(

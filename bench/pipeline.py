@@ -215,16 +215,29 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
     variant = VARIANTS[name]
     overrides, options = engine_options(variant, args.smoke)
     result: dict[str, Any] = {"variant": name, "options": overrides, "cache": variant.cache}
-    if variant.fp8_recipe is not None or variant.fuse_qkv or variant.whole or variant.inductor:
-        result["bench_changes"] = {
-            "fp8_recipe": str(variant.fp8_recipe),
-            "fuse_qkv": variant.fuse_qkv,
-            "whole": variant.whole,
-            "inductor": variant.inductor,
-        }
-    with torch._inductor.config.patch(variant.inductor):
+    changes = {
+        "fp8_recipe": variant.fp8_recipe and str(variant.fp8_recipe),
+        "fuse_qkv": variant.fuse_qkv,
+        "whole": variant.whole,
+        "inductor": variant.inductor,
+        "sdpa_first": args.sdpa_first,
+    }
+    if any(changes.values()):
+        result["bench_changes"] = changes
+    with torch._inductor.config.patch(variant.inductor), sdpa_first(args.sdpa_first):
         result.update(run_prepared(variant, args, references, overrides, options))
     return result
+
+
+def sdpa_first(backend: str | None) -> contextlib.AbstractContextManager[None]:
+    """torch's SDPA priority with ``backend`` first, every backend still enabled (fallbacks stay)."""
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = getattr(SDPBackend, backend)
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel([first, *(other for other in rest if other != first)], set_priority=True)
 
 
 def run_prepared(
@@ -338,6 +351,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--output-file")
     parser.add_argument("--profile", action="store_true", help="CUDA kernel time by kind over one image")
+    parser.add_argument(
+        "--sdpa-first",
+        choices=["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"],
+        help="put this SDPA backend first in torch's priority order for every variant (the rest stay on)",
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny pipeline on the CPU: checks the script only"
     )

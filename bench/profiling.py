@@ -18,9 +18,9 @@ def kernel_kind(name: str) -> str:
     return "other (elementwise, norms, copies)"
 
 
-def kernel_seconds(work: Callable[[], Any]) -> dict[str, float]:
-    """Run ``work`` once under the profiler; seconds of CUDA kernel time per kind, plus the top kernels
-    of the rest (where elementwise time goes)."""
+def kernel_seconds(work: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``work`` once under the profiler: seconds of CUDA kernel time per kind, and per kind its
+    heaviest kernels with their call counts (which attention kernel ran, where elementwise time goes)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -29,15 +29,20 @@ def kernel_seconds(work: Callable[[], Any]) -> dict[str, float]:
     with profile(activities=[activity]) as prof:
         work()
     kinds: dict[str, float] = {}
-    others: list[tuple[float, str]] = []
+    kernels: dict[str, list[tuple[float, int, str]]] = {}
     for event in prof.key_averages():
         seconds = getattr(event, "device_time_total", 0.0) / 1e6
         if seconds <= 0:
             continue
         kind = kernel_kind(event.key)
         kinds[kind] = kinds.get(kind, 0.0) + seconds
-        if kind.startswith("other"):
-            others.append((seconds, event.key[:80]))
+        kernels.setdefault(kind, []).append((seconds, event.count, event.key[:90]))
     report: dict[str, Any] = {kind: round(seconds, 3) for kind, seconds in sorted(kinds.items())}
-    report["top_other"] = {name: round(seconds, 4) for seconds, name in sorted(others, reverse=True)[:12]}
+    report["top"] = {
+        kind: [
+            {"kernel": name, "calls": calls, "s": round(seconds, 4)}
+            for seconds, calls, name in sorted(listed, reverse=True)[: 12 if kind.startswith("other") else 4]
+        ]
+        for kind, listed in kernels.items()
+    }
     return report

@@ -26,6 +26,8 @@
 #   engine   one-GPU engine experiments (ENGINE_VARIANTS, default: compiled and the whole transformer as one
 #            graph, with and without CUDA graphs), each with a kernel-time profile; stock one-GPU first
 #   enginefp8  the same for fp8 and inductor's coordinate-descent tuning (ENGINE_FP8_VARIANTS)
+#   attn     which SDPA kernel the engine runs: the attention probe, compiled bf16 and fp8 with torch's
+#            SDPA order and with cuDNN first (profiled; cache `fast` too), then the offload lane; stock first
 #   sp2      FLUX.1-dev Ulysses-2 on each sequence runtime (diffusers, cache-dit, cache-dit async), then
 #            async with a split decode and the `fast` preset; stock Ulysses-2 (torchrun) first
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
@@ -135,6 +137,15 @@ lane_enginefp8() {
     --repeats 2 --profile --output-file "$1/enginefp8.json"
 }
 
+lane_attn() {
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.attention_probe >"$1/probe.log" 2>&1
+  local P="python3 -m bench.pipeline --repeats 2 --profile"
+  $P --variants compiled,fp8-compiled --output-file "$1/sdpa_default.json"
+  $P --variants compiled,fp8-compiled,cache-fast --sdpa-first CUDNN_ATTENTION --output-file "$1/sdpa_cudnn.json"
+  lane_offload "$1"
+}
+
 lane_sp2() {
   export FLUXGATE_COMPILE_CACHE_DIR=/tmp/sp2-cache
   torchrun --nproc-per-node 2 --master-port 29612 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
@@ -154,7 +165,7 @@ for spec in "$@"; do
   mkdir -p "$dir"
   (
     export CUDA_VISIBLE_DEVICES=$gpus
-    timeout --signal=TERM --kill-after=15 "$LANE_TIMEOUT_S" bash -c "$(declare -f "lane_$name"); lane_$name $dir" \
+    timeout --signal=TERM --kill-after=15 "$LANE_TIMEOUT_S" bash -c "$(declare -f); lane_$name $dir" \
       >"$dir/console.log" 2>&1
     echo "exit $?" >>"$dir/console.log"
     tar czf "$OUT/$name.tgz" -C "$dir" .
