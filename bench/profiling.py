@@ -9,6 +9,12 @@ from typing import Any
 def kernel_kind(name: str) -> str:
     """The kind of a CUDA kernel from its name (cuBLAS/CUTLASS GEMMs, SDPA kernels, NCCL)."""
     name = name.lower()
+    if name.startswith("triton_tem"):  # inductor's matmul templates
+        return "GEMM"
+    if name.startswith("triton_"):
+        # inductor's fused pointwise/reduction kernels are named after every op they touch (a RoPE
+        # kernel feeding SDPA says "scaled_dot_product_cudnn_attention")
+        return "other (elementwise, norms, copies)"
     if "nccl" in name:
         return "collectives (NCCL)"
     if any(word in name for word in ("attention", "flash", "cudnn", "fmha", "sdpa")):

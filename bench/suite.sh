@@ -28,6 +28,8 @@
 #   enginefp8  the same for fp8 and inductor's coordinate-descent tuning (ENGINE_FP8_VARIANTS)
 #   attn     which SDPA kernel the engine runs: the attention probe, compiled bf16 and fp8 with torch's
 #            SDPA order and with cuDNN first (profiled; cache `fast` too), then the offload lane; stock first
+#   u2best   FLUX.1-dev Ulysses-2 lossless at its fastest: cache-dit's async Ulysses and the split decode
+#   mgpu4a   Ulysses-4 the same way, then Ulysses-2 x Ring-2 on cache-dit's runtime
 #   sp2      FLUX.1-dev Ulysses-2 on each sequence runtime (diffusers, cache-dit, cache-dit async), then
 #            async with a split decode and the `fast` preset; stock Ulysses-2 (torchrun) first
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
@@ -144,6 +146,18 @@ lane_attn() {
   $P --variants compiled,fp8-compiled --output-file "$1/sdpa_default.json"
   $P --variants compiled,fp8-compiled,cache-fast --sdpa-first CUDNN_ATTENTION --output-file "$1/sdpa_cudnn.json"
   lane_offload "$1"
+}
+
+lane_u2best() {
+  python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3 --ulysses-async \
+    --parallel-vae --profile --output-file "$1/u2_async_vae.json"
+}
+
+lane_mgpu4a() {
+  python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --compile --repeats 3 --ulysses-async \
+    --parallel-vae --profile --output-file "$1/u4_async_vae.json"
+  python3 -m bench.parallel --num-gpus 4 --ulysses-degree 2 --ring-degree 2 --compile --repeats 2 \
+    --parallel-vae --output-file "$1/u2r2_vae.json"
 }
 
 lane_sp2() {
