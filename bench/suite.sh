@@ -22,6 +22,7 @@
 #   offload  the streamed transformer (budget 24 GB) with 1, 2 and 4 blocks per copy group
 #   flux2tp2 FLUX.2-dev on 2 GPUs lossless: bf16 transformer and Mistral both tensor parallel
 #   flux2u4  the same as flux2u2 on 4 GPUs: Ulysses-4, fp8 transformer, the Mistral sharded four ways
+#   flux2u2r2  the same as flux2u4 with Ulysses-2 x Ring-2
 #   flux2one FLUX.2-dev on one GPU, Mistral streamed from pinned memory: fp8, then bf16
 #   engine   one-GPU engine experiments (ENGINE_VARIANTS, default: compiled and the whole transformer as one
 #            graph, with and without CUDA graphs), each with a kernel-time profile; stock one-GPU first
@@ -120,6 +121,11 @@ lane_flux2tp2() {
 lane_flux2u4() {
   python3 -m bench.flux2 --num-gpus 4 --ulysses-degree 4 --tp-size 4 --quantize fp8 --compile \
     --references "${FLUX2_REFERENCES:-0,1,4}" --tag u4fp8 --image-dir "$1" --output-file "$1/u4fp8.json"
+}
+
+lane_flux2u2r2() {
+  python3 -m bench.flux2 --num-gpus 4 --ulysses-degree 2 --ring-degree 2 --tp-size 4 --quantize fp8 --compile \
+    --references "${FLUX2_REFERENCES:-0,1}" --tag u2r2fp8 --image-dir "$1" --output-file "$1/u2r2fp8.json"
 }
 
 lane_flux2one() {
