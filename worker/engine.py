@@ -180,9 +180,12 @@ class FluxEngine:
         engine.layout = layout
         engine.compiled = options.compile
         if options.compile:
-            apply_regional_compile(
-                pipeline, CompileConfig(mode=options.compile_mode, cache_dir=options.compile_cache_dir)
+            config = CompileConfig(
+                mode=options.compile_mode,
+                cache_dir=options.compile_cache_dir,
+                fullgraph=layout.compile_fullgraph,
             )
+            apply_regional_compile(pipeline, config)
         return engine
 
     @property

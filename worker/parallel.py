@@ -99,6 +99,13 @@ class ParallelLayout:
         return self.ulysses * self.ring
 
     @property
+    def compile_fullgraph(self) -> bool:
+        """Whether each block compiles as one graph. cache-dit's Ring rotates K/V with
+        ``dist.batch_isend_irecv``, which dynamo cannot trace (measured: the warm-up fails on 4xH200), so
+        its Ring layouts compile with a graph break around the exchange; every other layout is one graph."""
+        return not (self.ring > 1 and self.runtime == "cache-dit")
+
+    @property
     def describe(self) -> str:
         extras = [f"dit_tp={self.dit_tp}"] if self.dit_tp > 1 else []
         extras += [f"runtime={self.runtime}"] if self.runtime != RUNTIMES[0] else []

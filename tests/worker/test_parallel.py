@@ -139,6 +139,32 @@ def test_the_layout_carries_the_runtime_and_features_and_describes_those_not_def
     assert parallel_layout(EngineOptions(num_gpus=2)).describe == "ulysses=2,ring=1,tp=1"
 
 
+@pytest.mark.parametrize(
+    ("options", "fullgraph"),
+    [
+        ({}, True),
+        ({"num_gpus": 2}, True),
+        ({"num_gpus": 2, "ring_degree": 2, "sp_runtime": DIFFUSERS}, True),
+        ({"num_gpus": 2, "ring_degree": 2}, False),  # cache-dit's p2p K/V rotation: a graph break
+        ({"num_gpus": 4, "ulysses_degree": 2, "ring_degree": 2, "sp_degree": 4}, False),
+    ],
+)
+def test_blocks_compile_as_one_graph_except_around_cache_dits_ring_exchange(
+    options: dict[str, object], fullgraph: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import engine as engine_module
+    from worker.tiny_model import build_tiny_pipeline
+
+    compiled: list[object] = []
+    monkeypatch.setattr(engine_module, "apply_sequence_parallel", lambda *args: None)
+    monkeypatch.setattr(engine_module, "apply_regional_compile", lambda pipe, config: compiled.append(config))
+    layout = parallel_layout(EngineOptions(**options))  # type: ignore[arg-type]
+    assert layout.compile_fullgraph is fullgraph
+    pipe = build_tiny_pipeline("flux1", seed=0)
+    engine_module.FluxEngine.from_pipeline(pipe, EngineOptions(compile=True, **options), CPU)  # type: ignore[arg-type]
+    assert [config.fullgraph for config in compiled] == [fullgraph]  # type: ignore[attr-defined]
+
+
 def _pipe_with_cp_config() -> SimpleNamespace:
     config = SimpleNamespace(ulysses_anything=False, ring_anything=False)
     parallel = SimpleNamespace(context_parallel_config=config)
