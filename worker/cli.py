@@ -62,8 +62,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dit-tp-size", type=int, help="shard the transformer over the whole group (no Ulysses/Ring)")
     add(
         "--sp-runtime",
-        choices=["cache-dit", "diffusers"],
-        help="a group's sequence parallelism: cache-dit's (default; runs Cache-DiT presets) or diffusers'",
+        choices=["auto", "cache-dit", "diffusers"],
+        help="a group's sequence parallelism: cache-dit's (runs Cache-DiT presets) or diffusers'; auto "
+        "(default): cache-dit's, diffusers' for Ring layouts that need none of cache-dit's features",
     )
     add(
         "--ulysses-async",

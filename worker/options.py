@@ -52,9 +52,10 @@ class EngineOptions(BaseSettings):
     tp_size: int = Field(default=1, ge=1)
     dit_tp_size: int = Field(default=1, ge=1)
     group_timeout_s: float = Field(default=300.0, gt=0)
-    # A group's sequence parallelism (docs/design.md, "Multi-GPU worker groups"): cache-dit's runtime, or
-    # diffusers' to compare; async Ulysses and the decode split are cache-dit's.
-    sp_runtime: Literal["cache-dit", "diffusers"] = "cache-dit"
+    # A group's sequence parallelism (docs/design.md, "Multi-GPU worker groups"): cache-dit's runtime or
+    # diffusers'; "auto" picks per layout (``resolved_sp_runtime``). Async Ulysses and the decode split
+    # are cache-dit's.
+    sp_runtime: Literal["auto", "cache-dit", "diffusers"] = "auto"
     ulysses_async: bool = False
     parallel_vae: bool = False
     # Jobs run together in one pipeline call when compatible (docs/design.md, "Batching"); 1 = off.
@@ -163,8 +164,19 @@ class EngineOptions(BaseSettings):
         if self.parallel_vae and self.num_gpus == 1:
             raise ValueError("--parallel-vae splits the decode over a group's GPUs: it needs --num-gpus > 1")
         for flag, on in (("--ulysses-async", self.ulysses_async), ("--parallel-vae", self.parallel_vae)):
-            if on and self.sp_runtime != "cache-dit":
-                raise ValueError(f"{flag} is cache-dit's: it needs --sp-runtime cache-dit")
+            if on and self.sp_runtime == "diffusers":
+                raise ValueError(f"{flag} is cache-dit's: it needs --sp-runtime cache-dit (or auto)")
+
+    def resolved_sp_runtime(self, cache_presets: bool = False) -> Literal["cache-dit", "diffusers"]:
+        """The runtime a group runs: the one asked for, or for "auto" cache-dit's, except for Ring layouts
+        that need none of its features (Cache-DiT presets, async Ulysses, the decode split), which take
+        diffusers': cache-dit's Ring cannot compile as one graph (its K/V rotation breaks the graph) and
+        ran Ring-2 at 4.0-4.6 s against diffusers' 2.58 s on 2xH200 (docs/performance.md)."""
+        if self.sp_runtime != "auto":
+            return self.sp_runtime
+        _, ring = self.layout
+        cache_dit_only = cache_presets or self.ulysses_async or self.parallel_vae
+        return "diffusers" if ring > 1 and not cache_dit_only else "cache-dit"
 
     def _check_quantize(self) -> None:
         """fp8 quantizes bf16 weights of a resident transformer (streamed fp8 weights are not verified)."""

@@ -121,7 +121,7 @@ def parallel_layout(options: EngineOptions) -> ParallelLayout:
         ring=ring,
         tp=options.tp_size,
         dit_tp=options.dit_tp_size,
-        runtime=options.sp_runtime,
+        runtime=options.resolved_sp_runtime(),
         ulysses_async=options.ulysses_async,
         parallel_vae=options.parallel_vae,
     )

@@ -53,12 +53,14 @@ def load_engine(model: ModelConfig, options: EngineOptions, environ: Mapping[str
     from worker.optimizations.cache_dit import apply_cache_dit
 
     presets = cache_presets_for_model(model, environ)
+    if options.num_gpus > 1:  # every rank resolves "auto" the same way: same model, same options
+        options = options.model_copy(update={"sp_runtime": options.resolved_sp_runtime(bool(presets))})
     if presets and options.num_gpus > 1 and options.sp_runtime == "diffusers":
         raise StartupError(
             f"model {model.name!r} offers Cache-DiT presets ({', '.join(presets)}), which a group on "
             "--sp-runtime diffusers does not run: a cached step under diffusers' context parallelism "
             "returns the whole sequence where the rank's shard is expected. Use --sp-runtime cache-dit "
-            "(the default), or drop the model's cache_presets for this group"
+            "or auto (the default), or drop the model's cache_presets for this group"
         )
     factory = (lambda pipe: apply_cache_dit(pipe, presets, default=model.default_cache)) if presets else None
     try:

@@ -270,3 +270,30 @@ def test_a_group_on_diffusers_context_parallelism_refuses_cache_dit_presets_at_s
     options = EngineOptions(num_gpus=2, device="cpu", warmup=False, sp_runtime="diffusers")
     with pytest.raises(StartupError, match="--sp-runtime cache-dit"):
         load_engine(model, options, {})
+
+
+def test_auto_runtime_resolves_with_the_models_presets_before_the_engine_loads(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ring group takes diffusers' runtime by default, cache-dit's when the model offers presets."""
+    from shared.settings import ModelConfig
+    from worker import engine as engine_module
+    from worker.options import EngineOptions
+    from worker.startup import load_engine
+
+    loaded: list[str] = []
+
+    def load(path: str, options: EngineOptions, cache: object) -> None:
+        loaded.append(options.sp_runtime)
+        raise ValueError("stop here")  # load_engine turns it into a StartupError
+
+    monkeypatch.setattr(engine_module.FluxEngine, "load", staticmethod(load))
+    options = EngineOptions(num_gpus=2, ring_degree=2, device="cpu", warmup=False)
+    cached = ModelConfig(
+        name="flux-tiny", path=str(tiny_model_dir), cache_presets=["fast"], default_cache="fast"
+    )
+    plain = ModelConfig(name="flux-tiny", path=str(tiny_model_dir))
+    for model in (cached, plain):
+        with pytest.raises(Exception, match="stop here"):
+            load_engine(model, options, {})
+    assert loaded == ["cache-dit", "diffusers"]

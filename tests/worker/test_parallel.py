@@ -145,8 +145,9 @@ def test_the_layout_carries_the_runtime_and_features_and_describes_those_not_def
         ({}, True),
         ({"num_gpus": 2}, True),
         ({"num_gpus": 2, "ring_degree": 2, "sp_runtime": DIFFUSERS}, True),
-        ({"num_gpus": 2, "ring_degree": 2}, False),  # cache-dit's p2p K/V rotation: a graph break
-        ({"num_gpus": 4, "ulysses_degree": 2, "ring_degree": 2, "sp_degree": 4}, False),
+        ({"num_gpus": 2, "ring_degree": 2}, True),  # "auto": diffusers' runtime
+        ({"num_gpus": 2, "ring_degree": 2, "sp_runtime": "cache-dit"}, False),  # p2p K/V rotation: a break
+        ({"num_gpus": 4, "ulysses_degree": 2, "ring_degree": 2, "sp_runtime": "cache-dit"}, False),
     ],
 )
 def test_blocks_compile_as_one_graph_except_around_cache_dits_ring_exchange(
@@ -163,6 +164,26 @@ def test_blocks_compile_as_one_graph_except_around_cache_dits_ring_exchange(
     pipe = build_tiny_pipeline("flux1", seed=0)
     engine_module.FluxEngine.from_pipeline(pipe, EngineOptions(compile=True, **options), CPU)  # type: ignore[arg-type]
     assert [config.fullgraph for config in compiled] == [fullgraph]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("options", "presets", "runtime"),
+    [
+        ({"num_gpus": 2}, False, "cache-dit"),
+        ({"num_gpus": 2, "ring_degree": 2}, False, DIFFUSERS),
+        ({"num_gpus": 4, "ulysses_degree": 2, "ring_degree": 2}, False, DIFFUSERS),
+        ({"num_gpus": 2, "ring_degree": 2}, True, "cache-dit"),  # only cache-dit runs the presets
+        ({"num_gpus": 2, "ring_degree": 2, "parallel_vae": True}, False, "cache-dit"),
+        ({"num_gpus": 2, "ring_degree": 2, "sp_runtime": "cache-dit"}, False, "cache-dit"),
+        ({"num_gpus": 2, "sp_runtime": DIFFUSERS}, True, DIFFUSERS),  # asked for: refused later
+    ],
+)
+def test_auto_runtime_is_cache_dits_but_diffusers_for_ring_layouts_needing_no_cache_dit_feature(
+    options: dict[str, object], presets: bool, runtime: str
+) -> None:
+    engine_options = EngineOptions(**options)  # type: ignore[arg-type]
+    assert engine_options.sp_runtime == (options.get("sp_runtime") or "auto")
+    assert engine_options.resolved_sp_runtime(cache_presets=presets) == runtime
 
 
 def _pipe_with_cp_config() -> SimpleNamespace:
