@@ -48,7 +48,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--vae-cpu-offload", action="store_true", default=None, help="stream the VAE from CPU")
     add("--pin-cpu-memory", action="store_true", default=None, help="pin offloaded weights (faster copies)")
     add("--gpu-memory-budget-gb", type=float, help="keep resident what fits this budget, stream the rest")
-    add("--offload-blocks-per-group", type=int, help="transformer blocks streamed together (default 1)")
+    add("--offload-blocks-per-group", type=int, help="transformer blocks streamed together (default 2)")
     add("--attention-backend", help="diffusers attention backend, e.g. native, _native_cudnn, flash, sage")
     add("--compile", action="store_true", default=None, help="regionally compile the transformer blocks")
     add("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")

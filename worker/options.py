@@ -38,7 +38,9 @@ class EngineOptions(BaseSettings):
     vae_cpu_offload: bool = False
     pin_cpu_memory: bool = False
     gpu_memory_budget_gb: float | None = Field(default=None, gt=0)
-    offload_blocks_per_group: int = Field(default=1, ge=1)
+    # Two blocks per copy: 1.10x the host link's bound on an H100, against 1.17-1.26x with one and 1.14x
+    # with four (docs/performance.md, "Offload: blocks per copy group").
+    offload_blocks_per_group: int = Field(default=2, ge=1)
     attention_backend: str | None = None
     compile: bool = False
     compile_mode: str | None = None

@@ -24,7 +24,7 @@ class OffloadConfig:
     vae: bool = False
     pin_memory: bool = False
     gpu_memory_budget_gb: float | None = None
-    blocks_per_group: int = 1
+    blocks_per_group: int = 2  # the worker's default (EngineOptions.offload_blocks_per_group)
 
 
 def component_bytes(module: torch.nn.Module) -> int:
