@@ -80,7 +80,8 @@ class BenchModel:
 
 def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str, str]) -> FluxEngine:
     """Every rank's engine (a module-level function: spawned ranks import it); ``model`` rides in the
-    loader's model argument, ``--overlap`` and the cache knobs in the environment the ranks inherit."""
+    loader's model argument; ``--overlap``, ``--skip-guards`` and the cache knobs in the environment the
+    ranks inherit."""
     if os.environ.get("BENCH_COMM_OVERLAP") == "1":
         import torch._inductor.config as inductor_config
 
@@ -90,6 +91,10 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
     pipeline = build_random_pipeline(model.smoke)
     engine = FluxEngine.from_pipeline(pipeline, options, device, model.cache_factory(os.environ))
     engine.warmup(options.resolutions, [model.cache])
+    if os.environ.get("BENCH_SKIP_GUARDS") == "1":
+        # An experiment on host overhead: compiled blocks run without evaluating their guards (torch
+        # skips only guards it deems safe to; a changed input shape could run a stale graph).
+        torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
     return engine
 
 
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ulysses-degree", type=int)
     parser.add_argument("--ring-degree", type=int)
     parser.add_argument("--tp-size", type=int, default=1, help="shard the T5 text encoder too")
-    parser.add_argument("--sp-runtime", default="cache-dit", choices=["cache-dit", "diffusers"])
+    parser.add_argument("--sp-runtime", default="auto", choices=["auto", "cache-dit", "diffusers"])
     parser.add_argument("--ulysses-async", action="store_true", help="cache-dit's async Ulysses")
     parser.add_argument("--parallel-vae", action="store_true", help="split the decode over the group")
     parser.add_argument(
@@ -175,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--overlap", action="store_true", help="inductor's compute/communication reordering")
+    parser.add_argument(
+        "--skip-guards",
+        action="store_true",
+        help="after the warm-up, skip evaluating the compiled blocks' guards (host-overhead experiment)",
+    )
     parser.add_argument("--output-file")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU ranks (gloo), to check")
     args = parser.parse_args(argv)
@@ -185,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [args.res, *args.extra_res]
     if args.overlap:
         os.environ["BENCH_COMM_OVERLAP"] = "1"
+    if args.skip_guards:
+        os.environ["BENCH_SKIP_GUARDS"] = "1"
     options = EngineOptions(
         num_gpus=args.num_gpus,
         ulysses_degree=args.ulysses_degree,
@@ -199,17 +211,20 @@ def main(argv: list[str] | None = None) -> int:
         device="cpu" if args.smoke else "cuda",
         warmup_resolutions=",".join(f"{size}x{size}" for size in sizes),
     )
+    # "auto" resolved as the worker resolves it, with a preset counting as the model's presets
+    options = options.model_copy(update={"sp_runtime": options.resolved_sp_runtime(args.cache != "off")})
     gpus = torch.cuda.device_count()
     report: dict[str, Any] = {
         "device": f"{gpus}x {torch.cuda.get_device_name(0)}" if gpus else "cpu",
         "torch": torch.__version__,
         "layout": {**dict(zip(("ulysses", "ring"), options.layout, strict=True)), "tp": args.tp_size},
-        "sp_runtime": args.sp_runtime,
+        "sp_runtime": options.sp_runtime,
         "ulysses_async": args.ulysses_async,
         "parallel_vae": args.parallel_vae,
         "cache": args.cache,
         "compile": args.compile,
         "comm_overlap": args.overlap,
+        "skip_guards": args.skip_guards,
         "quantize": args.quantize,
         "steps": args.steps,
     }

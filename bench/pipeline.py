@@ -73,10 +73,10 @@ VARIANTS: dict[str, Variant] = {
     "cudnn-compiled": Variant({"attention_backend": "_native_cudnn", "compile": True}),
     "autotune": Variant({"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}),
     "offload": Variant({"dit_cpu_offload": True, "text_encoder_cpu_offload": True, "pin_cpu_memory": True}),
+    # the worker's default copies two blocks at a time; g1 and g4 measure one and four
     "offload-budget-24": Variant({"gpu_memory_budget_gb": 24, "pin_cpu_memory": True}),
-    # fewer, larger copies per step: the H100 streamed at 1.17x the link's bound with one block per group
-    "offload-budget-24-g2": Variant(
-        {"gpu_memory_budget_gb": 24, "pin_cpu_memory": True, "offload_blocks_per_group": 2}
+    "offload-budget-24-g1": Variant(
+        {"gpu_memory_budget_gb": 24, "pin_cpu_memory": True, "offload_blocks_per_group": 1}
     ),
     "offload-budget-24-g4": Variant(
         {"gpu_memory_budget_gb": 24, "pin_cpu_memory": True, "offload_blocks_per_group": 4}

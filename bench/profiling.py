@@ -25,19 +25,26 @@ def kernel_kind(name: str) -> str:
 
 
 def kernel_seconds(work: Callable[[], Any]) -> dict[str, Any]:
-    """Run ``work`` once under the profiler: seconds of CUDA kernel time per kind, and per kind its
-    heaviest kernels with their call counts (which attention kernel ran, where elementwise time goes)."""
+    """Run ``work`` once under the profiler: seconds of CUDA kernel time per kind, per kind its heaviest
+    kernels with their call counts (which attention kernel ran, where elementwise time goes), and the
+    host's heaviest operations by their own CPU time (where a host-bound step spends it; the tracing
+    itself inflates these)."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     # without a GPU (``--smoke``) the CPU trace checks the wiring: it holds no kernel time
-    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
+    with profile(activities=activities) as prof:
         work()
     kinds: dict[str, float] = {}
     kernels: dict[str, list[tuple[float, int, str]]] = {}
+    host: list[tuple[float, int, str]] = []
     for event in prof.key_averages():
-        seconds = getattr(event, "device_time_total", 0.0) / 1e6
+        if event.device_type == DeviceType.CPU:  # an operator or runtime call: its kernels come apart
+            host.append((event.self_cpu_time_total / 1e6, event.count, event.key[:90]))
+            continue
+        seconds = event.device_time_total / 1e6
         if seconds <= 0:
             continue
         kind = kernel_kind(event.key)
@@ -45,10 +52,14 @@ def kernel_seconds(work: Callable[[], Any]) -> dict[str, Any]:
         kernels.setdefault(kind, []).append((seconds, event.count, event.key[:90]))
     report: dict[str, Any] = {kind: round(seconds, 3) for kind, seconds in sorted(kinds.items())}
     report["top"] = {
-        kind: [
-            {"kernel": name, "calls": calls, "s": round(seconds, 4)}
-            for seconds, calls, name in sorted(listed, reverse=True)[: 12 if kind.startswith("other") else 4]
-        ]
-        for kind, listed in kernels.items()
+        kind: _heaviest(listed, 12 if kind.startswith("other") else 4) for kind, listed in kernels.items()
     }
+    report["host_top"] = _heaviest(host, 12)
     return report
+
+
+def _heaviest(listed: list[tuple[float, int, str]], count: int) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "calls": calls, "s": round(seconds, 4)}
+        for seconds, calls, name in sorted(listed, reverse=True)[:count]
+    ]

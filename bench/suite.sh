@@ -19,7 +19,7 @@
 #           (one compile cache for all); BATCH_FLAGS (default --compile) are the worker's other flags
 #   flux2u2  FLUX.2-dev at full size on 2 GPUs: a group with Ulysses-2, fp8 transformer and the Mistral
 #            sharded (0, 1 and 4 references, 50 steps), then stock's transformer step on the first GPU
-#   offload  the streamed transformer (budget 24 GB) with 1, 2 and 4 blocks per copy group
+#   offload  the streamed transformer (budget 24 GB) with 1, 2 (the default) and 4 blocks per copy group
 #   flux2tp2 FLUX.2-dev on 2 GPUs lossless: bf16 transformer and Mistral both tensor parallel
 #   flux2u4  the same as flux2u2 on 4 GPUs: Ulysses-4, fp8 transformer, the Mistral sharded four ways
 #   flux2u2r2  the same as flux2u4 with Ulysses-2 x Ring-2
@@ -31,6 +31,8 @@
 #            SDPA order and with cuDNN first (profiled; cache `fast` too), then the offload lane; stock first
 #   u2best   FLUX.1-dev Ulysses-2 lossless at its fastest: cache-dit's async Ulysses and the split decode
 #   mgpu4a   Ulysses-4 the same way, then Ulysses-2 x Ring-2 on cache-dit's runtime
+#   hostbound  Ulysses-4 (async, split decode) with a host+kernel profile, then with guard evaluation
+#            skipped after the warm-up (the group measured host-bound: kernels 1.34 s of a 2.60 s image)
 #   sp2      FLUX.1-dev Ulysses-2 on each sequence runtime (diffusers, cache-dit, cache-dit async), then
 #            async with a split decode and the `fast` preset; stock Ulysses-2 (torchrun) first
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
@@ -109,7 +111,7 @@ lane_flux2u2() {
 }
 
 lane_offload() {
-  python3 -m bench.pipeline --variants offload-budget-24,offload-budget-24-g2,offload-budget-24-g4 --repeats 1 \
+  python3 -m bench.pipeline --variants offload-budget-24-g1,offload-budget-24,offload-budget-24-g4 --repeats 1 \
     --output-file "$1/offload.json"
 }
 
@@ -164,6 +166,12 @@ lane_mgpu4a() {
     --parallel-vae --profile --output-file "$1/u4_async_vae.json"
   python3 -m bench.parallel --num-gpus 4 --ulysses-degree 2 --ring-degree 2 --compile --repeats 2 \
     --parallel-vae --output-file "$1/u2r2_vae.json"
+}
+
+lane_hostbound() {
+  local P="python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --compile --repeats 3 --ulysses-async"
+  $P --parallel-vae --profile --output-file "$1/u4.json"
+  $P --parallel-vae --skip-guards --output-file "$1/u4_skip_guards.json"
 }
 
 lane_sp2() {

@@ -20,3 +20,23 @@ def test_a_smoke_run_times_a_cached_preset_with_async_ulysses_and_a_split_decode
     assert result["cached_steps"] == 2  # cache-dit's "fast" mask at 6 steps: 1,1,1,0,0,1
     # the reference: one device, the same preset and decode tiles
     assert result["max_pixel_difference_vs_one_gpu"] <= 1
+
+
+def test_skipping_guards_after_the_warm_up_keeps_the_compiled_groups_image(tmp_path: Path) -> None:
+    report_file = tmp_path / "report.json"
+    command = [sys.executable, "-m", "bench.parallel", "--num-gpus", "2", "--smoke", "--steps", "3"]
+    command += [
+        "--res",
+        "128",
+        "--repeats",
+        "2",
+        "--compile",
+        "--skip-guards",
+        "--output-file",
+        str(report_file),
+    ]
+    subprocess.run(command, check=True, timeout=300, capture_output=True)
+    report = json.loads(report_file.read_text())
+    assert report["skip_guards"] is True and report["compile"] is True
+    assert len(report["128"]["seconds"]) == 2
+    assert report["128"]["max_pixel_difference_vs_one_gpu"] <= 1
