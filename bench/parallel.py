@@ -90,6 +90,12 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
     device = torch.device("cpu") if model.smoke else torch.device("cuda", torch.cuda.current_device())
     pipeline = build_random_pipeline(model.smoke)
     engine = FluxEngine.from_pipeline(pipeline, options, device, model.cache_factory(os.environ))
+    whole = os.environ.get("BENCH_WHOLE_COMPILE")
+    if whole:
+        # An experiment on host overhead: the whole transformer (the sequence layout's hooks and
+        # collectives included) as one compiled program; "reduce-overhead" replays each step as CUDA
+        # graphs. Graph breaks, if any, are counted in the report.
+        pipeline.transformer.compile(mode=None if whole == "default" else whole)
     engine.warmup(options.resolutions, [model.cache])
     if os.environ.get("BENCH_SKIP_GUARDS") == "1":
         # An experiment on host overhead: compiled blocks run without evaluating their guards (torch
@@ -185,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="after the warm-up, skip evaluating the compiled blocks' guards (host-overhead experiment)",
     )
+    parser.add_argument(
+        "--whole",
+        choices=["default", "reduce-overhead"],
+        help="compile the whole transformer in this mode, not --compile's regions (host-overhead experiment)",
+    )
     parser.add_argument("--output-file")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU ranks (gloo), to check")
     args = parser.parse_args(argv)
@@ -197,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_COMM_OVERLAP"] = "1"
     if args.skip_guards:
         os.environ["BENCH_SKIP_GUARDS"] = "1"
+    if args.whole:
+        if args.compile:
+            parser.error("--whole replaces --compile's regional compile: pass one of them")
+        os.environ["BENCH_WHOLE_COMPILE"] = args.whole
     options = EngineOptions(
         num_gpus=args.num_gpus,
         ulysses_degree=args.ulysses_degree,
@@ -225,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "compile": args.compile,
         "comm_overlap": args.overlap,
         "skip_guards": args.skip_guards,
+        "whole": args.whole,
         "quantize": args.quantize,
         "steps": args.steps,
     }
@@ -258,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({size: report[f"{size}"]}), flush=True)
     if gpus:
         report["peak_memory_gb_rank0"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    report["dynamo_graphs_rank0"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    report["graph_breaks_rank0"] = sum(torch._dynamo.utils.counters["graph_break"].values())
     if args.profile and gpus:
         report["kernel_seconds_rank0"] = kernel_breakdown(engine, args.res, args.res, args.steps, args.cache)
     print("RESULT " + json.dumps(report), flush=True)

@@ -35,6 +35,10 @@
 #            skipped after the warm-up (the group measured host-bound: kernels 1.34 s of a 2.60 s image)
 #   sp2      FLUX.1-dev Ulysses-2 on each sequence runtime (diffusers, cache-dit, cache-dit async), then
 #            async with a split decode and the `fast` preset; stock Ulysses-2 (torchrun) first
+#   graphs2  FLUX.1-dev Ulysses-2 (async, split decode): the worker's regional compile, then the whole
+#            transformer compiled as one program replayed as CUDA graphs (--whole reduce-overhead), both profiled
+#   graphs2b stock Ulysses-2 (torchrun), then the whole-transformer CUDA graphs on diffusers' runtime
+#   graphs4  the same as graphs2 with Ulysses-4
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
@@ -182,6 +186,24 @@ lane_sp2() {
   $P --output-file "$1/u2_cachedit.json"
   $P --ulysses-async --output-file "$1/u2_async.json"
   $P --ulysses-async --parallel-vae --cache fast --output-file "$1/u2_async_vae_fast.json"
+}
+
+lane_graphs2() {
+  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --repeats 3 --ulysses-async --parallel-vae"
+  $P --compile --profile --output-file "$1/u2_regional.json"
+  $P --whole reduce-overhead --profile --output-file "$1/u2_graphs.json"
+}
+
+lane_graphs2b() {
+  torchrun --nproc-per-node 2 --master-port 29613 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --repeats 3 --sp-runtime diffusers \
+    --whole reduce-overhead --output-file "$1/u2_graphs_diffusers.json"
+}
+
+lane_graphs4() {
+  local P="python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --repeats 3 --ulysses-async --parallel-vae"
+  $P --whole reduce-overhead --profile --output-file "$1/u4_graphs.json"
+  $P --compile --profile --output-file "$1/u4_regional.json"
 }
 
 pids=()
