@@ -37,7 +37,7 @@
 #            async with a split decode and the `fast` preset; stock Ulysses-2 (torchrun) first
 #   graphs2  FLUX.1-dev Ulysses-2 (async, split decode): the worker's regional compile, then the whole
 #            transformer compiled as one program replayed as CUDA graphs (--whole reduce-overhead), both profiled
-#   graphs2b stock Ulysses-2 (torchrun), then the whole-transformer CUDA graphs on diffusers' runtime
+#   graphs2b stock Ulysses-2 (torchrun), then graphs2's whole transformer as one program without CUDA graphs
 #   graphs4  the same as graphs2 with Ulysses-4
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
@@ -196,8 +196,8 @@ lane_graphs2() {
 
 lane_graphs2b() {
   torchrun --nproc-per-node 2 --master-port 29613 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
-  python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --repeats 3 --sp-runtime diffusers \
-    --whole reduce-overhead --output-file "$1/u2_graphs_diffusers.json"
+  python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --repeats 3 --ulysses-async --parallel-vae \
+    --whole default --output-file "$1/u2_whole.json"
 }
 
 lane_graphs4() {
