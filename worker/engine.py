@@ -7,7 +7,7 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -23,10 +23,13 @@ from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
 from worker.options import EngineOptions
 from worker.parallel import (
     ParallelLayout,
+    SequenceSplit,
     apply_sequence_parallel,
     attention_backend_for,
+    has_uneven_split,
     parallel_layout,
     prepare_sequence_split,
+    replicated_transformer,
 )
 from worker.tensor_parallel import apply_text_encoder_tp, apply_transformer_tp, sharded_text_encoder
 from worker.types import GenerationOutput, StepCallback
@@ -133,6 +136,20 @@ def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device
     return offloaded
 
 
+@contextlib.contextmanager
+def running_on(pipeline: Any, transformer: Any) -> Iterator[None]:
+    """Run ``pipeline`` with ``transformer`` in place of its own for the duration."""
+    own = pipeline.transformer
+    if transformer is own:
+        yield
+        return
+    pipeline.transformer = transformer
+    try:
+        yield
+    finally:
+        pipeline.transformer = own
+
+
 class FluxEngine:
     """A warm FLUX pipeline with its load-time optimisations applied."""
 
@@ -143,6 +160,10 @@ class FluxEngine:
         self.offloaded: set[str] = set()
         self.layout = ParallelLayout()
         self.compiled = False
+        # A group without an uneven split runs jobs whose sequence does not divide on this unsplit
+        # transformer (same weights), with its own cache controller.
+        self.replica: torch.nn.Module | None = None
+        self.replica_cache: CacheRunner | None = None
 
     @classmethod
     def load(cls, model_path: str, options: EngineOptions, cache: CacheFactory | None = None) -> FluxEngine:
@@ -169,13 +190,20 @@ class FluxEngine:
         """Apply the load-time options to a built pipeline (the GPU benchmark builds its own)."""
         offloaded = prepare_pipeline(pipeline, options, device)
         layout = parallel_layout(options)
+        replica = None
         if layout.sp > 1:  # once per process, with its attention backend, before the cache and compile
+            if not has_uneven_split(layout, device):
+                replica = replicated_transformer(pipeline.transformer)
             apply_sequence_parallel(pipeline, layout, options.attention_backend, device)
         if layout.tp > 1:
             apply_text_encoder_tp(pipeline, layout.tp, device)
         if layout.dit_tp > 1:  # before compile; --dit-tp-size excludes sequence parallelism and fp8
             apply_transformer_tp(pipeline, layout.dit_tp, device)
         engine = cls(pipeline, device, cache(pipeline) if cache else None)
+        if replica is not None:
+            engine.replica = replica
+            with running_on(pipeline, replica):
+                engine.replica_cache = cache(pipeline) if cache else None
         engine.offloaded = offloaded
         engine.layout = layout
         engine.compiled = options.compile
@@ -210,20 +238,23 @@ class FluxEngine:
         """
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        eager = False
+        split = SequenceSplit.EVEN
         if self.layout.sp > 1:
-            uneven = prepare_sequence_split(
-                self.pipeline, self._image_tokens(params, references), self.layout
-            )
-            eager = uneven and self.compiled
-        if self.cache is not None:
+            tokens = self._image_tokens(params, references)
+            split = prepare_sequence_split(self.pipeline, tokens, self.layout, self.device)
+        transformer, cache = self.pipeline.transformer, self.cache
+        if split is SequenceSplit.REPLICATED:
+            assert self.replica is not None, "a group without an uneven split keeps a replica"
+            transformer, cache = self.replica, self.replica_cache
+        if cache is not None:
             # True CFG runs the transformer twice per step; the cache must count both passes.
             true_cfg = params.negative_prompt is not None and (params.true_cfg_scale or 1.0) > 1.0
-            self.cache.prepare(params.cache, params.num_inference_steps, true_cfg=true_cfg)
+            cache.prepare(params.cache, params.num_inference_steps, true_cfg=true_cfg)
+        eager = split is SequenceSplit.UNEVEN and self.compiled
         stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
-        with torch.inference_mode(), stance:
+        with torch.inference_mode(), stance, running_on(self.pipeline, transformer):
             images = self.pipeline(**self._call_arguments(params, on_step, references)).images
-        cached = self.cache.cached_steps() if self.cache is not None else 0
+        cached = cache.cached_steps() if cache is not None else 0
         return GenerationOutput(
             images=list(images), peak_memory_mb=self._peak_memory_mb(), cached_steps=cached
         )

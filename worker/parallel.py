@@ -20,6 +20,8 @@ Two runtimes, one per process and never both (../shared/reference/libraries.md):
 from __future__ import annotations
 
 import contextlib
+import copy
+import enum
 import importlib.util
 import logging
 from collections.abc import Iterator
@@ -253,59 +255,54 @@ def _apply_cache_dit(pipe: Any, layout: ParallelLayout, backend: str | None, dev
         split_decode_tiles(pipe.vae, encode_tiling)
 
 
-def prepare_sequence_split(pipe: Any, tokens: int, layout: ParallelLayout) -> bool:
-    """Choose the even split (fast) or the uneven one for this job's image-token count; True when
-    uneven. The uneven split gathers shard sizes on the host, which torch.compile cannot trace, so a
-    compiled engine runs such a job eagerly.
+class SequenceSplit(enum.Enum):
+    """How a job's sequence runs in a group (``prepare_sequence_split``)."""
+
+    EVEN = "even"  # equal shards: the compiled path
+    UNEVEN = "uneven"  # the runtime's any-length split, which gathers shard sizes on the host: eager
+    REPLICATED = "replicated"  # no split: every rank runs the whole sequence on the unsplit transformer
+
+
+def prepare_sequence_split(
+    pipe: Any, tokens: int, layout: ParallelLayout, device: torch.device
+) -> SequenceSplit:
+    """Choose how this job's sequence runs: the even split (fast), the runtime's uneven split, or, where
+    the group has none, the unsplit transformer on every rank (``replicated_transformer``).
 
     Plain Ulysses and Ring need the sequence to divide by the degree; FLUX's 512 text tokens always do,
-    image tokens ((width/16) x (height/16), plus reference-image tokens) may not, e.g. 1008x1008.
-    The uneven ("anything") modes exist for one kind of parallelism at a time (cache-dit: Ulysses only),
-    so other groups refuse such sizes.
+    image tokens ((width/16) x (height/16), plus reference-image tokens; -1 when unknown ahead) may not,
+    e.g. 1008x1008. The uneven ("anything") modes exist for one kind of parallelism at a time (cache-dit:
+    Ulysses only) and need NCCL (gloo gathers only equal shards); other groups run such a job replicated,
+    so every size the one-GPU worker takes runs on every group.
     """
-    if layout.sp == 1:
-        return False
     config = pipe.transformer._parallel_config.context_parallel_config  # cache-dit's config is its own
-    uneven = tokens % layout.sp != 0
-    if uneven:
-        _check_uneven_split(tokens, layout)
+    split = SequenceSplit.EVEN
+    if tokens < 0 or tokens % layout.sp != 0:
+        split = SequenceSplit.UNEVEN if has_uneven_split(layout, device) else SequenceSplit.REPLICATED
+    uneven = split is SequenceSplit.UNEVEN
     config.ulysses_anything = uneven and layout.ulysses > 1
     if layout.runtime == "diffusers":
         config.ring_anything = uneven and layout.ring > 1
-    return uneven
+    return split
 
 
-def _check_uneven_split(tokens: int, layout: ParallelLayout) -> None:
-    reason = _no_uneven_split(layout)
-    if reason is not None and tokens < 0:
-        raise ParallelError(
-            f"this worker group ({reason}) does not take reference images of varying token counts"
-        )
-    if reason is not None:
-        raise ParallelError(
-            f"this worker group ({reason}) needs the image token count ({tokens}) to divide by "
-            f"{layout.sp}; use a width and height that are multiples of {16 * layout.sp}"
-        )
-    if not torch.cuda.is_available():
-        raise ParallelError(
-            f"a CPU worker group (gloo) needs the image token count ({tokens}) to divide by {layout.sp}: "
-            "gloo gathers only equal shards"
-        )
+def has_uneven_split(layout: ParallelLayout, device: torch.device) -> bool:
+    """Whether this group's runtime splits a sequence of any length: one kind of parallelism at a time
+    (Ulysses on either runtime, Ring on diffusers'), over NCCL."""
+    if device.type != "cuda" or (layout.ulysses > 1 and layout.ring > 1):
+        return False
+    return not (layout.ring > 1 and layout.runtime == "cache-dit")
 
 
-def _no_uneven_split(layout: ParallelLayout) -> str | None:
-    """Why this group has no split for a sequence that does not divide (None: it has one)."""
-    if layout.ulysses > 1 and layout.ring > 1:
-        return (
-            f"Ulysses {layout.ulysses} x Ring {layout.ring}: only a single kind of parallelism "
-            "splits any length"
-        )
-    if layout.ring > 1 and layout.runtime == "cache-dit":
-        return (
-            f"Ring {layout.ring} on cache-dit, which splits any length for Ulysses only; "
-            "--sp-runtime diffusers has an uneven Ring"
-        )
-    return None
+def replicated_transformer(transformer: torch.nn.Module) -> torch.nn.Module:
+    """A second module tree over the same parameters and buffers (no weight memory): the transformer as
+    it is before sequence parallelism, compile and Cache-DiT wrap it, for jobs the group cannot split.
+    Take it before ``apply_sequence_parallel``: both runtimes keep their state on module and processor
+    instances (cache-dit's async Ulysses patches the processor class but acts only on processors holding
+    its config), so the replica stays a plain one-device transformer."""
+    tensors = (*transformer.parameters(), *transformer.buffers())
+    shared: dict[int, Any] = {id(tensor): tensor for tensor in tensors}
+    return copy.deepcopy(transformer, shared)
 
 
 @contextlib.contextmanager

@@ -13,11 +13,14 @@ from worker.options import EngineOptions
 from worker.parallel import (
     ParallelError,
     ParallelLayout,
+    SequenceSplit,
     attention_backend_for,
     check_heads,
     group_attention_backend,
+    has_uneven_split,
     parallel_layout,
     prepare_sequence_split,
+    replicated_transformer,
 )
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
@@ -192,29 +195,53 @@ def _pipe_with_cp_config() -> SimpleNamespace:
     return SimpleNamespace(transformer=SimpleNamespace(_parallel_config=parallel))
 
 
-def test_even_token_counts_take_the_even_split_and_others_the_uneven_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_even_token_counts_take_the_even_split_and_others_the_uneven_one() -> None:
     pipe = _pipe_with_cp_config()
     config = pipe.transformer._parallel_config.context_parallel_config
-    prepare_sequence_split(pipe, 64 * 64, ParallelLayout(ulysses=2))
+    assert prepare_sequence_split(pipe, 64 * 64, ParallelLayout(ulysses=2), CUDA) is SequenceSplit.EVEN
     assert (config.ulysses_anything, config.ring_anything) == (False, False)
-    prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ulysses=2))  # 1008x1008
-    assert (config.ulysses_anything, config.ring_anything) == (True, False)
-    prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ring=2, runtime=DIFFUSERS))
-    assert (config.ulysses_anything, config.ring_anything) == (False, True)
-    with pytest.raises(ParallelError, match="multiples of 64"):
-        prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ulysses=2, ring=2))
-    with pytest.raises(ParallelError, match="does not take reference images"):
-        prepare_sequence_split(pipe, -1, ParallelLayout(ulysses=2, ring=2))
-    # cache-dit splits any length for Ulysses only
-    with pytest.raises(ParallelError, match="--sp-runtime diffusers has an uneven Ring"):
-        prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ring=2))
-    prepare_sequence_split(pipe, 64 * 64, ParallelLayout(ring=2))
+    split = prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ulysses=2), CUDA)  # 1008x1008
+    assert split is SequenceSplit.UNEVEN and (config.ulysses_anything, config.ring_anything) == (True, False)
+    split = prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ring=2, runtime=DIFFUSERS), CUDA)
+    assert split is SequenceSplit.UNEVEN and (config.ulysses_anything, config.ring_anything) == (False, True)
+    split = prepare_sequence_split(pipe, -1, ParallelLayout(ulysses=2), CUDA)  # a Kontext reference
+    assert split is SequenceSplit.UNEVEN and config.ulysses_anything
 
 
-def test_cpu_groups_refuse_uneven_splits_that_gloo_cannot_gather(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ParallelError, match="gloo gathers only equal shards"):
-        prepare_sequence_split(_pipe_with_cp_config(), 9, ParallelLayout(ulysses=2))
+def test_sequences_no_split_of_the_group_takes_run_replicated_with_the_split_turned_off() -> None:
+    pipe = _pipe_with_cp_config()
+    config = pipe.transformer._parallel_config.context_parallel_config
+    cases = [
+        (63 * 63, ParallelLayout(ulysses=2, ring=2), CUDA),  # only one kind of parallelism splits any length
+        (-1, ParallelLayout(ulysses=2, ring=2, runtime=DIFFUSERS), CUDA),
+        (63 * 63, ParallelLayout(ring=2), CUDA),  # cache-dit's uneven split is Ulysses only
+        (9, ParallelLayout(ulysses=2), CPU),  # gloo gathers only equal shards
+    ]
+    for tokens, layout, device in cases:
+        config.ulysses_anything, config.ring_anything = True, layout.runtime == DIFFUSERS
+        assert prepare_sequence_split(pipe, tokens, layout, device) is SequenceSplit.REPLICATED, layout
+        assert (config.ulysses_anything, config.ring_anything) == (False, False)
+    even = prepare_sequence_split(pipe, 64 * 64, ParallelLayout(ulysses=2, ring=2), CUDA)
+    assert even is SequenceSplit.EVEN
+
+
+def test_only_groups_without_an_uneven_split_need_a_replica() -> None:
+    assert has_uneven_split(ParallelLayout(ulysses=4), CUDA)
+    assert has_uneven_split(ParallelLayout(ring=2, runtime=DIFFUSERS), CUDA)
+    assert not has_uneven_split(ParallelLayout(ring=2), CUDA)
+    assert not has_uneven_split(ParallelLayout(ulysses=2, ring=2, runtime=DIFFUSERS), CUDA)
+    assert not has_uneven_split(ParallelLayout(ulysses=2), CPU)
+
+
+def test_the_replica_shares_every_weight_and_keeps_its_own_modules() -> None:
+    from worker.tiny_model import build_tiny_pipeline
+
+    transformer = build_tiny_pipeline("flux1", seed=0).transformer
+    replica = replicated_transformer(transformer)
+    originals = dict(transformer.named_parameters())
+    for name, parameter in replica.named_parameters():
+        assert parameter is originals[name], name
+    assert replica is not transformer
+    assert all(a is not b for a, b in zip(replica.modules(), transformer.modules(), strict=True))
+    transformer.transformer_blocks[0].attn.processor.marker = True  # state set on the original's processors
+    assert not hasattr(replica.transformer_blocks[0].attn.processor, "marker")
