@@ -6,9 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 
-def kernel_kind(name: str) -> str:
-    """The kind of a CUDA kernel from its name (cuBLAS/CUTLASS GEMMs, SDPA kernels, NCCL)."""
+def kernel_kind(name: str) -> str | None:
+    """The kind of a CUDA kernel from its name (cuBLAS/CUTLASS GEMMs, SDPA kernels, NCCL); None for
+    c10d's ``nccl:<collective>`` annotations, which span the collective's kernel on the GPU timeline
+    (counting them too doubled the collectives' time)."""
     name = name.lower()
+    if name.startswith("nccl:"):
+        return None
     if name.startswith("triton_tem"):  # inductor's matmul templates
         return "GEMM"
     if name.startswith("triton_"):
@@ -45,9 +49,9 @@ def kernel_seconds(work: Callable[[], Any]) -> dict[str, Any]:
             host.append((event.self_cpu_time_total / 1e6, event.count, event.key[:90]))
             continue
         seconds = event.device_time_total / 1e6
-        if seconds <= 0:
-            continue
         kind = kernel_kind(event.key)
+        if seconds <= 0 or kind is None:
+            continue
         kinds[kind] = kinds.get(kind, 0.0) + seconds
         kernels.setdefault(kind, []).append((seconds, event.count, event.key[:90]))
     report: dict[str, Any] = {kind: round(seconds, 3) for kind, seconds in sorted(kinds.items())}

@@ -28,3 +28,8 @@ from bench.profiling import kernel_kind
 )
 def test_kernel_names_map_to_their_kind(name: str, kind: str) -> None:
     assert kernel_kind(name) == kind
+
+
+def test_c10d_annotations_of_a_collective_are_not_kernels() -> None:
+    assert kernel_kind("nccl:all_to_all") is None
+    assert kernel_kind("nccl:all_gather_into_tensor_coalesced") is None
