@@ -87,12 +87,6 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
 
         # Let inductor move each block's all-to-alls next to independent compute (an experiment).
         inductor_config.reorder_for_compute_comm_overlap = True
-    if os.environ.get("BENCH_REPLICATE_UNEVEN") == "1":
-        import worker.engine
-        import worker.parallel
-
-        # As if no runtime had an uneven split: sizes that do not divide run on the unsplit replica.
-        worker.engine.has_uneven_split = worker.parallel.has_uneven_split = lambda layout, device: False
     device = torch.device("cpu") if model.smoke else torch.device("cuda", torch.cuda.current_device())
     pipeline = build_random_pipeline(model.smoke)
     engine = FluxEngine.from_pipeline(pipeline, options, device, model.cache_factory(os.environ))
@@ -198,11 +192,6 @@ def main(argv: list[str] | None = None) -> int:
         help="after the warm-up, skip evaluating the compiled blocks' guards (host-overhead experiment)",
     )
     parser.add_argument(
-        "--replicate-uneven",
-        action="store_true",
-        help="run sizes that do not divide on the unsplit replica, not the runtime's uneven split",
-    )
-    parser.add_argument(
         "--whole",
         choices=["default", "reduce-overhead"],
         help="compile the whole transformer in this mode, not --compile's regions (host-overhead experiment)",
@@ -219,8 +208,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_COMM_OVERLAP"] = "1"
     if args.skip_guards:
         os.environ["BENCH_SKIP_GUARDS"] = "1"
-    if args.replicate_uneven:
-        os.environ["BENCH_REPLICATE_UNEVEN"] = "1"
     if args.whole:
         if args.compile:
             parser.error("--whole replaces --compile's regional compile: pass one of them")
@@ -254,7 +241,6 @@ def main(argv: list[str] | None = None) -> int:
         "comm_overlap": args.overlap,
         "skip_guards": args.skip_guards,
         "whole": args.whole,
-        "replicate_uneven": args.replicate_uneven,
         "quantize": args.quantize,
         "steps": args.steps,
     }

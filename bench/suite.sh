@@ -39,9 +39,6 @@
 #            transformer compiled as one program replayed as CUDA graphs (--whole reduce-overhead), both profiled
 #   graphs2b stock Ulysses-2 (torchrun), then graphs2's whole transformer as one program without CUDA graphs
 #   graphs4  the same as graphs2 with Ulysses-4
-#   uneven2  Ulysses-2 (async, split decode) at 1024 and 1008x1008 (63x63 tokens): the runtime's uneven split,
-#            then the unsplit replica for 1008 with guard evaluation skipped after the warm-up (1024 moves
-#            only by the guards, 1008 only by the replica)
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
@@ -207,13 +204,6 @@ lane_graphs4() {
   local P="python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --repeats 3 --ulysses-async --parallel-vae"
   $P --whole reduce-overhead --profile --output-file "$1/u4_graphs.json"
   $P --compile --profile --output-file "$1/u4_regional.json"
-}
-
-lane_uneven2() {
-  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 2 --ulysses-async"
-  P="$P --parallel-vae --extra-res 1008"
-  $P --output-file "$1/u2_uneven.json"
-  $P --replicate-uneven --skip-guards --output-file "$1/u2_replicated_skip_guards.json"
 }
 
 pids=()

@@ -23,13 +23,11 @@ from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
 from worker.options import EngineOptions
 from worker.parallel import (
     ParallelLayout,
-    SequenceSplit,
     apply_sequence_parallel,
     attention_backend_for,
-    has_uneven_split,
     parallel_layout,
-    prepare_sequence_split,
     replicated_transformer,
+    splits_evenly,
 )
 from worker.tensor_parallel import apply_text_encoder_tp, apply_transformer_tp, sharded_text_encoder
 from worker.types import GenerationOutput, StepCallback
@@ -160,8 +158,8 @@ class FluxEngine:
         self.offloaded: set[str] = set()
         self.layout = ParallelLayout()
         self.compiled = False
-        # A group without an uneven split runs jobs whose sequence does not divide on this unsplit
-        # transformer (same weights), with its own cache controller.
+        # A group runs jobs whose sequence does not split evenly on this unsplit transformer (same
+        # weights, eager), with its own cache controller.
         self.replica: torch.nn.Module | None = None
         self.replica_cache: CacheRunner | None = None
 
@@ -192,8 +190,7 @@ class FluxEngine:
         layout = parallel_layout(options)
         replica = None
         if layout.sp > 1:  # once per process, with its attention backend, before the cache and compile
-            if not has_uneven_split(layout, device):
-                replica = replicated_transformer(pipeline.transformer)
+            replica = replicated_transformer(pipeline.transformer)
             apply_sequence_parallel(pipeline, layout, options.attention_backend, device)
         if layout.tp > 1:
             apply_text_encoder_tp(pipeline, layout.tp, device)
@@ -238,21 +235,15 @@ class FluxEngine:
         """
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        split = SequenceSplit.EVEN
-        if self.layout.sp > 1:
-            tokens = self._image_tokens(params, references)
-            split = prepare_sequence_split(self.pipeline, tokens, self.layout, self.device)
         transformer, cache = self.pipeline.transformer, self.cache
-        if split is SequenceSplit.REPLICATED:
-            assert self.replica is not None, "a group without an uneven split keeps a replica"
+        if self.layout.sp > 1 and not splits_evenly(self._image_tokens(params, references), self.layout):
+            assert self.replica is not None, "a sequence-parallel engine keeps a replica"
             transformer, cache = self.replica, self.replica_cache
         if cache is not None:
             # True CFG runs the transformer twice per step; the cache must count both passes.
             true_cfg = params.negative_prompt is not None and (params.true_cfg_scale or 1.0) > 1.0
             cache.prepare(params.cache, params.num_inference_steps, true_cfg=true_cfg)
-        eager = split is SequenceSplit.UNEVEN and self.compiled
-        stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
-        with torch.inference_mode(), stance, running_on(self.pipeline, transformer):
+        with torch.inference_mode(), running_on(self.pipeline, transformer):
             images = self.pipeline(**self._call_arguments(params, on_step, references)).images
         cached = cache.cached_steps() if cache is not None else 0
         return GenerationOutput(
@@ -352,7 +343,7 @@ class FluxEngine:
         FLUX.2 appends each reference image's tokens, sized as its pipeline sizes them
         (``flux2_reference_tokens``), so the count is exact and an even split stays compilable.
         Kontext resizes its reference to one of its preferred sizes; there the count is reported as
-        uneven (-1), which selects the split that works for any length.
+        unknown (-1), which runs the job on the unsplit replica.
         """
         tokens = (params.width // 16) * (params.height // 16)
         if not references:

@@ -13,15 +13,16 @@ Two runtimes, one per process and never both (../shared/reference/libraries.md):
   and it offers async Ulysses (the all-to-all overlapped with the QKV projections) and a decode split
   over the ranks.
 * ``diffusers``: diffusers' ``ContextParallelConfig``, the runtime groups started with; kept to compare
-  against and for Ring at sizes that do not divide (cache-dit has no uneven Ring split). It runs no
-  Cache-DiT presets.
+  against and for Ring, which it compiles as one graph. It runs no Cache-DiT presets.
+
+Jobs whose sequence does not split evenly run on an unsplit replica of the transformer on every rank
+(``splits_evenly``, ``replicated_transformer``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import enum
 import importlib.util
 import logging
 from collections.abc import Iterator
@@ -255,48 +256,23 @@ def _apply_cache_dit(pipe: Any, layout: ParallelLayout, backend: str | None, dev
         split_decode_tiles(pipe.vae, encode_tiling)
 
 
-class SequenceSplit(enum.Enum):
-    """How a job's sequence runs in a group (``prepare_sequence_split``)."""
+def splits_evenly(tokens: int, layout: ParallelLayout) -> bool:
+    """Whether a job's sequence splits into equal shards over the group; a job whose sequence does not
+    runs on the unsplit replica (``replicated_transformer``) on every rank.
 
-    EVEN = "even"  # equal shards: the compiled path
-    UNEVEN = "uneven"  # the runtime's any-length split, which gathers shard sizes on the host: eager
-    REPLICATED = "replicated"  # no split: every rank runs the whole sequence on the unsplit transformer
-
-
-def prepare_sequence_split(
-    pipe: Any, tokens: int, layout: ParallelLayout, device: torch.device
-) -> SequenceSplit:
-    """Choose how this job's sequence runs: the even split (fast), the runtime's uneven split, or, where
-    the group has none, the unsplit transformer on every rank (``replicated_transformer``).
-
-    Plain Ulysses and Ring need the sequence to divide by the degree; FLUX's 512 text tokens always do,
-    image tokens ((width/16) x (height/16), plus reference-image tokens; -1 when unknown ahead) may not,
-    e.g. 1008x1008. The uneven ("anything") modes exist for one kind of parallelism at a time (cache-dit:
-    Ulysses only) and need NCCL (gloo gathers only equal shards); other groups run such a job replicated,
-    so every size the one-GPU worker takes runs on every group.
+    FLUX's 512 text tokens always divide; image tokens ((width/16) x (height/16), plus reference-image
+    tokens; -1 when unknown ahead) may not, e.g. 1008x1008 (63x63). The runtimes' uneven ("anything")
+    splits are not used: they gather shard sizes on the host at every exchange, which keeps them out of
+    the compiled graph and stalls the GPU (Ulysses-2 at 1008x1008 on 2xH200: 7.31 s against 5.05 s
+    replicated, docs/performance.md), and exist for one kind of parallelism at a time over NCCL only.
     """
-    config = pipe.transformer._parallel_config.context_parallel_config  # cache-dit's config is its own
-    split = SequenceSplit.EVEN
-    if tokens < 0 or tokens % layout.sp != 0:
-        split = SequenceSplit.UNEVEN if has_uneven_split(layout, device) else SequenceSplit.REPLICATED
-    uneven = split is SequenceSplit.UNEVEN
-    config.ulysses_anything = uneven and layout.ulysses > 1
-    if layout.runtime == "diffusers":
-        config.ring_anything = uneven and layout.ring > 1
-    return split
-
-
-def has_uneven_split(layout: ParallelLayout, device: torch.device) -> bool:
-    """Whether this group's runtime splits a sequence of any length: one kind of parallelism at a time
-    (Ulysses on either runtime, Ring on diffusers'), over NCCL."""
-    if device.type != "cuda" or (layout.ulysses > 1 and layout.ring > 1):
-        return False
-    return not (layout.ring > 1 and layout.runtime == "cache-dit")
+    return tokens >= 0 and tokens % layout.sp == 0
 
 
 def replicated_transformer(transformer: torch.nn.Module) -> torch.nn.Module:
     """A second module tree over the same parameters and buffers (no weight memory): the transformer as
-    it is before sequence parallelism, compile and Cache-DiT wrap it, for jobs the group cannot split.
+    it is before sequence parallelism, compile and Cache-DiT wrap it, for jobs whose sequence does not
+    split evenly (``splits_evenly``).
     Take it before ``apply_sequence_parallel``: both runtimes keep their state on module and processor
     instances (cache-dit's async Ulysses patches the processor class but acts only on processors holding
     its config), so the replica stays a plain one-device transformer."""

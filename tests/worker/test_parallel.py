@@ -13,14 +13,12 @@ from worker.options import EngineOptions
 from worker.parallel import (
     ParallelError,
     ParallelLayout,
-    SequenceSplit,
     attention_backend_for,
     check_heads,
     group_attention_backend,
-    has_uneven_split,
     parallel_layout,
-    prepare_sequence_split,
     replicated_transformer,
+    splits_evenly,
 )
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
@@ -189,48 +187,15 @@ def test_auto_runtime_is_cache_dits_but_diffusers_for_ring_layouts_needing_no_ca
     assert engine_options.resolved_sp_runtime(cache_presets=presets) == runtime
 
 
-def _pipe_with_cp_config() -> SimpleNamespace:
-    config = SimpleNamespace(ulysses_anything=False, ring_anything=False)
-    parallel = SimpleNamespace(context_parallel_config=config)
-    return SimpleNamespace(transformer=SimpleNamespace(_parallel_config=parallel))
-
-
-def test_even_token_counts_take_the_even_split_and_others_the_uneven_one() -> None:
-    pipe = _pipe_with_cp_config()
-    config = pipe.transformer._parallel_config.context_parallel_config
-    assert prepare_sequence_split(pipe, 64 * 64, ParallelLayout(ulysses=2), CUDA) is SequenceSplit.EVEN
-    assert (config.ulysses_anything, config.ring_anything) == (False, False)
-    split = prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ulysses=2), CUDA)  # 1008x1008
-    assert split is SequenceSplit.UNEVEN and (config.ulysses_anything, config.ring_anything) == (True, False)
-    split = prepare_sequence_split(pipe, 63 * 63, ParallelLayout(ring=2, runtime=DIFFUSERS), CUDA)
-    assert split is SequenceSplit.UNEVEN and (config.ulysses_anything, config.ring_anything) == (False, True)
-    split = prepare_sequence_split(pipe, -1, ParallelLayout(ulysses=2), CUDA)  # a Kontext reference
-    assert split is SequenceSplit.UNEVEN and config.ulysses_anything
-
-
-def test_sequences_no_split_of_the_group_takes_run_replicated_with_the_split_turned_off() -> None:
-    pipe = _pipe_with_cp_config()
-    config = pipe.transformer._parallel_config.context_parallel_config
-    cases = [
-        (63 * 63, ParallelLayout(ulysses=2, ring=2), CUDA),  # only one kind of parallelism splits any length
-        (-1, ParallelLayout(ulysses=2, ring=2, runtime=DIFFUSERS), CUDA),
-        (63 * 63, ParallelLayout(ring=2), CUDA),  # cache-dit's uneven split is Ulysses only
-        (9, ParallelLayout(ulysses=2), CPU),  # gloo gathers only equal shards
-    ]
-    for tokens, layout, device in cases:
-        config.ulysses_anything, config.ring_anything = True, layout.runtime == DIFFUSERS
-        assert prepare_sequence_split(pipe, tokens, layout, device) is SequenceSplit.REPLICATED, layout
-        assert (config.ulysses_anything, config.ring_anything) == (False, False)
-    even = prepare_sequence_split(pipe, 64 * 64, ParallelLayout(ulysses=2, ring=2), CUDA)
-    assert even is SequenceSplit.EVEN
-
-
-def test_only_groups_without_an_uneven_split_need_a_replica() -> None:
-    assert has_uneven_split(ParallelLayout(ulysses=4), CUDA)
-    assert has_uneven_split(ParallelLayout(ring=2, runtime=DIFFUSERS), CUDA)
-    assert not has_uneven_split(ParallelLayout(ring=2), CUDA)
-    assert not has_uneven_split(ParallelLayout(ulysses=2, ring=2, runtime=DIFFUSERS), CUDA)
-    assert not has_uneven_split(ParallelLayout(ulysses=2), CPU)
+def test_sequences_that_do_not_split_evenly_run_on_the_replica() -> None:
+    assert splits_evenly(64 * 64, ParallelLayout(ulysses=2))
+    assert splits_evenly(64 * 64, ParallelLayout(ulysses=2, ring=2))
+    assert not splits_evenly(63 * 63, ParallelLayout(ulysses=2))  # 1008x1008
+    assert not splits_evenly(63 * 63, ParallelLayout(ring=2, runtime=DIFFUSERS))
+    assert splits_evenly(62 * 63, ParallelLayout(ulysses=2)) and not splits_evenly(
+        62 * 63, ParallelLayout(ring=4)
+    )
+    assert not splits_evenly(-1, ParallelLayout(ulysses=2))  # a Kontext reference: count unknown ahead
 
 
 def test_the_replica_shares_every_weight_and_keeps_its_own_modules() -> None:
