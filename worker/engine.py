@@ -77,6 +77,21 @@ def flux2_reference_tokens(image: Image.Image) -> int:
     return (width // 16) * (height // 16)
 
 
+def kontext_reference_tokens(image: Image.Image) -> int:
+    """Tokens FLUX.1 Kontext's reference image adds to the sequence, as ``FluxKontextPipeline.__call__``
+    sizes it (diffusers 0.42.1, pipeline_flux_kontext.py:936-944, ``_auto_resize``): the preferred
+    Kontext resolution nearest its aspect ratio (taken on sides floored to multiples of 16), one token per
+    16x16 pixels. -1 for an image too small to have an aspect ratio there."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    width, height = image.width - image.width % 16, image.height - image.height % 16
+    if width == 0 or height == 0:
+        return -1
+    aspect_ratio = width / height
+    _, width, height = min((abs(aspect_ratio - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    return (width // 16) * (height // 16)
+
+
 def resolve_device(option: str) -> torch.device:
     """The device of this process; in a multi-GPU group, the GPU of this rank (set when the group starts)."""
     if option == "auto":
@@ -340,17 +355,19 @@ class FluxEngine:
     def _image_tokens(self, params: GenerationParams, references: Sequence[Image.Image]) -> int:
         """Image tokens of the transformer's sequence: 2x2 latent patches of the 8x VAE, so (W/16)(H/16).
 
-        FLUX.2 appends each reference image's tokens, sized as its pipeline sizes them
-        (``flux2_reference_tokens``), so the count is exact and an even split stays compilable.
-        Kontext resizes its reference to one of its preferred sizes; there the count is reported as
-        unknown (-1), which runs the job on the unsplit replica.
+        Each reference image's tokens are appended, sized as its pipeline sizes them
+        (``flux2_reference_tokens``, ``kontext_reference_tokens``), so the count is exact and an even
+        split stays compilable; -1 where it is not known (the job then runs on the unsplit replica).
         """
         tokens = (params.width // 16) * (params.height // 16)
         if not references:
             return tokens
-        if self.pipeline_class != "Flux2Pipeline":
+        if self.pipeline_class == "Flux2Pipeline":
+            return tokens + sum(flux2_reference_tokens(image) for image in references)
+        if self.pipeline_class != "FluxKontextPipeline":
             return -1
-        return tokens + sum(flux2_reference_tokens(image) for image in references)
+        reference = kontext_reference_tokens(references[0])
+        return tokens + reference if reference >= 0 else -1
 
     def _peak_memory_mb(self) -> float:
         """Peak GPU memory of this job on CUDA; on a CPU, the process's peak resident memory."""

@@ -128,3 +128,24 @@ def test_flux2_reference_tokens_are_the_tokens_its_pipeline_appends(size: tuple[
         engine._image_tokens(generation_params(model="m", prompt="edit", width=64, height=32), [reference])
         == lengths[0]
     )
+
+
+@pytest.mark.parametrize("size", [(90, 70), (300, 1000)])
+def test_kontext_reference_tokens_are_the_tokens_its_pipeline_appends(size: tuple[int, int]) -> None:
+    """Kontext resizes its reference to the preferred resolution nearest its aspect ratio; an exact
+    count keeps a group's even split (and compile) for Kontext edits whose tokens divide."""
+    from worker.engine import kontext_reference_tokens
+    from worker.tiny_model import build_tiny_pipeline
+
+    pipe: Any = build_tiny_pipeline("kontext", seed=0)
+    lengths: list[int] = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["hidden_states"].shape[1]), with_kwargs=True
+    )
+    engine = FluxEngine(pipe, torch.device("cpu"))
+    reference = Image.new("RGB", size, (10, 200, 30))
+    job = generation_params(model="m", prompt="edit", width=64, height=32, num_inference_steps=1)
+    engine.generate(job, lambda step, total: None, references=[reference])
+    assert lengths == [4 * 2 + kontext_reference_tokens(reference)]
+    assert engine._image_tokens(job, [reference]) == lengths[0]
+    assert kontext_reference_tokens(Image.new("RGB", (8, 64))) == -1
