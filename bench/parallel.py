@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--whole",
         choices=["default", "reduce-overhead"],
-        help="compile the whole transformer in this mode, not --compile's regions (host-overhead experiment)",
+        help="compile the whole transformer in this mode, not the regions (its image is wrong on GPUs)",
     )
     parser.add_argument("--output-file")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU ranks (gloo), to check")

@@ -37,6 +37,7 @@
 #            async with a split decode and the `fast` preset; stock Ulysses-2 (torchrun) first
 #   graphs2  FLUX.1-dev Ulysses-2 (async, split decode): the worker's regional compile, then the whole
 #            transformer compiled as one program replayed as CUDA graphs (--whole reduce-overhead), both profiled
+#            (the whole-transformer compile draws a wrong image on the GPU: 21.5 dB, docs/performance.md)
 #   graphs2b stock Ulysses-2 (torchrun), then graphs2's whole transformer as one program without CUDA graphs
 #   graphs4  the same as graphs2 with Ulysses-4
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
