@@ -172,7 +172,6 @@ class FluxEngine:
         self.cache = cache
         self.offloaded: set[str] = set()
         self.layout = ParallelLayout()
-        self.compiled = False
         # A group runs jobs whose sequence does not split evenly on this unsplit transformer (same
         # weights, eager), with its own cache controller.
         self.replica: torch.nn.Module | None = None
@@ -218,7 +217,6 @@ class FluxEngine:
                 engine.replica_cache = cache(pipeline) if cache else None
         engine.offloaded = offloaded
         engine.layout = layout
-        engine.compiled = options.compile
         if options.compile:
             config = CompileConfig(
                 mode=options.compile_mode,
