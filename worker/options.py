@@ -12,6 +12,10 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The text sequence of every FLUX pipeline the engine calls (their max_sequence_length default, which the
+# engine keeps): a sequence-parallel group splits it, as the image tokens, into equal shards.
+TEXT_TOKENS = 512
+
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 RESOLUTION = re.compile(r"^(\d+)x(\d+)$")
@@ -119,6 +123,11 @@ class EngineOptions(BaseSettings):
                 f"--num-gpus {self.num_gpus} with a sequence-parallel degree of {sp}: every GPU of a "
                 "group runs one shard of the same image, so ulysses x ring must equal --num-gpus "
                 "(for more images at once, run one worker per GPU)"
+            )
+        if TEXT_TOKENS % sp:
+            raise ValueError(
+                f"a sequence-parallel degree of {sp} does not divide the {TEXT_TOKENS} text tokens every "
+                "prompt is encoded to, which each rank takes an equal share of: use 2, 4 or 8 GPUs"
             )
         if self.num_gpus % self.tp_size:
             raise ValueError(f"--tp-size {self.tp_size} must divide --num-gpus {self.num_gpus}")

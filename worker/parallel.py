@@ -260,11 +260,12 @@ def splits_evenly(tokens: int, layout: ParallelLayout) -> bool:
     """Whether a job's sequence splits into equal shards over the group; a job whose sequence does not
     runs on the unsplit replica (``replicated_transformer``) on every rank.
 
-    FLUX's 512 text tokens always divide; image tokens ((width/16) x (height/16), plus reference-image
-    tokens; -1 when not known ahead) may not, e.g. 1008x1008 (63x63). The runtimes' uneven ("anything")
-    splits are not used: they gather shard sizes on the host at every exchange, which keeps them out of
-    the compiled graph and stalls the GPU (Ulysses-2 at 1008x1008 on 2xH200: 7.31 s against 5.05 s
-    replicated, docs/performance.md), and exist for one kind of parallelism at a time over NCCL only.
+    FLUX's 512 text tokens divide (``EngineOptions`` checks the degree at start); image tokens
+    ((width/16) x (height/16), plus reference-image tokens; -1 when not known ahead) may not, e.g.
+    1008x1008 (63x63). The runtimes' uneven ("anything") splits are not used: they gather shard sizes on
+    the host at every exchange, which keeps them out of the compiled graph and stalls the GPU (Ulysses-2
+    at 1008x1008 on 2xH200: 7.31 s against 5.05 s replicated, docs/performance.md), and exist for one
+    kind of parallelism at a time over NCCL only.
     """
     return tokens >= 0 and tokens % layout.sp == 0
 

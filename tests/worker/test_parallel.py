@@ -53,6 +53,8 @@ def test_degrees_default_to_ulysses_over_every_gpu_of_the_group(
         ({"num_gpus": 2, "dit_tp_size": 2, "ulysses_degree": 2}, "without --ulysses-degree"),
         ({"num_gpus": 2, "dit_tp_size": 2, "quantize": "fp8"}, "does not combine with --quantize fp8"),
         ({"num_gpus": 2, "dit_tp_size": 2, "parallel_vae": True}, "does not combine with --parallel-vae"),
+        ({"num_gpus": 3}, "degree of 3 does not divide the 512 text tokens"),  # Ulysses 3 divides 24 heads
+        ({"num_gpus": 6, "ulysses_degree": 2, "ring_degree": 3}, "degree of 6 does not divide"),
     ],
 )
 def test_impossible_layouts_are_refused_at_start_naming_the_flag(
