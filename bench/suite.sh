@@ -39,7 +39,6 @@
 #            transformer compiled as one program replayed as CUDA graphs (--whole reduce-overhead), both profiled
 #            (the whole-transformer compile draws a wrong image on the GPU: 21.5 dB, docs/performance.md)
 #   graphs2b stock Ulysses-2 (torchrun), then graphs2's whole transformer as one program without CUDA graphs
-#   graphs4  the same as graphs2 with Ulysses-4
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
@@ -199,12 +198,6 @@ lane_graphs2b() {
   torchrun --nproc-per-node 2 --master-port 29613 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
   python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --repeats 3 --ulysses-async --parallel-vae \
     --whole default --output-file "$1/u2_whole.json"
-}
-
-lane_graphs4() {
-  local P="python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --repeats 3 --ulysses-async --parallel-vae"
-  $P --whole reduce-overhead --profile --output-file "$1/u4_graphs.json"
-  $P --compile --profile --output-file "$1/u4_regional.json"
 }
 
 pids=()
