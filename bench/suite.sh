@@ -37,8 +37,10 @@
 #            async with a split decode and the `fast` preset; stock Ulysses-2 (torchrun) first
 #   graphs2  FLUX.1-dev Ulysses-2 (async, split decode): the worker's regional compile, then the whole
 #            transformer compiled as one program replayed as CUDA graphs (--whole reduce-overhead), both profiled
-#            (the whole-transformer compile draws a wrong image on the GPU: 21.5 dB, docs/performance.md)
+#            (casts emulated: without, the whole compile skips eager's bf16 rounding of timestep x 1000 and
+#            draws another image, 21.5 dB; docs/performance.md)
 #   graphs2b stock Ulysses-2 (torchrun), then graphs2's whole transformer as one program without CUDA graphs
+#   graphs4  Ulysses-4 (async, split decode): whole-transformer CUDA graphs, then the regional compile
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
@@ -143,7 +145,7 @@ lane_flux2one() {
 lane_engine() {
   (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
   python3 -m bench.pipeline --variants "${ENGINE_VARIANTS:-compiled,whole-compiled,whole-graphs}" \
-    --repeats 2 --profile --reference none --output-file "$1/engine.json"
+    --repeats 2 --profile --reference all --output-file "$1/engine.json"
 }
 
 lane_enginefp8() {
@@ -198,6 +200,12 @@ lane_graphs2b() {
   torchrun --nproc-per-node 2 --master-port 29613 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
   python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --repeats 3 --ulysses-async --parallel-vae \
     --whole default --output-file "$1/u2_whole.json"
+}
+
+lane_graphs4() {
+  local P="python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --repeats 3 --ulysses-async --parallel-vae"
+  $P --whole reduce-overhead --profile --output-file "$1/u4_graphs.json"
+  $P --compile --profile --output-file "$1/u4_regional.json"
 }
 
 pids=()
