@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._inductor.config as inductor_config
 
 from bench.profiling import kernel_seconds
 from worker.engine import FluxEngine, internal_params
@@ -83,8 +84,6 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
     loader's model argument; ``--overlap``, ``--skip-guards`` and the cache knobs in the environment the
     ranks inherit."""
     if os.environ.get("BENCH_COMM_OVERLAP") == "1":
-        import torch._inductor.config as inductor_config
-
         # Let inductor move each block's all-to-alls next to independent compute (an experiment).
         inductor_config.reorder_for_compute_comm_overlap = True
     device = torch.device("cpu") if model.smoke else torch.device("cuda", torch.cuda.current_device())
@@ -92,8 +91,6 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
     engine = FluxEngine.from_pipeline(pipeline, options, device, model.cache_factory(os.environ))
     whole = os.environ.get("BENCH_WHOLE_COMPILE")
     if whole:
-        import torch._inductor.config as inductor_config
-
         # An experiment on host overhead: the whole transformer (the sequence layout's hooks and
         # collectives included) as one compiled program; "reduce-overhead" replays each step as CUDA
         # graphs. Graph breaks, if any, are counted in the report. Casts emulated: eager rounds
