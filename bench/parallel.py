@@ -34,7 +34,9 @@ import torch
 import torch._inductor.config as inductor_config
 
 from bench.profiling import kernel_seconds
+from bench.whole import compile_whole
 from worker.engine import FluxEngine, internal_params
+from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.options import EngineOptions
 
 log = logging.getLogger("fluxgate.bench")
@@ -89,15 +91,15 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
     device = torch.device("cpu") if model.smoke else torch.device("cuda", torch.cuda.current_device())
     pipeline = build_random_pipeline(model.smoke)
     engine = FluxEngine.from_pipeline(pipeline, options, device, model.cache_factory(os.environ))
+    if os.environ.get("BENCH_EPILOGUES") == "1":  # the MLPs' GELU in the GEMMs (an experiment)
+        apply_gemm_epilogues(pipeline.transformer)
     whole = os.environ.get("BENCH_WHOLE_COMPILE")
     if whole:
         # An experiment on host overhead: the whole transformer (the sequence layout's hooks and
-        # collectives included) as one compiled program; "reduce-overhead" replays each step as CUDA
-        # graphs. Graph breaks, if any, are counted in the report. Casts emulated: eager rounds
-        # timestep x 1000 to bf16 before the sinusoidal embedding, which a fused kernel otherwise skips
-        # (the embedding moves ~35% and the image with it: 21.5 dB against the one-GPU image).
-        inductor_config.emulate_precision_casts = True
-        pipeline.transformer.compile(mode=None if whole == "default" else whole)
+        # collectives included) as one compiled program, its time embedder eager (bench.whole: eager's
+        # bf16 roundings); "reduce-overhead" replays each step as CUDA graphs. Graph breaks are counted
+        # in the report.
+        compile_whole(pipeline.transformer, whole)
     engine.warmup(options.resolutions, [model.cache])
     if os.environ.get("BENCH_SKIP_GUARDS") == "1":
         # An experiment on host overhead: compiled blocks run without evaluating their guards (torch
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="after the warm-up, skip evaluating the compiled blocks' guards (host-overhead experiment)",
     )
+    parser.add_argument("--epilogues", action="store_true", help="the MLPs' GELU in the GEMMs' epilogues")
     parser.add_argument(
         "--whole",
         choices=["default", "reduce-overhead"],
@@ -210,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_COMM_OVERLAP"] = "1"
     if args.skip_guards:
         os.environ["BENCH_SKIP_GUARDS"] = "1"
+    if args.epilogues:
+        os.environ["BENCH_EPILOGUES"] = "1"
     if args.whole:
         if args.compile:
             parser.error("--whole replaces --compile's regional compile: pass one of them")
@@ -243,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "comm_overlap": args.overlap,
         "skip_guards": args.skip_guards,
         "whole": args.whole,
+        "epilogues": args.epilogues,
         "quantize": args.quantize,
         "steps": args.steps,
     }

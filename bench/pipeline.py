@@ -33,8 +33,10 @@ import torch._inductor.config
 from bench.fidelity import Capture, capture, difference, weights_fingerprint
 from bench.profiling import kernel_seconds
 from bench.random_flux import build_flux1_dev
+from bench.whole import compile_whole
 from shared.schemas import GenerationParams
 from worker.engine import FluxEngine, internal_params
+from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import DType, EngineOptions
 
@@ -49,7 +51,8 @@ class Variant:
     never pass a residual threshold, so masks it is). ``fp8_recipe``: another fp8 recipe than
     ``--quantize fp8``'s, applied by the benchmark before the engine's options (then compile).
     ``whole``: one graph for the whole transformer instead of the worker's regional compile (cross-block
-    fusion; with "reduce-overhead", a CUDA graph per step). ``inductor``: inductor settings for the run.
+    fusion; with "reduce-overhead", a CUDA graph per step; ``bench.whole``). ``epilogues``: the MLPs'
+    GELU in the GEMMs' epilogues (``worker.optimizations.epilogues``). ``inductor``: inductor settings.
     """
 
     options: dict[str, Any] = field(default_factory=dict)
@@ -57,6 +60,7 @@ class Variant:
     fp8_recipe: Fp8Config | None = None
     fuse_qkv: bool = False
     whole: str | None = None  # compile the whole transformer as one graph with this mode ("default", ...)
+    epilogues: bool = False
     inductor: dict[str, Any] = field(default_factory=dict)  # torch._inductor.config while it compiles
 
     @property
@@ -65,7 +69,6 @@ class Variant:
 
 
 FP8 = {"quantize": "fp8"}
-EMULATE_CASTS = {"emulate_precision_casts": True}
 COMPILED = {"compile": True}
 VARIANTS: dict[str, Variant] = {
     "eager": Variant(),
@@ -95,12 +98,13 @@ VARIANTS: dict[str, Variant] = {
     "fp8-all-compiled": Variant(COMPILED, fp8_recipe=Fp8Config(layers="all")),  # stock's layer choice
     "fp8-fused-compiled": Variant({**FP8, **COMPILED}, fuse_qkv=True),
     "fp8-autotune": Variant({**FP8, "compile": True, "compile_mode": "max-autotune-no-cudagraphs"}),
-    # one graph with the embedders: eager rounds timestep x 1000 to bf16, which inductor's fused kernel
-    # skips unless told to emulate the casts (the sinusoidal embedding then moves ~35%: a different image)
-    "whole-compiled": Variant(whole="default", inductor=EMULATE_CASTS),
-    "whole-graphs": Variant(whole="reduce-overhead", inductor=EMULATE_CASTS),
-    "fp8-whole-graphs": Variant(FP8, whole="reduce-overhead", inductor=EMULATE_CASTS),
-    "whole-graphs-fp32-casts": Variant(whole="reduce-overhead"),  # the earlier, unfaithful variant
+    # one graph for the transformer, its time embedder eager (bench.whole: eager's bf16 roundings kept)
+    "whole-compiled": Variant(whole="default"),
+    "whole-graphs": Variant(whole="reduce-overhead"),
+    "fp8-whole-graphs": Variant(FP8, whole="reduce-overhead"),
+    "compiled-epilogues": Variant(COMPILED, epilogues=True),
+    "whole-graphs-epilogues": Variant(whole="reduce-overhead", epilogues=True),
+    "cache-fast-epilogues": Variant(COMPILED, "fast", epilogues=True),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
     "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }
@@ -208,9 +212,10 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
     if variant.fp8_recipe is not None:
         apply_fp8(pipe, variant.fp8_recipe, device)
     engine = FluxEngine.from_pipeline(pipe, options, device, cache_factory(variant.cache))
+    if variant.epilogues:  # after fp8 (its layers keep their forward), before the first compiled call
+        apply_gemm_epilogues(pipe.transformer)
     if variant.whole is not None:
-        mode = None if variant.whole == "default" else variant.whole
-        pipe.transformer.compile(fullgraph=True, mode=mode)
+        compile_whole(pipe.transformer, variant.whole)
     return engine
 
 
@@ -223,6 +228,7 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "fp8_recipe": variant.fp8_recipe and str(variant.fp8_recipe),
         "fuse_qkv": variant.fuse_qkv,
         "whole": variant.whole,
+        "epilogues": variant.epilogues,
         "inductor": variant.inductor,
         "sdpa_first": args.sdpa_first,
     }

@@ -1,0 +1,121 @@
+"""FLUX.1's MLP activations inside the GEMMs (``apply_gemm_epilogues``): fewer elementwise passes a step.
+
+On an H100 the regional compile's heaviest elementwise kernels are MLP glue (lease 13, docs/performance.md):
+the single blocks' ``cat(attention, gelu(mlp))`` feeding ``proj_out`` (0.12 s an image) and the double
+blocks' feed-forward GELU (0.04 s). Both are memory passes over 4608 x 12288 activations that the GEMMs
+around them could absorb:
+
+- the tanh GELU runs in cuBLASLt's epilogue of its input projection (``torch._addmm_activation`` with
+  ``use_gelu``; inductor keeps the op as an external call, so the epilogue survives compilation);
+- the single blocks' ``proj_out`` runs as two GEMMs over its column blocks (attention part, MLP part)
+  whose partial sums inductor adds in the gating kernel it emits anyway, so the concatenation is gone.
+
+The GEMMs then round differently than eager's (the GELU sees the fp32 accumulator; ``proj_out``'s two
+partial sums are rounded to bf16 before they are added): within bf16 tolerance, measured as an image
+PSNR by ``bench.pipeline``. Layers whose weights are not plain tensors (fp8, tensor parallel) or that
+carry hooks (streamed offload) keep diffusers' forward; off CUDA the GELU runs unfused (cuBLASLt's
+epilogue is CUDA's, and the CPU kernel's GELU is the exact one).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.activations import GELU
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+
+def plain_linear(linear: nn.Module) -> bool:
+    """A biased ``nn.Linear`` with an ordinary bf16/fp16 weight and nothing hooked onto its forward."""
+    if type(linear) is not nn.Linear or linear.bias is None:
+        return False
+    hooked = linear._forward_hooks or linear._forward_pre_hooks or "forward" in vars(linear)
+    weight = linear.weight
+    half = weight.dtype in (torch.bfloat16, torch.float16)
+    return half and not hooked and not is_traceable_wrapper_subclass(weight)
+
+
+def gelu_linear(hidden_states: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``gelu(linear(x), approximate="tanh")``, the GELU in cuBLASLt's epilogue on CUDA."""
+    if not hidden_states.is_cuda:
+        return F.gelu(linear(hidden_states), approximate="tanh")
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    out = torch._addmm_activation(linear.bias, flat, linear.weight.t(), use_gelu=True)
+    return out.view(*hidden_states.shape[:-1], out.shape[-1])
+
+
+class EpilogueGELU(GELU):
+    """diffusers' ``GELU`` (a projection, then the activation) as one GEMM with a GELU epilogue."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return gelu_linear(hidden_states, self.proj)
+
+
+def settled(attn_output: Any) -> torch.Tensor:
+    """The attention's output, waited for where cache-dit's async Ulysses returned a pending exchange."""
+    output = attn_output
+    if not isinstance(output, torch.Tensor):
+        output = output.wait() if hasattr(output, "wait") else output()
+    return output.flatten(2, 3) if output.ndim == 4 else output
+
+
+class EpilogueSingleBlock(FluxSingleTransformerBlock):
+    """FLUX.1's single block without the ``cat(attention, gelu(mlp))`` pass before ``proj_out``.
+
+    It replaces diffusers' forward and also cache-dit's async Ulysses patch of it (a class-level patch
+    this subclass shadows), whose only change, overlapping the attention's exchange with the MLP, it keeps.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text_seq_len = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        residual = hidden_states
+        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+        # attention first: under cache-dit's async Ulysses it returns a pending exchange the MLP overlaps
+        kwargs = joint_attention_kwargs or {}
+        attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **kwargs)
+        mlp_hidden_states = gelu_linear(norm_hidden_states, self.proj_mlp)
+        attn_output = settled(attn_output)
+        # proj_out(cat(a, m)) = a @ W_a^T + m @ W_m^T + b, over proj_out's column blocks (views, no copy)
+        dim = attn_output.shape[-1]
+        weight = self.proj_out.weight
+        projected = F.linear(attn_output, weight[:, :dim], self.proj_out.bias)
+        projected = projected + F.linear(mlp_hidden_states, weight[:, dim:])
+        hidden_states = residual + gate.unsqueeze(1) * projected
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+def apply_gemm_epilogues(transformer: nn.Module) -> int:
+    """Give FLUX.1's feed-forward GELUs and single blocks the epilogue forwards; returns how many changed.
+
+    Call after quantization and parallel plans (they decide which weights stay plain), before compiling.
+    The modules keep their parameters and names (only their class changes), so state dicts, Cache-DiT's
+    block hooks and the sequence-parallel plans see the same model.
+    """
+    changed = 0
+    for module in transformer.modules():
+        if type(module) is GELU and module.approximate == "tanh" and plain_linear(module.proj):
+            module.__class__ = EpilogueGELU
+            changed += 1
+        elif (
+            type(module) is FluxSingleTransformerBlock
+            and module.act_mlp.approximate == "tanh"
+            and plain_linear(module.proj_mlp)
+            and plain_linear(module.proj_out)
+        ):
+            module.__class__ = EpilogueSingleBlock
+            changed += 1
+    return changed
