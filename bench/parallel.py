@@ -91,10 +91,10 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
     device = torch.device("cpu") if model.smoke else torch.device("cuda", torch.cuda.current_device())
     pipeline = build_random_pipeline(model.smoke)
     engine = FluxEngine.from_pipeline(pipeline, options, device, model.cache_factory(os.environ))
-    if os.environ.get("BENCH_EPILOGUES") == "1":  # the MLPs' GELU in the GEMMs (an experiment)
-        apply_gemm_epilogues(pipeline.transformer)
     whole = os.environ.get("BENCH_WHOLE_COMPILE")
     if whole:
+        if options.gemm_epilogues:  # as the regional compile has them
+            apply_gemm_epilogues(pipeline.transformer)
         # An experiment on host overhead: the whole transformer (the sequence layout's hooks and
         # collectives included) as one compiled program, its time embedder eager (bench.whole: eager's
         # bf16 roundings); "reduce-overhead" replays each step as CUDA graphs. Graph breaks are counted
@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="after the warm-up, skip evaluating the compiled blocks' guards (host-overhead experiment)",
     )
-    parser.add_argument("--epilogues", action="store_true", help="the MLPs' GELU in the GEMMs' epilogues")
+    parser.add_argument(
+        "--no-epilogues", action="store_true", help="keep the MLPs' GELU out of the GEMMs' epilogues"
+    )
     parser.add_argument(
         "--whole",
         choices=["default", "reduce-overhead"],
@@ -213,8 +215,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_COMM_OVERLAP"] = "1"
     if args.skip_guards:
         os.environ["BENCH_SKIP_GUARDS"] = "1"
-    if args.epilogues:
-        os.environ["BENCH_EPILOGUES"] = "1"
     if args.whole:
         if args.compile:
             parser.error("--whole replaces --compile's regional compile: pass one of them")
@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         quantize=args.quantize,
         attention_backend=args.attention_backend,
         compile=args.compile,
+        gemm_epilogues=not args.no_epilogues,
         device="cpu" if args.smoke else "cuda",
         warmup_resolutions=",".join(f"{size}x{size}" for size in sizes),
     )
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "comm_overlap": args.overlap,
         "skip_guards": args.skip_guards,
         "whole": args.whole,
-        "epilogues": args.epilogues,
+        "epilogues": not args.no_epilogues,
         "quantize": args.quantize,
         "steps": args.steps,
     }

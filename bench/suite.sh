@@ -24,9 +24,9 @@
 #   flux2u4  the same as flux2u2 on 4 GPUs: Ulysses-4, fp8 transformer, the Mistral sharded four ways
 #   flux2u2r2  the same as flux2u4 with Ulysses-2 x Ring-2
 #   flux2one FLUX.2-dev on one GPU, Mistral streamed from pinned memory: fp8, then bf16
-#   engine   one-GPU engine experiments (ENGINE_VARIANTS, default: compiled, compiled with the MLPs' GELU in
-#            the GEMMs' epilogues, and that as one whole-transformer CUDA graph), each profiled and compared
-#            with the eager image; stock one-GPU first
+#   engine   one-GPU engine experiments (ENGINE_VARIANTS, default: compiled without the MLPs' GELU in the
+#            GEMMs' epilogues, compiled (with them), and the whole transformer as CUDA graphs with them), each
+#            profiled and compared with the eager image; stock one-GPU first
 #   enginefp8  the same for fp8 and inductor's coordinate-descent tuning (ENGINE_FP8_VARIANTS)
 #   attn     which SDPA kernel the engine runs: the attention probe, compiled bf16 and fp8 with torch's
 #            SDPA order and with cuDNN first (profiled; cache `fast` too), then the offload lane; stock first
@@ -42,9 +42,9 @@
 #            another image, 21.5 dB; bench.whole, docs/performance.md)
 #   graphs2b stock Ulysses-2 (torchrun), then graphs2's whole transformer as one program without CUDA graphs
 #   graphs4  Ulysses-4 (async, split decode): whole-transformer CUDA graphs, then the regional compile
-#   epi2     stock Ulysses-2 (torchrun), then Ulysses-2 (async, split decode) regional, regional with the MLPs'
-#            GELU in the GEMMs' epilogues (--epilogues), and the whole transformer as CUDA graphs with them
-#            (its time embedder eager: bench.whole), all profiled
+#   epi2     stock Ulysses-2 (torchrun), then Ulysses-2 (async, split decode) regional without the MLPs' GELU
+#            in the GEMMs' epilogues (--no-epilogues), with them (the worker's default), and the whole
+#            transformer as CUDA graphs with them (its time embedder eager: bench.whole), all profiled
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
@@ -148,7 +148,7 @@ lane_flux2one() {
 
 lane_engine() {
   (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
-  python3 -m bench.pipeline --variants "${ENGINE_VARIANTS:-compiled,compiled-epilogues,whole-graphs-epilogues}" \
+  python3 -m bench.pipeline --variants "${ENGINE_VARIANTS:-compiled-no-epilogues,compiled,whole-graphs-epilogues}" \
     --repeats 2 --profile --reference all --output-file "$1/engine.json"
 }
 
@@ -215,9 +215,9 @@ lane_graphs4() {
 lane_epi2() {
   torchrun --nproc-per-node 2 --master-port 29614 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
   local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --repeats 3 --ulysses-async --parallel-vae"
-  $P --compile --profile --output-file "$1/u2_regional.json"
-  $P --compile --epilogues --profile --output-file "$1/u2_epilogues.json"
-  $P --whole reduce-overhead --epilogues --profile --output-file "$1/u2_graphs_epilogues.json"
+  $P --compile --no-epilogues --profile --output-file "$1/u2_regional.json"
+  $P --compile --profile --output-file "$1/u2_epilogues.json"
+  $P --whole reduce-overhead --profile --output-file "$1/u2_graphs_epilogues.json"
 }
 
 pids=()

@@ -52,6 +52,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--attention-backend", help="diffusers attention backend, e.g. native, _native_cudnn, flash, sage")
     add("--compile", action="store_true", default=None, help="regionally compile the transformer blocks")
     add("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    add(
+        "--no-gemm-epilogues",
+        dest="gemm_epilogues",
+        action="store_false",
+        default=None,
+        help="with --compile, keep FLUX.1's MLP GELUs out of the GEMMs' epilogues (diffusers' own forward)",
+    )
     add("--compile-cache-dir", help="persistent torch compile cache (survives restarts)")
     add("--quantize", choices=["none", "fp8"], help="fp8 transformer blocks (GPU compute capability >= 8.9)")
     add("--num-gpus", type=int, help="GPUs of this worker group, one process each (default 1)")

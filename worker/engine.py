@@ -17,6 +17,7 @@ from PIL import Image
 from shared.schemas import GenerationParams
 from worker.optimizations.attention import apply_attention_backend
 from worker.optimizations.compile import CompileConfig, apply_regional_compile
+from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.offload import OffloadConfig, apply_offload
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
 from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
@@ -224,6 +225,10 @@ class FluxEngine:
                 fullgraph=layout.compile_fullgraph,
             )
             apply_regional_compile(pipeline, config)
+            if options.gemm_epilogues and layout.dit_tp == 1 and "transformer" not in offloaded:
+                # after the regional compile, which finds the blocks by their class names; the compiled
+                # blocks call the new forwards when they are first traced (the warm-up)
+                apply_gemm_epilogues(pipeline.transformer)
         return engine
 
     @property

@@ -30,13 +30,11 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 def plain_linear(linear: nn.Module) -> bool:
-    """A biased ``nn.Linear`` with an ordinary bf16/fp16 weight and nothing hooked onto its forward."""
+    """A biased ``nn.Linear`` with an ordinary weight tensor and nothing hooked onto its forward."""
     if type(linear) is not nn.Linear or linear.bias is None:
         return False
     hooked = linear._forward_hooks or linear._forward_pre_hooks or "forward" in vars(linear)
-    weight = linear.weight
-    half = weight.dtype in (torch.bfloat16, torch.float16)
-    return half and not hooked and not is_traceable_wrapper_subclass(weight)
+    return not hooked and not is_traceable_wrapper_subclass(linear.weight)
 
 
 def gelu_linear(hidden_states: torch.Tensor, linear: nn.Linear) -> torch.Tensor:

@@ -1,0 +1,118 @@
+"""The MLPs' GELU in the GEMMs' epilogues: same model, same outputs, applied only where it is safe."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pytest
+import torch
+from diffusers.models.activations import GELU
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+from worker import engine as engine_module
+from worker.cli import add_worker_arguments, engine_options
+from worker.optimizations.epilogues import EpilogueGELU, EpilogueSingleBlock, apply_gemm_epilogues
+from worker.options import EngineOptions
+from worker.tiny_model import build_tiny_pipeline
+
+from .transformer_support import inputs, relative_rms, tiny_transformer
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 0.02)])
+@torch.no_grad()
+def test_epilogue_forwards_give_diffusers_output(dtype: torch.dtype, tolerance: float) -> None:
+    expected = tiny_transformer(dtype)(**inputs(dtype))[0]
+    model = tiny_transformer(dtype)
+    apply_gemm_epilogues(model)
+    assert relative_rms(model(**inputs(dtype))[0], expected) < tolerance
+
+
+def test_every_feed_forward_gelu_and_single_block_changes_class_and_keeps_its_weights() -> None:
+    model = tiny_transformer()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    # two feed-forwards (image, text) per double block, and every single block
+    assert apply_gemm_epilogues(model) == 2 * 2 + 3
+    assert sum(isinstance(module, EpilogueGELU) for module in model.modules()) == 4
+    assert sum(isinstance(module, EpilogueSingleBlock) for module in model.modules()) == 3
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    assert apply_gemm_epilogues(model) == 0  # already applied
+
+
+def test_hooked_linears_and_exact_gelus_keep_diffusers_forward() -> None:
+    model = tiny_transformer()
+    hooked_block = model.single_transformer_blocks[0]
+    hooked_block.proj_out.register_forward_pre_hook(lambda module, args: None)
+    streamed = model.transformer_blocks[0].ff.net[0]
+    streamed.proj.forward = streamed.proj.forward  # an instance forward, as offload hooks install
+    exact = model.transformer_blocks[1].ff_context.net[0]
+    exact.approximate = "none"
+    assert apply_gemm_epilogues(model) == 7 - 3
+    assert type(hooked_block) is FluxSingleTransformerBlock
+    assert type(streamed) is GELU and type(exact) is GELU
+
+
+class PendingExchange:
+    """What cache-dit's async Ulysses returns from a single block's attention: the output, later."""
+
+    def __init__(self, output: torch.Tensor, heads: int) -> None:
+        self.output = output.unflatten(-1, (heads, -1))
+        self.waited = False
+
+    def wait(self) -> torch.Tensor:
+        self.waited = True
+        return self.output
+
+
+@torch.no_grad()
+def test_single_block_waits_for_a_pending_attention_exchange() -> None:
+    model = tiny_transformer()
+    expected = model(**inputs(torch.float32))[0]
+    apply_gemm_epilogues(model)
+    attention = model.single_transformer_blocks[1].attn
+    exact_forward = attention.forward
+    pending: list[PendingExchange] = []
+
+    def exchanged(**kwargs: Any) -> PendingExchange:
+        pending.append(PendingExchange(exact_forward(**kwargs), attention.heads))
+        return pending[-1]
+
+    attention.forward = exchanged
+    assert relative_rms(model(**inputs(torch.float32))[0], expected) < 1e-5
+    assert [exchange.waited for exchange in pending] == [True]
+
+
+def compiled_epilogue_blocks(pipe: Any) -> int:
+    blocks = pipe.transformer.single_transformer_blocks
+    compiled = [block for block in blocks if block._compiled_call_impl is not None]
+    return sum(isinstance(block, EpilogueSingleBlock) for block in compiled)
+
+
+@pytest.mark.parametrize(
+    ("options", "applied"),
+    [
+        ({"compile": True}, True),
+        ({}, False),  # measured with the compiled blocks only
+        ({"compile": True, "gemm_epilogues": False}, False),
+        ({"compile": True, "dit_cpu_offload": True}, False),  # streamed blocks keep their hooks' forward
+    ],
+)
+def test_engine_applies_epilogues_when_it_compiles_a_resident_transformer(
+    options: dict[str, Any], applied: bool
+) -> None:
+    pipe = build_tiny_pipeline("flux1", seed=0)
+    engine_module.FluxEngine.from_pipeline(pipe, EngineOptions(**options), CPU)
+    # the regional compile still finds the single blocks (by class name) and wraps them, lazily
+    blocks = len(pipe.transformer.single_transformer_blocks)
+    assert compiled_epilogue_blocks(pipe) == (blocks if applied else 0)
+
+
+def test_no_gemm_epilogues_flag_turns_them_off() -> None:
+    parser = argparse.ArgumentParser()
+    add_worker_arguments(parser)
+    assert engine_options(parser.parse_args([])).gemm_epilogues is True
+    assert engine_options(parser.parse_args(["--no-gemm-epilogues"])).gemm_epilogues is False
