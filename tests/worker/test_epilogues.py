@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 from worker import engine as engine_module
 from worker.cli import add_worker_arguments, engine_options
 from worker.optimizations.epilogues import EpilogueGELU, EpilogueSingleBlock, apply_gemm_epilogues
+from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import EngineOptions
 from worker.tiny_model import build_tiny_pipeline
 
@@ -116,3 +118,12 @@ def test_no_gemm_epilogues_flag_turns_them_off() -> None:
     add_worker_arguments(parser)
     assert engine_options(parser.parse_args([])).gemm_epilogues is True
     assert engine_options(parser.parse_args(["--no-gemm-epilogues"])).gemm_epilogues is False
+
+
+def test_fp8_layers_keep_diffusers_forward() -> None:
+    # under --quantize fp8 every MLP projection is a torchao tensor: nothing to fuse with cuBLASLt
+    pipe = SimpleNamespace(transformer=tiny_transformer(torch.bfloat16))
+    with float8_on_cpu():
+        apply_fp8(pipe, Fp8Config(), CPU)
+    assert type(pipe.transformer.single_transformer_blocks[0].proj_mlp.weight).__name__ == "Float8Tensor"
+    assert apply_gemm_epilogues(pipe.transformer) == 0
