@@ -13,6 +13,7 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 
 from worker import engine as engine_module
 from worker.cli import add_worker_arguments, engine_options
+from worker.optimizations.cache_dit import CacheDitConfig, apply_cache_dit
 from worker.optimizations.epilogues import EpilogueGELU, EpilogueSingleBlock, apply_gemm_epilogues
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import EngineOptions
@@ -127,3 +128,22 @@ def test_fp8_layers_keep_diffusers_forward() -> None:
         apply_fp8(pipe, Fp8Config(), CPU)
     assert type(pipe.transformer.single_transformer_blocks[0].proj_mlp.weight).__name__ == "Float8Tensor"
     assert apply_gemm_epilogues(pipe.transformer) == 0
+
+
+def test_cache_dit_presets_cache_the_same_steps_on_epilogue_blocks() -> None:
+    # the engine installs Cache-DiT at load and swaps the classes afterwards, as here
+    presets = {"fast": CacheDitConfig(enabled=True, scm_preset="fast", scm_policy="static")}
+    images = []
+    for epilogues in (False, True):
+        pipe = build_tiny_pipeline("flux1", seed=0)
+        controller = apply_cache_dit(pipe, presets)
+        if epilogues:
+            assert apply_gemm_epilogues(pipe.transformer) > 0
+        controller.prepare("fast", 12, true_cfg=False)
+        generator = torch.Generator("cpu").manual_seed(0)
+        with torch.inference_mode():
+            size = {"width": 64, "height": 64}
+            output = pipe("a red cat", **size, num_inference_steps=12, generator=generator, output_type="pt")
+        assert controller.cached_steps() == presets["fast"].steps_mask(12).count(0) > 0  # type: ignore[union-attr]
+        images.append(output.images)
+    assert relative_rms(images[1], images[0]) < 1e-4
