@@ -37,6 +37,7 @@ from bench.whole import compile_whole
 from shared.schemas import GenerationParams
 from worker.engine import FluxEngine, internal_params
 from worker.optimizations.epilogues import apply_gemm_epilogues
+from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import DType, EngineOptions
 
@@ -62,6 +63,7 @@ class Variant:
     fuse_qkv: bool = False
     whole: str | None = None  # compile the whole transformer as one graph with this mode ("default", ...)
     epilogues: bool = False
+    qk_rope: bool = False  # worker.optimizations.qk_norm_rope's fused processor (one GPU)
     inductor: dict[str, Any] = field(default_factory=dict)  # torch._inductor.config while it compiles
 
     @property
@@ -104,6 +106,8 @@ VARIANTS: dict[str, Variant] = {
     "whole-graphs": Variant(whole="reduce-overhead"),
     "fp8-whole-graphs": Variant(FP8, whole="reduce-overhead"),
     "whole-graphs-epilogues": Variant(whole="reduce-overhead", epilogues=True),
+    "compiled-qkrope": Variant(COMPILED, qk_rope=True),
+    "fp8-compiled-qkrope": Variant({**FP8, **COMPILED}, qk_rope=True),
     # the regional compile as it was before the GEMM epilogues became its default (lease 22)
     "compiled-no-epilogues": Variant({**COMPILED, "gemm_epilogues": False}),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
@@ -212,6 +216,8 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
         pipe.transformer.fuse_qkv_projections()
     if variant.fp8_recipe is not None:
         apply_fp8(pipe, variant.fp8_recipe, device)
+    if variant.qk_rope:  # processors set before the engine's options (attention backend, compile)
+        apply_fused_qk_norm_rope(pipe.transformer)
     engine = FluxEngine.from_pipeline(pipe, options, device, cache_factory(variant.cache))
     if variant.epilogues:  # after fp8 (its layers keep their forward), before the first call compiles
         apply_gemm_epilogues(pipe.transformer)
@@ -230,6 +236,7 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "fuse_qkv": variant.fuse_qkv,
         "whole": variant.whole,
         "epilogues": variant.epilogues,
+        "qk_rope": variant.qk_rope,
         "inductor": variant.inductor,
         "sdpa_first": args.sdpa_first,
     }

@@ -1,0 +1,88 @@
+"""The fused query/key norm + rotary kernel at FLUX.1's shapes on the GPU: its output against eager's
+and its time against inductor's fusion of the same math (``python -m bench.qk_rope_check``).
+
+Two calls per attention: the single blocks' (4608 image tokens) and the double blocks' (512 text + 4096
+image tokens, two norm weights). Each is timed as the Triton kernel, as ``torch.compile`` of the eager
+reference, and eagerly; the effective bandwidth counts one read and one write of the projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from worker.optimizations.qk_norm_rope import qk_norm_rope, reference
+
+HEADS, HEAD_DIM = 24, 128
+
+
+def cuda_ms(run: Callable[[], Any], repeats: int = 50) -> float:
+    for _ in range(3):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def case(text_tokens: int, image_tokens: int) -> dict[str, Any]:
+    device, bf16 = torch.device("cuda"), torch.bfloat16
+    generator = torch.Generator(device).manual_seed(0)
+
+    def draw(*shape: int, dtype: torch.dtype = bf16) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    features = HEADS * HEAD_DIM
+    tokens = text_tokens + image_tokens
+    args = (
+        draw(1, text_tokens, features),
+        1 + 0.1 * draw(HEAD_DIM),
+        draw(1, image_tokens, features),
+        1 + 0.1 * draw(HEAD_DIM),
+        draw(tokens, HEAD_DIM, dtype=torch.float32).cos(),
+        draw(tokens, HEAD_DIM, dtype=torch.float32).sin(),
+        1e-6,
+        HEAD_DIM,
+    )
+    expected, got = reference(*args), qk_norm_rope(*args)
+    compiled = torch.compile(reference, fullgraph=True)
+    difference = (got.float() - expected.float()).abs()
+    times = {
+        "triton_ms": cuda_ms(lambda: qk_norm_rope(*args)),
+        "compiled_reference_ms": cuda_ms(lambda: compiled(*args)),
+        "eager_reference_ms": cuda_ms(lambda: reference(*args)),
+    }
+    moved = 2 * tokens * features * 2  # bytes: one bf16 read and one write of the projection
+    return {
+        "text_tokens": text_tokens,
+        "image_tokens": image_tokens,
+        "same_strides": got.stride() == expected.stride(),
+        "max_abs_diff": difference.max().item(),
+        "elements_differing": int((difference > 0).sum().item()),
+        "elements": difference.numel(),
+        **{name: round(ms, 4) for name, ms in times.items()},
+        "triton_tb_s": round(moved / times["triton_ms"] / 1e9, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--output-file")
+    args = parser.parse_args(argv)
+    result = {"device": torch.cuda.get_device_name(), "single": case(0, 4608), "double": case(512, 4096)}
+    print("RESULT", json.dumps(result))
+    if args.output_file:
+        with open(args.output_file, "w") as handle:
+            json.dump(result, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

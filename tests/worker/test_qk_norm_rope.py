@@ -1,0 +1,74 @@
+"""The fused query/key norm + rotary op: eager's output exactly, compiled, and only where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+from worker.optimizations.qk_norm_rope import (
+    FusedQKFluxAttnProcessor,
+    apply_fused_qk_norm_rope,
+    qk_norm_rope,
+    reference,
+)
+
+from .transformer_support import inputs, relative_rms, tiny_transformer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_fused_processor_gives_the_diffusers_output_exactly(dtype: torch.dtype) -> None:
+    expected = tiny_transformer(dtype)(**inputs(dtype))[0]
+    model = tiny_transformer(dtype)
+    assert apply_fused_qk_norm_rope(model) == 2 + 3  # every double and single block's attention
+    assert torch.equal(model(**inputs(dtype))[0], expected)
+
+
+@torch.no_grad()
+def test_compiled_blocks_trace_the_op_in_one_graph() -> None:
+    bf16 = torch.bfloat16
+    expected = tiny_transformer(bf16)(**inputs(bf16))[0]
+    model = tiny_transformer(bf16)
+    apply_fused_qk_norm_rope(model)
+    model.compile_repeated_blocks(fullgraph=True)
+    assert relative_rms(model(**inputs(bf16))[0], expected) < 0.02
+
+
+def test_op_schema_and_fake_tensor_agree_with_the_kernel() -> None:
+    generator = torch.Generator().manual_seed(0)
+    text, image = torch.randn(2, 5, 48, generator=generator), torch.randn(2, 7, 48, generator=generator)
+    cos, sin = torch.randn(12, 16, generator=generator), torch.randn(12, 16, generator=generator)
+    args = (text, torch.randn(16), image, torch.randn(16), cos, sin, 1e-6, 16)
+    torch.library.opcheck(qk_norm_rope, args)
+    out = qk_norm_rope(*args)
+    assert out.shape == (2, 12, 3, 16) and out.transpose(1, 2).is_contiguous()  # SDPA's head-major layout
+    assert torch.equal(out, reference(*args))
+
+
+def test_text_free_calls_rotate_the_image_tokens_only() -> None:
+    generator = torch.Generator().manual_seed(1)
+    image, weight = torch.randn(1, 6, 32, generator=generator), torch.randn(16, generator=generator)
+    cos, sin = torch.randn(6, 16, generator=generator), torch.randn(6, 16, generator=generator)
+    out = qk_norm_rope(image[:, :0], weight, image, weight, cos, sin, 1e-6, 16)
+    assert out.shape == (1, 6, 2, 16)
+
+
+def test_sequence_parallel_and_other_processors_keep_theirs() -> None:
+    model = tiny_transformer()
+    parallel = model.transformer_blocks[0].attn
+    parallel.processor._parallel_config = object()  # as diffusers' context parallelism sets it
+    other = model.single_transformer_blocks[0].attn
+    other.processor = type("OtherProcessor", (FluxAttnProcessor,), {})()
+    assert apply_fused_qk_norm_rope(model) == 5 - 2
+    assert type(parallel.processor) is FluxAttnProcessor
+    assert not isinstance(other.processor, FusedQKFluxAttnProcessor)
+    assert isinstance(model.single_transformer_blocks[1].attn.processor, FusedQKFluxAttnProcessor)
+
+
+def test_the_attention_backend_carries_over() -> None:
+    model = tiny_transformer()
+    model.set_attention_backend("native")
+    apply_fused_qk_norm_rope(model)
+    processors = [module.processor for module in model.modules() if hasattr(module, "processor")]
+    assert {processor._attention_backend for processor in processors} == {"native"}
