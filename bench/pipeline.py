@@ -73,6 +73,7 @@ class Variant:
 
 FP8 = {"quantize": "fp8"}
 COMPILED = {"compile": True}
+MULTI_KERNEL = {"triton.multi_kernel": 1}
 VARIANTS: dict[str, Variant] = {
     "eager": Variant(),
     "cudnn": Variant({"attention_backend": "_native_cudnn"}),
@@ -108,6 +109,11 @@ VARIANTS: dict[str, Variant] = {
     "whole-graphs-epilogues": Variant(whole="reduce-overhead", epilogues=True),
     "compiled-qkrope": Variant(COMPILED, qk_rope=True),
     "fp8-compiled-qkrope": Variant({**FP8, **COMPILED}, qk_rope=True),
+    # inductor keeps a reduction's row in registers (one pass) only up to 1,024 elements; multi-kernel
+    # raises that 16x and times both forms at the first call: the blocks' LayerNorms over 3,072 features
+    # ran as two-pass kernels at ~1 TB/s (lease 22)
+    "compiled-multikernel": Variant(COMPILED, inductor=MULTI_KERNEL),
+    "compiled-qkrope-multikernel": Variant(COMPILED, qk_rope=True, inductor=MULTI_KERNEL),
     # the regional compile as it was before the GEMM epilogues became its default (lease 22)
     "compiled-no-epilogues": Variant({**COMPILED, "gemm_epilogues": False}),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),

@@ -43,7 +43,8 @@
 #   graphs2b stock Ulysses-2 (torchrun), then graphs2's whole transformer as one program without CUDA graphs
 #   graphs4  Ulysses-4 (async, split decode): whole-transformer CUDA graphs, then the regional compile
 #   qkrope   the fused query/key norm + rotary kernel: its check at FLUX's shapes (bench.qk_rope_check), then
-#            compiled and fp8 with and without it (QKROPE_VARIANTS), profiled, against eager's image; stock first
+#            compiled and fp8 with and without it, and inductor's multi-kernel reductions (QKROPE_VARIANTS),
+#            profiled, against eager's image; stock first
 #   epi2     stock Ulysses-2 (torchrun), then Ulysses-2 (async, split decode) regional without the MLPs' GELU
 #            in the GEMMs' epilogues (--no-epilogues), with them (the worker's default), and the whole
 #            transformer as CUDA graphs with them (its time embedder eager: bench.whole), all profiled
@@ -225,7 +226,7 @@ lane_epi2() {
 lane_qkrope() {
   (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
   python3 -m bench.qk_rope_check --output-file "$1/check.json"
-  python3 -m bench.pipeline --variants "${QKROPE_VARIANTS:-compiled,compiled-qkrope,fp8-compiled,fp8-compiled-qkrope}" \
+  python3 -m bench.pipeline --variants "${QKROPE_VARIANTS:-compiled,compiled-qkrope,compiled-multikernel,fp8-compiled,fp8-compiled-qkrope}" \
     --repeats 2 --profile --reference all --output-file "$1/qkrope.json"
 }
 
