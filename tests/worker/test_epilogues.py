@@ -147,3 +147,26 @@ def test_cache_dit_presets_cache_the_same_steps_on_epilogue_blocks() -> None:
         assert controller.cached_steps() == presets["fast"].steps_mask(12).count(0) > 0  # type: ignore[union-attr]
         images.append(output.images)
     assert relative_rms(images[1], images[0]) < 1e-4
+
+
+class Adapter(torch.nn.Module):
+    """A layer wrapping a linear, as an adapter library swaps one in: its own output must be used."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden_states) + 1.0
+
+
+@torch.no_grad()
+def test_layers_swapped_in_after_the_epilogues_are_called_as_they_are() -> None:
+    expected_model, model = tiny_transformer(), tiny_transformer()
+    apply_gemm_epilogues(model)
+    for each in (expected_model, model):
+        block, feed_forward = each.single_transformer_blocks[0], each.transformer_blocks[0].ff.net[0]
+        block.proj_out, block.proj_mlp = Adapter(block.proj_out), Adapter(block.proj_mlp)
+        feed_forward.proj = Adapter(feed_forward.proj)
+    expected = expected_model(**inputs(torch.float32))[0]
+    assert relative_rms(model(**inputs(torch.float32))[0], expected) < 1e-5

@@ -38,8 +38,11 @@ def plain_linear(linear: nn.Module) -> bool:
 
 
 def gelu_linear(hidden_states: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``gelu(linear(x), approximate="tanh")``, the GELU in cuBLASLt's epilogue on CUDA."""
-    if not hidden_states.is_cuda:
+    """``gelu(linear(x), approximate="tanh")``, the GELU in cuBLASLt's epilogue on CUDA.
+
+    A layer swapped in after the epilogues were applied (an adapter wrapping the linear) is called as is.
+    """
+    if not hidden_states.is_cuda or type(linear) is not nn.Linear:
         return F.gelu(linear(hidden_states), approximate="tanh")
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
     out = torch._addmm_activation(linear.bias, flat, linear.weight.t(), use_gelu=True)
@@ -59,6 +62,15 @@ def settled(attn_output: Any) -> torch.Tensor:
     if not isinstance(output, torch.Tensor):
         output = output.wait() if hasattr(output, "wait") else output()
     return output.flatten(2, 3) if output.ndim == 4 else output
+
+
+def split_projection(linear: nn.Module, attention: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+    """``linear(cat(attention, mlp))`` as ``attention @ W_a^T + mlp @ W_m^T + b`` over views of its weight."""
+    if type(linear) is not nn.Linear:  # swapped after the epilogues were applied: call it as is
+        return linear(torch.cat([attention, mlp], dim=-1))
+    dim = attention.shape[-1]
+    projected = F.linear(attention, linear.weight[:, :dim], linear.bias)
+    return projected + F.linear(mlp, linear.weight[:, dim:])
 
 
 class EpilogueSingleBlock(FluxSingleTransformerBlock):
@@ -85,11 +97,7 @@ class EpilogueSingleBlock(FluxSingleTransformerBlock):
         attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **kwargs)
         mlp_hidden_states = gelu_linear(norm_hidden_states, self.proj_mlp)
         attn_output = settled(attn_output)
-        # proj_out(cat(a, m)) = a @ W_a^T + m @ W_m^T + b, over proj_out's column blocks (views, no copy)
-        dim = attn_output.shape[-1]
-        weight = self.proj_out.weight
-        projected = F.linear(attn_output, weight[:, :dim], self.proj_out.bias)
-        projected = projected + F.linear(mlp_hidden_states, weight[:, dim:])
+        projected = split_projection(self.proj_out, attn_output, mlp_hidden_states)
         hidden_states = residual + gate.unsqueeze(1) * projected
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
