@@ -114,6 +114,7 @@ VARIANTS: dict[str, Variant] = {
     # ran as two-pass kernels at ~1 TB/s (lease 22)
     "compiled-multikernel": Variant(COMPILED, inductor=MULTI_KERNEL),
     "compiled-qkrope-multikernel": Variant(COMPILED, qk_rope=True, inductor=MULTI_KERNEL),
+    "fp8-compiled-multikernel": Variant({**FP8, **COMPILED}, inductor=MULTI_KERNEL),
     # the regional compile as it was before the GEMM epilogues became its default (lease 22)
     "compiled-no-epilogues": Variant({**COMPILED, "gemm_epilogues": False}),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),

@@ -43,8 +43,9 @@
 #   graphs2b stock Ulysses-2 (torchrun), then graphs2's whole transformer as one program without CUDA graphs
 #   graphs4  Ulysses-4 (async, split decode): whole-transformer CUDA graphs, then the regional compile
 #   qkrope   the fused query/key norm + rotary kernel: its check at FLUX's shapes (bench.qk_rope_check), then
-#            compiled and fp8 with and without it, and inductor's multi-kernel reductions (QKROPE_VARIANTS),
+#            compiled with and without it and with inductor's multi-kernel reductions (QKROPE_VARIANTS),
 #            profiled, against eager's image; stock first
+#   qkropefp8  the same for fp8 (beside qkrope on a second GPU: bash bench/suite.sh qkrope:0 qkropefp8:1)
 #   epi2     stock Ulysses-2 (torchrun), then Ulysses-2 (async, split decode) regional without the MLPs' GELU
 #            in the GEMMs' epilogues (--no-epilogues), with them (the worker's default), and the whole
 #            transformer as CUDA graphs with them (its time embedder eager: bench.whole), all profiled
@@ -226,8 +227,14 @@ lane_epi2() {
 lane_qkrope() {
   (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
   python3 -m bench.qk_rope_check --output-file "$1/check.json"
-  python3 -m bench.pipeline --variants "${QKROPE_VARIANTS:-compiled,compiled-qkrope,compiled-multikernel,fp8-compiled,fp8-compiled-qkrope}" \
+  local variants=compiled,compiled-qkrope,compiled-multikernel,compiled-qkrope-multikernel
+  python3 -m bench.pipeline --variants "${QKROPE_VARIANTS:-$variants}" \
     --repeats 2 --profile --reference all --output-file "$1/qkrope.json"
+}
+
+lane_qkropefp8() {
+  python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-qkrope,fp8-compiled-multikernel \
+    --repeats 2 --profile --reference all --output-file "$1/qkropefp8.json"
 }
 
 pids=()
