@@ -37,6 +37,7 @@ from bench.profiling import kernel_seconds
 from bench.whole import compile_whole
 from worker.engine import FluxEngine, internal_params
 from worker.optimizations.epilogues import apply_gemm_epilogues
+from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
 from worker.options import EngineOptions
 
 log = logging.getLogger("fluxgate.bench")
@@ -90,6 +91,10 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
         inductor_config.reorder_for_compute_comm_overlap = True
     device = torch.device("cpu") if model.smoke else torch.device("cuda", torch.cuda.current_device())
     pipeline = build_random_pipeline(model.smoke)
+    if os.environ.get("BENCH_QK_ROPE") == "1":
+        # The fused query/key norm + rotary processor, set before the sequence layout gives each processor
+        # its parallel config (the exchange then runs in diffusers' dispatch, synchronously).
+        apply_fused_qk_norm_rope(pipeline.transformer)
     engine = FluxEngine.from_pipeline(pipeline, options, device, model.cache_factory(os.environ))
     whole = os.environ.get("BENCH_WHOLE_COMPILE")
     if whole:
@@ -196,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         help="after the warm-up, skip evaluating the compiled blocks' guards (host-overhead experiment)",
     )
     parser.add_argument(
+        "--qk-rope", action="store_true", help="the fused query/key norm + rotary processor (not with async)"
+    )
+    parser.add_argument(
         "--no-epilogues", action="store_true", help="keep the MLPs' GELU out of the GEMMs' epilogues"
     )
     parser.add_argument(
@@ -215,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_COMM_OVERLAP"] = "1"
     if args.skip_guards:
         os.environ["BENCH_SKIP_GUARDS"] = "1"
+    if args.qk_rope:
+        if args.ulysses_async:
+            parser.error("--qk-rope replaces the attention processor that --ulysses-async patches")
+        os.environ["BENCH_QK_ROPE"] = "1"
     if args.whole:
         if args.compile:
             parser.error("--whole replaces --compile's regional compile: pass one of them")
@@ -250,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "skip_guards": args.skip_guards,
         "whole": args.whole,
         "epilogues": not args.no_epilogues,
+        "qk_rope": args.qk_rope,
         "quantize": args.quantize,
         "steps": args.steps,
     }

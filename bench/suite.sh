@@ -46,6 +46,8 @@
 #            compiled with and without it and with inductor's multi-kernel reductions (QKROPE_VARIANTS),
 #            profiled, against eager's image; stock first
 #   qkropefp8  the same for fp8 (beside qkrope on a second GPU: bash bench/suite.sh qkrope:0 qkropefp8:1)
+#   qkrope2  Ulysses-2 (split decode) with the fused query/key processor (synchronous exchange: it replaces the
+#            processor async Ulysses patches) against without it and against async Ulysses; stock U2 first
 #   epi2     stock Ulysses-2 (torchrun), then Ulysses-2 (async, split decode) regional without the MLPs' GELU
 #            in the GEMMs' epilogues (--no-epilogues), with them (the worker's default), and the whole
 #            transformer as CUDA graphs with them (its time embedder eager: bench.whole), all profiled
@@ -235,6 +237,14 @@ lane_qkrope() {
 lane_qkropefp8() {
   python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-qkrope,fp8-compiled-multikernel \
     --repeats 2 --profile --reference all --output-file "$1/qkropefp8.json"
+}
+
+lane_qkrope2() {
+  torchrun --nproc-per-node 2 --master-port 29615 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3 --parallel-vae"
+  $P --output-file "$1/u2_sync.json"
+  $P --qk-rope --profile --output-file "$1/u2_sync_qkrope.json"
+  $P --ulysses-async --profile --output-file "$1/u2_async.json"
 }
 
 pids=()
