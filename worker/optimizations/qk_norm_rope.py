@@ -236,9 +236,9 @@ def weighted_norms_with_one_eps(attn: Any) -> bool:
     """The kernel takes one epsilon and a weight for each of the attention's query/key norms."""
     names = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
     norms = [getattr(attn, name) for name in names if getattr(attn, name, None) is not None]
-    return all(
-        getattr(norm, "weight", None) is not None and norm.eps == attn.norm_q.eps for norm in norms
-    ) and (attn.norm_q.eps is not None)
+    eps = attn.norm_q.eps
+    weighted = all(getattr(norm, "weight", None) is not None for norm in norms)
+    return weighted and eps is not None and all(norm.eps == eps for norm in norms)
 
 
 def apply_fused_qk_norm_rope(transformer: Any) -> int:
