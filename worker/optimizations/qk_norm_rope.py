@@ -8,9 +8,10 @@ one write of each projection: the text tokens (if any) and the image tokens, eac
 weight, rotated, and written straight into the (batch, heads, tokens, head_dim) layout SDPA takes.
 
 It rounds where eager rounds (``torch.nn.RMSNorm``'s weighted result, then the rotation's fp32 result),
-so it gives the processor's output up to fp32 summation order. On CUDA it
-is a Triton kernel; elsewhere the op runs the same math in PyTorch. ``apply_fused_qk_norm_rope`` sets a
-processor that calls it on a one-GPU transformer (sequence-parallel processors keep diffusers' path).
+so it gives the processor's output up to fp32 summation order. On CUDA it is a Triton kernel; elsewhere
+the op runs the same math in PyTorch. ``apply_fused_qk_norm_rope`` sets a processor that calls it. Set
+before a sequence-parallel layout, that processor runs the layout's exchange through diffusers' dispatch,
+synchronously: it replaces the processor cache-dit's async Ulysses patches.
 """
 
 from __future__ import annotations
@@ -242,10 +243,10 @@ def weighted_norms_with_one_eps(attn: Any) -> bool:
 
 
 def apply_fused_qk_norm_rope(transformer: Any) -> int:
-    """Give every one-GPU FLUX.1 attention the fused processor; returns how many changed.
+    """Give every FLUX.1 attention the fused processor; returns how many changed.
 
-    Processors of another class (cache-dit's or diffusers' sequence-parallel ones, IP-Adapter) or with a
-    parallel config keep theirs, as do norms without weights or with different epsilons.
+    Call it before a sequence-parallel layout is applied: processors that already carry a parallel config,
+    or of another class (IP-Adapter's), keep theirs, as do norms without weights or with different epsilons.
     """
     changed = 0
     for module in transformer.modules():
