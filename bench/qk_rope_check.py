@@ -10,26 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from bench.attention_probe import time_ms
 from worker.optimizations.qk_norm_rope import qk_norm_rope, reference
 
 HEADS, HEAD_DIM = 24, 128
-
-
-def cuda_ms(run: Callable[[], Any], repeats: int = 50) -> float:
-    for _ in range(3):
-        run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def case(text_tokens: int, image_tokens: int) -> dict[str, Any]:
@@ -55,9 +43,9 @@ def case(text_tokens: int, image_tokens: int) -> dict[str, Any]:
     compiled = torch.compile(reference, fullgraph=True)
     difference = (got.float() - expected.float()).abs()
     times = {
-        "triton_ms": cuda_ms(lambda: qk_norm_rope(*args)),
-        "compiled_reference_ms": cuda_ms(lambda: compiled(*args)),
-        "eager_reference_ms": cuda_ms(lambda: reference(*args)),
+        "triton_ms": time_ms(lambda: qk_norm_rope(*args)),
+        "compiled_reference_ms": time_ms(lambda: compiled(*args)),
+        "eager_reference_ms": time_ms(lambda: reference(*args)),
     }
     moved = 2 * tokens * features * 2  # bytes: one bf16 read and one write of the projection
     return {
