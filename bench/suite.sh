@@ -45,7 +45,8 @@
 #   qkrope   the fused query/key norm + rotary kernel: its check at FLUX's shapes (bench.qk_rope_check), then
 #            compiled with and without it and with inductor's multi-kernel reductions (QKROPE_VARIANTS),
 #            profiled, against eager's image; stock first
-#   qkropefp8  the same for fp8 (beside qkrope on a second GPU: bash bench/suite.sh qkrope:0 qkropefp8:1)
+#   qkropefp8  the same for fp8, then bf16 with the VAE's decoder compiled too (beside qkrope on a second
+#            GPU: bash bench/suite.sh qkrope:0 qkropefp8:1)
 #   qkrope2  Ulysses-2 (split decode) with the fused query/key processor (synchronous exchange: it replaces the
 #            processor async Ulysses patches) against without it and against async Ulysses; stock U2 first
 #   epi2     stock Ulysses-2 (torchrun), then Ulysses-2 (async, split decode) regional without the MLPs' GELU
@@ -235,7 +236,7 @@ lane_qkrope() {
 }
 
 lane_qkropefp8() {
-  python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-qkrope,fp8-compiled-multikernel \
+  python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-qkrope,fp8-compiled-multikernel,compiled-vae \
     --repeats 2 --profile --reference all --output-file "$1/qkropefp8.json"
 }
 
