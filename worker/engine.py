@@ -228,7 +228,8 @@ class FluxEngine:
             if options.gemm_epilogues and layout.dit_tp == 1 and "transformer" not in offloaded:
                 # after the regional compile, which finds the blocks by their class names; the compiled
                 # blocks call the new forwards when they are first traced (the warm-up)
-                apply_gemm_epilogues(pipeline.transformer)
+                changed = apply_gemm_epilogues(pipeline.transformer)
+                log.info("GEMM epilogues: %d MLP modules run their GELU inside the GEMMs", changed)
         return engine
 
     @property
