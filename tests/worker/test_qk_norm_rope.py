@@ -9,6 +9,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from worker.optimizations.qk_norm_rope import (
     FusedQKFluxAttnProcessor,
     apply_fused_qk_norm_rope,
+    group_heads,
     qk_norm_rope,
     reference,
 )
@@ -72,3 +73,7 @@ def test_the_attention_backend_carries_over() -> None:
     apply_fused_qk_norm_rope(model)
     processors = [module.processor for module in model.modules() if hasattr(module, "processor")]
     assert {processor._attention_backend for processor in processors} == {"native"}
+
+
+def test_each_kernel_program_takes_the_largest_power_of_two_group_of_heads_up_to_eight() -> None:
+    assert [group_heads(heads) for heads in (24, 16, 6, 3, 2)] == [8, 8, 2, 1, 2]

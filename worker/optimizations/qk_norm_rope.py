@@ -63,7 +63,7 @@ def qk_norm_rope(
     head_dim: int,
 ) -> torch.Tensor:
     """(batch, text + image tokens, heads, head_dim), stored head-major: SDPA's layout after a transpose."""
-    if image.is_cuda and triton is not None:
+    if image.is_cuda and triton is not None and head_dim & (head_dim - 1) == 0:  # tl.arange: powers of two
         return _triton_qk_norm_rope(text, text_weight, image, image_weight, cos, sin, eps, head_dim)
     return reference(text, text_weight, image, image_weight, cos, sin, eps, head_dim)
 
@@ -108,38 +108,39 @@ if triton is not None:
         image_batch_stride,
         image_token_stride,
         HEAD_DIM: tl.constexpr,
-        BLOCK_HEADS: tl.constexpr,
+        GROUP_HEADS: tl.constexpr,
     ):
-        """One program per (batch, token): every head's row, normed, rotated in pairs, written head-major."""
+        """One program per (batch, token, group of heads): the heads' rows loaded whole, normed, rotated in
+        pairs (``x * cos + stack(-odd, even) * sin``, as ``apply_rotary_emb``), written head-major."""
         row = tl.program_id(0)
         batch = row // tokens
         token = row % tokens
-        head = tl.arange(0, BLOCK_HEADS)[:, None]
-        pair = tl.arange(0, HEAD_DIM // 2)[None, :]
-        live = head < heads
+        head = tl.program_id(1) * GROUP_HEADS + tl.arange(0, GROUP_HEADS)[:, None]
+        dim = tl.arange(0, HEAD_DIM)[None, :]
         if token < text_tokens:
             source = text_ptr + batch * text_batch_stride + token * text_token_stride
             weight_ptr = text_weight_ptr
         else:
             source = image_ptr + batch * image_batch_stride + (token - text_tokens) * image_token_stride
             weight_ptr = image_weight_ptr
-        offsets = head * HEAD_DIM + 2 * pair
         dtype = out_ptr.dtype.element_ty
-        real = tl.load(source + offsets, mask=live, other=0.0).to(tl.float32)
-        imag = tl.load(source + offsets + 1, mask=live, other=0.0).to(tl.float32)
-        variance = (tl.sum(real * real, axis=1) + tl.sum(imag * imag, axis=1)) / HEAD_DIM
-        scale = tl.rsqrt(variance + eps)[:, None]
-        weight_real = tl.load(weight_ptr + 2 * pair).to(tl.float32)
-        weight_imag = tl.load(weight_ptr + 2 * pair + 1).to(tl.float32)
+        x = tl.load(source + head * HEAD_DIM + dim).to(tl.float32)
+        scale = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
         # torch's RMSNorm scales and weighs in fp32 and rounds once; the rotation then reads that value
-        real = (real * scale * weight_real).to(dtype).to(tl.float32)
-        imag = (imag * scale * weight_imag).to(dtype).to(tl.float32)
-        angle = token * HEAD_DIM + 2 * pair
-        cos_real, cos_imag = tl.load(cos_ptr + angle), tl.load(cos_ptr + angle + 1)
-        sin_real, sin_imag = tl.load(sin_ptr + angle), tl.load(sin_ptr + angle + 1)
-        target = out_ptr + batch * heads * tokens * HEAD_DIM + head * tokens * HEAD_DIM + angle
-        tl.store(target, (real * cos_real - imag * sin_real).to(dtype), mask=live)
-        tl.store(target + 1, (imag * cos_imag + real * sin_imag).to(dtype), mask=live)
+        x = (x * scale * tl.load(weight_ptr + dim).to(tl.float32)).to(dtype).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x, (GROUP_HEADS, HEAD_DIM // 2, 2)))
+        rotated = tl.reshape(tl.join(-odd, even), (GROUP_HEADS, HEAD_DIM))
+        angle = token * HEAD_DIM + dim
+        out = x * tl.load(cos_ptr + angle) + rotated * tl.load(sin_ptr + angle)
+        tl.store(out_ptr + (batch * heads + head) * tokens * HEAD_DIM + angle, out.to(dtype))
+
+
+def group_heads(heads: int) -> int:
+    """Heads per program: the largest power of two up to 8 that divides ``heads`` (FLUX.1's 24: 8)."""
+    group = 8
+    while heads % group:
+        group //= 2
+    return group
 
 
 def _triton_qk_norm_rope(
@@ -161,7 +162,8 @@ def _triton_qk_norm_rope(
     for part in (text, image):
         if part.stride(-1) != 1:
             raise ValueError("qk_norm_rope needs each token's features contiguous")
-    _qk_norm_rope_kernel[(out.shape[0] * tokens,)](
+    group = group_heads(heads)
+    _qk_norm_rope_kernel[(out.shape[0] * tokens, heads // group)](
         text,
         text_weight.contiguous(),
         image,
@@ -178,7 +180,7 @@ def _triton_qk_norm_rope(
         image.stride(0),
         image.stride(1),
         HEAD_DIM=head_dim,
-        BLOCK_HEADS=triton.next_power_of_2(heads),
+        GROUP_HEADS=group,
     )
     return out
 
