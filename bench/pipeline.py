@@ -37,7 +37,6 @@ from bench.whole import compile_whole
 from shared.schemas import GenerationParams
 from worker.engine import FluxEngine, internal_params
 from worker.optimizations.epilogues import apply_gemm_epilogues
-from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import DType, EngineOptions
 
@@ -63,8 +62,6 @@ class Variant:
     fuse_qkv: bool = False
     whole: str | None = None  # compile the whole transformer as one graph with this mode ("default", ...)
     epilogues: bool = False
-    qk_rope: bool = False  # worker.optimizations.qk_norm_rope's fused processor (one GPU)
-    compile_vae: bool = False  # the VAE's decoder compiled too (its GroupNorms fused with their SiLUs)
     inductor: dict[str, Any] = field(default_factory=dict)  # torch._inductor.config while it compiles
 
     @property
@@ -74,7 +71,6 @@ class Variant:
 
 FP8 = {"quantize": "fp8"}
 COMPILED = {"compile": True}
-MULTI_KERNEL = {"triton.multi_kernel": 1}
 VARIANTS: dict[str, Variant] = {
     "eager": Variant(),
     "cudnn": Variant({"attention_backend": "_native_cudnn"}),
@@ -108,16 +104,12 @@ VARIANTS: dict[str, Variant] = {
     "whole-graphs": Variant(whole="reduce-overhead"),
     "fp8-whole-graphs": Variant(FP8, whole="reduce-overhead"),
     "whole-graphs-epilogues": Variant(whole="reduce-overhead", epilogues=True),
-    "compiled-qkrope": Variant(COMPILED, qk_rope=True),
-    "fp8-compiled-qkrope": Variant({**FP8, **COMPILED}, qk_rope=True),
-    # inductor keeps a reduction's row in registers (one pass) only up to 1,024 elements; multi-kernel
-    # raises that 16x and times both forms at the first call: the blocks' LayerNorms over 3,072 features
-    # ran as two-pass kernels at ~1 TB/s (lease 22)
-    "compiled-multikernel": Variant(COMPILED, inductor=MULTI_KERNEL),
-    "compiled-qkrope-multikernel": Variant(COMPILED, qk_rope=True, inductor=MULTI_KERNEL),
-    "fp8-compiled-multikernel": Variant({**FP8, **COMPILED}, inductor=MULTI_KERNEL),
-    # the decode runs eager: its GroupNorm statistics alone took 0.047 s an image on the H100 (lease 22)
-    "compiled-vae": Variant(COMPILED, compile_vae=True),
+    # --compile's fused query/key norm + rotary processor and compiled VAE decoder (both on by default since
+    # lease 24), each left out, and both: the regional compile as it was after lease 22
+    "compiled-no-qkrope": Variant({**COMPILED, "fused_qk_norm_rope": False}),
+    "compiled-no-vae": Variant({**COMPILED, "compile_vae": False}),
+    "compiled-neither": Variant({**COMPILED, "fused_qk_norm_rope": False, "compile_vae": False}),
+    "fp8-compiled-neither": Variant({**FP8, **COMPILED, "fused_qk_norm_rope": False, "compile_vae": False}),
     # the regional compile as it was before the GEMM epilogues became its default (lease 22)
     "compiled-no-epilogues": Variant({**COMPILED, "gemm_epilogues": False}),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
@@ -226,15 +218,11 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
         pipe.transformer.fuse_qkv_projections()
     if variant.fp8_recipe is not None:
         apply_fp8(pipe, variant.fp8_recipe, device)
-    if variant.qk_rope:  # processors set before the engine's options (attention backend, compile)
-        apply_fused_qk_norm_rope(pipe.transformer)
     engine = FluxEngine.from_pipeline(pipe, options, device, cache_factory(variant.cache))
     if variant.epilogues:  # after fp8 (its layers keep their forward), before the first call compiles
         apply_gemm_epilogues(pipe.transformer)
     if variant.whole is not None:
         compile_whole(pipe.transformer, variant.whole)
-    if variant.compile_vae:
-        pipe.vae.decoder.compile()
     return engine
 
 
@@ -248,8 +236,6 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "fuse_qkv": variant.fuse_qkv,
         "whole": variant.whole,
         "epilogues": variant.epilogues,
-        "qk_rope": variant.qk_rope,
-        "compile_vae": variant.compile_vae,
         "inductor": variant.inductor,
         "sdpa_first": args.sdpa_first,
     }

@@ -42,11 +42,9 @@
 #            another image, 21.5 dB; bench.whole, docs/performance.md)
 #   graphs2b stock Ulysses-2 (torchrun), then graphs2's whole transformer as one program without CUDA graphs
 #   graphs4  Ulysses-4 (async, split decode): whole-transformer CUDA graphs, then the regional compile
-#   qkrope   the fused query/key norm + rotary kernel: its check at FLUX's shapes (bench.qk_rope_check), then
-#            compiled with and without it and with inductor's multi-kernel reductions (QKROPE_VARIANTS),
-#            profiled, against eager's image; stock first
-#   qkropefp8  the same for fp8, then bf16 with the VAE's decoder compiled too (beside qkrope on a second
-#            GPU: bash bench/suite.sh qkrope:0 qkropefp8:1)
+#   speed    the compiled defaults (fused query/key norm + rotary kernel, compiled VAE decoder) against the
+#            compile without them, bf16 and fp8, against eager's image; stock first. Run it alone on the machine
+#   speedcache  the cache-dit presets (fast, medium, ultra; fp8 + fast) on the compiled defaults
 #   qkrope2  Ulysses-2 (split decode) with the fused query/key processor (synchronous exchange: it replaces the
 #            processor async Ulysses patches) against without it and against async Ulysses; stock U2 first
 #   epi2     stock Ulysses-2 (torchrun), then Ulysses-2 (async, split decode) regional without the MLPs' GELU
@@ -227,17 +225,15 @@ lane_epi2() {
   $P --whole reduce-overhead --profile --output-file "$1/u2_graphs_epilogues.json"
 }
 
-lane_qkrope() {
+lane_speed() {  # alone on its machine: a lane compiling beside it slows the host-bound fp8 steps (lease 24)
   (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
-  python3 -m bench.qk_rope_check --output-file "$1/check.json"
-  local variants=compiled,compiled-qkrope,compiled-multikernel,compiled-qkrope-multikernel
-  python3 -m bench.pipeline --variants "${QKROPE_VARIANTS:-$variants}" \
-    --repeats 2 --profile --reference all --output-file "$1/qkrope.json"
+  python3 -m bench.pipeline --variants compiled-neither,compiled,fp8-compiled-neither,fp8-compiled \
+    --repeats 3 --reference all --output-file "$1/speed.json"
 }
 
-lane_qkropefp8() {
-  python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-qkrope,fp8-compiled-multikernel,compiled-vae \
-    --repeats 2 --profile --reference all --output-file "$1/qkropefp8.json"
+lane_speedcache() {
+  python3 -m bench.pipeline --variants cache-fast,fp8-cache-fast,cache-medium,cache-ultra \
+    --repeats 2 --output-file "$1/speedcache.json"
 }
 
 lane_qkrope2() {

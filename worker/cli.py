@@ -59,6 +59,20 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --compile, keep FLUX.1's MLP GELUs out of the GEMMs' epilogues (diffusers' own forward)",
     )
+    add(
+        "--no-fused-qk-norm-rope",
+        dest="fused_qk_norm_rope",
+        action="store_false",
+        default=None,
+        help="with --compile, keep diffusers' query/key norm and rotary embedding (not the fused kernel)",
+    )
+    add(
+        "--no-compile-vae",
+        dest="compile_vae",
+        action="store_false",
+        default=None,
+        help="with --compile, keep the VAE's decoder eager",
+    )
     add("--compile-cache-dir", help="persistent torch compile cache (survives restarts)")
     add("--quantize", choices=["none", "fp8"], help="fp8 transformer blocks (GPU compute capability >= 8.9)")
     add("--num-gpus", type=int, help="GPUs of this worker group, one process each (default 1)")

@@ -19,6 +19,7 @@ from worker.optimizations.attention import apply_attention_backend
 from worker.optimizations.compile import CompileConfig, apply_regional_compile
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.offload import OffloadConfig, apply_offload
+from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
 from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
 from worker.options import EngineOptions
@@ -164,6 +165,35 @@ def running_on(pipeline: Any, transformer: Any) -> Iterator[None]:
         pipeline.transformer = own
 
 
+def compile_for_speed(
+    pipeline: Any, options: EngineOptions, layout: ParallelLayout, offloaded: set[str]
+) -> None:
+    """``--compile``: the transformer's blocks compiled regionally, with what was measured faster beside
+    them (docs/performance.md): the fused query/key norm + rotary processor and the GEMM epilogues on a
+    resident, unsharded transformer, and the VAE's decoder compiled when it is resident and whole."""
+    resident = "transformer" not in offloaded and layout.dit_tp == 1
+    if options.fused_qk_norm_rope and resident and layout.sp == 1:
+        # processors set before the compile traces them; a group's sequence layout keeps its own
+        changed = apply_fused_qk_norm_rope(pipeline.transformer)
+        log.info("fused query/key norm + rotary: %d attention modules", changed)
+    config = CompileConfig(
+        mode=options.compile_mode,
+        cache_dir=options.compile_cache_dir,
+        fullgraph=layout.compile_fullgraph,
+    )
+    apply_regional_compile(pipeline, config)
+    if options.gemm_epilogues and resident:
+        # after the regional compile, which finds the blocks by their class names; the compiled
+        # blocks call the new forwards when they are first traced (the warm-up)
+        changed = apply_gemm_epilogues(pipeline.transformer)
+        log.info("GEMM epilogues: %d MLP modules run their GELU inside the GEMMs", changed)
+    vae: Any = getattr(pipeline, "vae", None)
+    whole = type(vae).__name__ == "AutoencoderKL" and "vae" not in offloaded
+    if options.compile_vae and whole and not layout.parallel_vae:  # the split decode patches the decoder
+        vae.decoder.compile()  # inductor's defaults, as measured (the compile mode is the blocks')
+        log.info("VAE decoder compiled")
+
+
 class FluxEngine:
     """A warm FLUX pipeline with its load-time optimisations applied."""
 
@@ -219,17 +249,7 @@ class FluxEngine:
         engine.offloaded = offloaded
         engine.layout = layout
         if options.compile:
-            config = CompileConfig(
-                mode=options.compile_mode,
-                cache_dir=options.compile_cache_dir,
-                fullgraph=layout.compile_fullgraph,
-            )
-            apply_regional_compile(pipeline, config)
-            if options.gemm_epilogues and layout.dit_tp == 1 and "transformer" not in offloaded:
-                # after the regional compile, which finds the blocks by their class names; the compiled
-                # blocks call the new forwards when they are first traced (the warm-up)
-                changed = apply_gemm_epilogues(pipeline.transformer)
-                log.info("GEMM epilogues: %d MLP modules run their GELU inside the GEMMs", changed)
+            compile_for_speed(pipeline, options, layout, offloaded)
         return engine
 
     @property

@@ -51,6 +51,11 @@ class EngineOptions(BaseSettings):
     # With --compile, FLUX.1's MLP GELUs run in their GEMMs' epilogues (worker.optimizations.epilogues):
     # 2.2% off an image on an H100 at the same PSNR against eager (docs/performance.md, lease 22).
     gemm_epilogues: bool = True
+    # With --compile on one GPU, FLUX.1's query/key RMSNorms and rotary embedding run as one Triton kernel
+    # (worker.optimizations.qk_norm_rope), and the VAE's decoder is compiled too (docs/performance.md,
+    # lease 24).
+    fused_qk_norm_rope: bool = True
+    compile_vae: bool = True
     compile_cache_dir: str | None = None
     quantize: Literal["none", "fp8"] = "none"
     warmup_resolutions: str = ""
