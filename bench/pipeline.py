@@ -34,6 +34,7 @@ from bench.fidelity import Capture, capture, difference, weights_fingerprint
 from bench.profiling import kernel_seconds
 from bench.random_flux import build_flux1_dev
 from bench.whole import compile_whole
+from bench.wide_rows import wide_rows
 from shared.schemas import GenerationParams
 from worker.engine import FluxEngine, internal_params
 from worker.optimizations.epilogues import apply_gemm_epilogues
@@ -63,6 +64,7 @@ class Variant:
     whole: str | None = None  # compile the whole transformer as one graph with this mode ("default", ...)
     epilogues: bool = False
     inductor: dict[str, Any] = field(default_factory=dict)  # torch._inductor.config while it compiles
+    wide_rows: int | None = None  # bench.wide_rows: rows of up to this many elements reduced in registers
 
     @property
     def fp8(self) -> bool:
@@ -112,6 +114,8 @@ VARIANTS: dict[str, Variant] = {
     "fp8-compiled-neither": Variant({**FP8, **COMPILED, "fused_qk_norm_rope": False, "compile_vae": False}),
     # the regional compile as it was before the GEMM epilogues became its default (lease 22)
     "compiled-no-epilogues": Variant({**COMPILED, "gemm_epilogues": False}),
+    "compiled-wide-rows": Variant(COMPILED, wide_rows=16384),
+    "fp8-compiled-wide-rows": Variant({**FP8, **COMPILED}, wide_rows=16384),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
     "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }
@@ -237,11 +241,13 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "whole": variant.whole,
         "epilogues": variant.epilogues,
         "inductor": variant.inductor,
+        "wide_rows": variant.wide_rows,
         "sdpa_first": args.sdpa_first,
     }
     if any(changes.values()):
         result["bench_changes"] = changes
-    with torch._inductor.config.patch(variant.inductor), sdpa_first(args.sdpa_first):
+    inductor = torch._inductor.config.patch(variant.inductor)
+    with inductor, sdpa_first(args.sdpa_first), wide_rows(variant.wide_rows):
         result.update(run_prepared(variant, args, references, overrides, options))
     return result
 

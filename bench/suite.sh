@@ -45,6 +45,8 @@
 #   speed    the compiled defaults (fused query/key norm + rotary kernel, compiled VAE decoder) against the
 #            compile without them, bf16 and fp8, against eager's image; stock first. Run it alone on the machine
 #   speedcache  the cache-dit presets (fast, medium, ultra; fp8 + fast) on the compiled defaults
+#   widerows  the compiled defaults with inductor's one-pass row reductions widened to 16,384 elements
+#            (bench.wide_rows), bf16 and fp8, profiled, against eager's image
 #   qkrope2  Ulysses-2 (split decode) with the fused query/key processor (synchronous exchange: it replaces the
 #            processor async Ulysses patches) against without it and against async Ulysses; stock U2 first
 #   epi2     stock Ulysses-2 (torchrun), then Ulysses-2 (async, split decode) regional without the MLPs' GELU
@@ -234,6 +236,11 @@ lane_speed() {  # alone on its machine: a lane compiling beside it slows the hos
 lane_speedcache() {
   python3 -m bench.pipeline --variants cache-fast,fp8-cache-fast,cache-medium,cache-ultra \
     --repeats 2 --output-file "$1/speedcache.json"
+}
+
+lane_widerows() {  # alone on its machine, as lane_speed
+  python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-wide-rows,compiled,compiled-wide-rows \
+    --repeats 3 --profile --reference all --output-file "$1/widerows.json"
 }
 
 lane_qkrope2() {
