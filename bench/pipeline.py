@@ -116,6 +116,11 @@ VARIANTS: dict[str, Variant] = {
     "compiled-no-epilogues": Variant({**COMPILED, "gemm_epilogues": False}),
     "compiled-wide-rows": Variant(COMPILED, wide_rows=16384),
     "fp8-compiled-wide-rows": Variant({**FP8, **COMPILED}, wide_rows=16384),
+    # 4,096: the blocks' LayerNorms (3,072) in one pass, fp8's MLP rows (12,288, 15,360) as inductor has them
+    "compiled-wide-rows-4k": Variant(COMPILED, wide_rows=4096),
+    "fp8-compiled-wide-rows-4k": Variant({**FP8, **COMPILED}, wide_rows=4096),
+    # fp8 without worker.optimizations.fp8_mlp's one-pass GELU + quantization (as before lease 26)
+    "fp8-compiled-no-epilogues": Variant({**FP8, **COMPILED, "gemm_epilogues": False}),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
     "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }

@@ -1,4 +1,4 @@
-"""bench.wide_rows: inductor's persistent-reduction choice widened for the compile inside it, and only there."""
+"""bench.wide_rows: inductor's persistent-reduction choice widened for the compile inside it, only there."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def test_the_choices_and_the_cache_settings_hold_inside_the_block_only() -> None
 
 
 def test_inner_rows_up_to_the_limit_reduce_in_registers_and_others_keep_inductors_choice() -> None:
-    graph = SimpleNamespace(sizevars=SimpleNamespace(statically_known_leq=lambda numel, limit: numel <= limit))
+    sizevars = SimpleNamespace(statically_known_leq=lambda numel, limit: numel <= limit)
+    graph = SimpleNamespace(sizevars=sizevars)
 
     def features(numel: int, hint: ReductionHint) -> SimpleNamespace:
         return SimpleNamespace(reduction_numel=numel, get_reduction_hint=lambda: hint)
@@ -35,7 +36,8 @@ def test_inner_rows_up_to_the_limit_reduce_in_registers_and_others_keep_inductor
     with V.set_graph_handler(graph):  # type: ignore[arg-type]
         assert choices.should_use_persistent_reduction(features(15360, ReductionHint.INNER), False)
         assert not choices.should_use_persistent_reduction(features(32768, ReductionHint.INNER), False)
-        assert not InductorChoices.should_use_persistent_reduction(features(15360, ReductionHint.INNER), False)
+        default = InductorChoices.should_use_persistent_reduction
+        assert not default(features(15360, ReductionHint.INNER), False)
 
 
 def test_a_compile_inside_gives_the_eager_result() -> None:

@@ -1,0 +1,272 @@
+"""FLUX.1's fp8 MLP glue in one pass: the GELU and the per-row fp8 quantization before the MLP's output GEMM.
+
+Under ``--quantize fp8`` torchao quantizes each activation row before an fp8 GEMM: the row's absolute
+maximum, then every element divided by it and rounded to fp8. The compiled single blocks spend 0.29 s an
+image on an H100 doing that for ``proj_out``'s input, ``cat(attention, gelu(mlp))`` over 15,360 features, as
+two kernels (the row maxima, then the quantization), each reading the whole activation at ~1 TB/s; the
+double blocks' feed-forwards another 0.10 s for ``gelu(proj(x))`` (docs/performance.md, lease 24).
+
+``fluxgate::fp8_quantize_rows`` does it in one kernel per row: the attention part and the GELU of the MLP
+part read, the row's maximum taken, the row read again (from L2) and written in fp8 with its scale. The
+GEMM after it is torchao's own call, ``torch._scaled_mm`` on the weight's fp8 data and per-channel
+scales. The math is torchao's eager math: the GELU rounded to bf16 as eager's module returns it, the
+scale ``bf16(amax / 448)`` in fp32, each element divided by it (IEEE), clamped to +-448 and rounded to
+e4m3 — so on the CPU the block's output equals torchao's bit for bit. One deliberate difference: a row
+of zeros gets a zero scale and zero data, where torchao's division gives NaN.
+
+``apply_fp8_mlp_epilogues`` swaps the class of FLUX.1's single blocks and feed-forwards whose output
+linear holds a per-row fp8 weight (``--quantize fp8``); the GEMM epilogues of
+``worker.optimizations.epilogues`` cover the bf16 layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+from torch import nn
+
+from worker.optimizations.epilogues import settled
+
+try:  # shipped with CUDA builds of torch; absent from CPU-only installs
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def reference(
+    head: torch.Tensor | None, tail: torch.Tensor, gelu_tail: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's per-row e4m3 quantization of ``cat(head, gelu(tail) if gelu_tail else tail)``, as rows."""
+    tail = F.gelu(tail, approximate="tanh") if gelu_tail else tail
+    rows = torch.cat([head, tail], dim=-1) if head is not None else tail
+    rows = rows.reshape(-1, rows.shape[-1])
+    amax = rows.abs().amax(dim=-1, keepdim=True)
+    scale = (amax / FP8_MAX).to(torch.float32)  # divided in the activation's dtype, as torchao's scale
+    scaled = torch.where(scale > 0, rows.to(torch.float32) / scale, 0.0)
+    return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+@torch.library.custom_op("fluxgate::fp8_quantize_rows", mutates_args=())
+def fp8_quantize_rows(
+    head: torch.Tensor | None, tail: torch.Tensor, gelu_tail: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, head + tail features) in e4m3 and (rows, 1) fp32 scales; rows are the leading dimensions."""
+    if tail.is_cuda and triton is not None:
+        return _triton_fp8_quantize_rows(head, tail, gelu_tail)
+    return reference(head, tail, gelu_tail)
+
+
+@fp8_quantize_rows.register_fake
+def _(head: torch.Tensor | None, tail: torch.Tensor, gelu_tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = tail.numel() // tail.shape[-1]
+    features = tail.shape[-1] + (head.shape[-1] if head is not None else 0)
+    return tail.new_empty((rows, features), dtype=torch.float8_e4m3fn), tail.new_empty(
+        (rows, 1), dtype=torch.float32
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gelu_tanh(x):
+        # PyTorch's CUDA kernel: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in fp32
+        inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
+        return 0.5 * x * (1.0 + libdevice.tanh(inner))
+
+    @triton.jit
+    def _part(ptr, row_stride, row, start, columns, GELU: tl.constexpr, BLOCK: tl.constexpr):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < columns
+        x = tl.load(ptr + row * row_stride + cols, mask=mask, other=0.0)
+        if GELU:
+            x = _gelu_tanh(x.to(tl.float32)).to(x.dtype)  # eager's module returns it in bf16
+        return x.to(tl.float32), cols, mask
+
+    @triton.jit
+    def _fp8_quantize_rows_kernel(
+        head_ptr,
+        tail_ptr,
+        out_ptr,
+        scale_ptr,
+        head_stride,
+        tail_stride,
+        HEAD: tl.constexpr,
+        TAIL: tl.constexpr,
+        GELU: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """One program per row: its maximum over both parts (``HEAD`` and ``TAIL`` features), then the parts
+        divided, clamped and rounded."""
+        row = tl.program_id(0).to(tl.int64)
+        top = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, HEAD, BLOCK):
+            x, cols, mask = _part(head_ptr, head_stride, row, start, HEAD, False, BLOCK)
+            top = tl.maximum(top, tl.abs(x))
+        for start in range(0, TAIL, BLOCK):
+            x, cols, mask = _part(tail_ptr, tail_stride, row, start, TAIL, GELU, BLOCK)
+            top = tl.maximum(top, tl.abs(x))
+        amax = tl.max(top, axis=0)
+        # torch divides a bf16 tensor by a scalar as a product with its fp32 reciprocal, rounded to bf16
+        scale = (amax * (1.0 / 448.0)).to(head_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(scale_ptr + row, scale)
+        out_row = out_ptr + row * (HEAD + TAIL)
+        for start in range(0, HEAD, BLOCK):
+            x, cols, mask = _part(head_ptr, head_stride, row, start, HEAD, False, BLOCK)
+            q = tl.where(scale > 0, tl.div_rn(x, scale), 0.0)
+            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+            tl.store(out_row + cols, q.to(tl.float8e4nv), mask=mask)
+        for start in range(0, TAIL, BLOCK):
+            x, cols, mask = _part(tail_ptr, tail_stride, row, start, TAIL, GELU, BLOCK)
+            q = tl.where(scale > 0, tl.div_rn(x, scale), 0.0)
+            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+            tl.store(out_row + HEAD + cols, q.to(tl.float8e4nv), mask=mask)
+
+
+def _triton_fp8_quantize_rows(
+    head: torch.Tensor | None, tail: torch.Tensor, gelu_tail: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    tail_rows = tail.reshape(-1, tail.shape[-1])
+    head_rows = head.reshape(-1, head.shape[-1]) if head is not None else tail_rows[:, :0]
+    for part in (head_rows, tail_rows):
+        if part.stride(-1) != 1:
+            raise ValueError("fp8_quantize_rows needs each row's features contiguous")
+    if head_rows.dtype != tail_rows.dtype:
+        raise ValueError("fp8_quantize_rows needs both parts in one dtype")
+    rows, features = tail_rows.shape[0], head_rows.shape[1] + tail_rows.shape[1]
+    out = tail.new_empty((rows, features), dtype=torch.float8_e4m3fn)
+    scale = tail.new_empty((rows, 1), dtype=torch.float32)
+    _fp8_quantize_rows_kernel[(rows,)](
+        head_rows,
+        tail_rows,
+        out,
+        scale,
+        head_rows.stride(0),
+        tail_rows.stride(0),
+        HEAD=head_rows.shape[1],
+        TAIL=tail_rows.shape[1],
+        GELU=gelu_tail,
+        BLOCK=1024,
+        num_warps=4,
+    )
+    return out, scale
+
+
+def rowwise_fp8_linear(linear: nn.Module) -> bool:
+    """An ``nn.Linear`` whose weight is torchao's per-row e4m3 tensor quantizing its input per row, and
+    nothing hooked onto it: the layers ``--quantize fp8`` makes."""
+    if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks:
+        return False
+    weight: Any = linear.weight
+    if type(weight).__name__ != "Float8Tensor" or "forward" in vars(linear):
+        return False
+    kwargs = weight.act_quant_kwargs
+    return (
+        weight.qdata.dtype == torch.float8_e4m3fn
+        and list(weight.block_size) == [1, linear.in_features]
+        and kwargs is not None
+        and type(kwargs.granularity).__name__ == "PerRow"
+        and kwargs.float8_dtype == torch.float8_e4m3fn
+        and kwargs.hp_value_lb is None
+        and kwargs.hp_value_ub is None
+        and weight.mm_config is not None
+        and linear.in_features % 16 == 0
+    )
+
+
+def fp8_project(
+    rows: torch.Tensor, scale: torch.Tensor, linear: nn.Linear, like: torch.Tensor
+) -> torch.Tensor:
+    """torchao's GEMM for ``linear`` on activations already quantized per row, shaped and typed as ``like``
+    (the activation they came from) but for its last dimension."""
+    weight: Any = linear.weight
+    out = torch._scaled_mm(
+        rows,
+        weight.qdata.t(),
+        scale_a=scale,
+        scale_b=weight.scale.t(),
+        bias=linear.bias,
+        out_dtype=like.dtype,
+        use_fast_accum=weight.mm_config.use_fast_accum,
+    )
+    return out.view(*like.shape[:-1], out.shape[-1])
+
+
+class Fp8MlpSingleBlock(FluxSingleTransformerBlock):
+    """FLUX.1's single block with ``proj_out``'s input (attention and GELU'd MLP) quantized in one pass."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text_seq_len = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        residual = hidden_states
+        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+        kwargs = joint_attention_kwargs or {}
+        attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **kwargs)
+        mlp_hidden_states = self.proj_mlp(norm_hidden_states)
+        attn_output = settled(attn_output)
+        if rowwise_fp8_linear(self.proj_out):
+            rows, scale = fp8_quantize_rows(attn_output.contiguous(), mlp_hidden_states, True)
+            projected = fp8_project(rows, scale, self.proj_out, mlp_hidden_states)
+        else:  # swapped after this class was applied: diffusers' math
+            mlp_hidden_states = self.act_mlp(mlp_hidden_states)
+            projected = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
+        hidden_states = residual + gate.unsqueeze(1) * projected
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+class Fp8MlpFeedForward(FeedForward):
+    """diffusers' ``FeedForward`` (GELU projection, dropout, output linear) with the GELU and the output
+    linear's input quantization in one pass."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        net: Any = self.net
+        gelu, dropout, output = net[0], net[1], net[2]
+        if not rowwise_fp8_linear(output) or (dropout.training and dropout.p > 0):
+            return super().forward(hidden_states, *args, **kwargs)
+        projected = gelu.proj(hidden_states)
+        rows, scale = fp8_quantize_rows(None, projected, True)
+        return fp8_project(rows, scale, output, projected)
+
+
+def mlp_gelu_tanh(feed_forward: nn.Module) -> bool:
+    net = getattr(feed_forward, "net", None)
+    if net is None or len(net) != 3 or type(net[1]) is not nn.Dropout:
+        return False
+    return type(net[0]).__name__ == "GELU" and getattr(net[0], "approximate", None) == "tanh"
+
+
+def apply_fp8_mlp_epilogues(transformer: nn.Module) -> int:
+    """Give FLUX.1's fp8 single blocks and feed-forwards the one-pass forwards; returns how many changed.
+
+    Call after ``--quantize fp8`` (which makes the per-row fp8 weights), before compiling; the modules keep
+    their parameters and names, only their class changes.
+    """
+    changed = 0
+    for module in transformer.modules():
+        if type(module) is FeedForward and mlp_gelu_tanh(module) and rowwise_fp8_linear(module.net[2]):
+            module.__class__ = Fp8MlpFeedForward
+            changed += 1
+        elif (
+            type(module) is FluxSingleTransformerBlock
+            and module.act_mlp.approximate == "tanh"
+            and rowwise_fp8_linear(module.proj_out)
+        ):
+            module.__class__ = Fp8MlpSingleBlock
+            changed += 1
+    return changed
