@@ -249,7 +249,7 @@ lane_widerows() {  # alone on its machine, as lane_speed
 lane_fp8mlp() {  # alone on its machine, as lane_speed
   python3 -m bench.fp8_mlp_check --output-file "$1/check.json"
   python3 -m bench.pipeline \
-    --variants fp8-compiled-no-epilogues,fp8-compiled,fp8-compiled-wide-rows-4k,compiled-wide-rows-4k \
+    --variants "${FP8MLP_VARIANTS:-fp8-compiled-no-epilogues,fp8-compiled,fp8-compiled-wide-rows-4k,compiled-wide-rows-4k}" \
     --repeats 3 --profile --reference all --output-file "$1/fp8mlp.json"
   python3 -m bench.pipeline --variants fp8-cache-fast --repeats 2 --output-file "$1/fp8fast.json"
 }

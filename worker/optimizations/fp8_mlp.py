@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+MAX_KERNEL_ROW = 16384  # the kernel holds a row in registers; longer rows (not FLUX.1's) run the reference
 
 
 def reference(
@@ -59,7 +60,8 @@ def fp8_quantize_rows(
     head: torch.Tensor | None, tail: torch.Tensor, gelu_tail: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, head + tail features) in e4m3 and (rows, 1) fp32 scales; rows are the leading dimensions."""
-    if tail.is_cuda and triton is not None:
+    features = tail.shape[-1] + (head.shape[-1] if head is not None else 0)
+    if tail.is_cuda and triton is not None and features <= MAX_KERNEL_ROW:
         return _triton_fp8_quantize_rows(head, tail, gelu_tail)
     return reference(head, tail, gelu_tail)
 
@@ -82,15 +84,6 @@ if triton is not None:
         return 0.5 * x * (1.0 + libdevice.tanh(inner))
 
     @triton.jit
-    def _part(ptr, row_stride, row, start, columns, GELU: tl.constexpr, BLOCK: tl.constexpr):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < columns
-        x = tl.load(ptr + row * row_stride + cols, mask=mask, other=0.0)
-        if GELU:
-            x = _gelu_tanh(x.to(tl.float32)).to(x.dtype)  # eager's module returns it in bf16
-        return x.to(tl.float32), cols, mask
-
-    @triton.jit
     def _fp8_quantize_rows_kernel(
         head_ptr,
         tail_ptr,
@@ -100,34 +93,35 @@ if triton is not None:
         tail_stride,
         HEAD: tl.constexpr,
         TAIL: tl.constexpr,
+        HEAD_BLOCK: tl.constexpr,
+        TAIL_BLOCK: tl.constexpr,
         GELU: tl.constexpr,
-        BLOCK: tl.constexpr,
     ):
-        """One program per row: its maximum over both parts (``HEAD`` and ``TAIL`` features), then the parts
-        divided, clamped and rounded."""
+        """One program per row, held in registers: read once (``HEAD`` and ``TAIL`` features), its maximum
+        taken, divided, clamped, rounded and written."""
         row = tl.program_id(0).to(tl.int64)
-        top = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, HEAD, BLOCK):
-            x, cols, mask = _part(head_ptr, head_stride, row, start, HEAD, False, BLOCK)
-            top = tl.maximum(top, tl.abs(x))
-        for start in range(0, TAIL, BLOCK):
-            x, cols, mask = _part(tail_ptr, tail_stride, row, start, TAIL, GELU, BLOCK)
-            top = tl.maximum(top, tl.abs(x))
-        amax = tl.max(top, axis=0)
+        dtype = tail_ptr.dtype.element_ty
+        tail_cols = tl.arange(0, TAIL_BLOCK)
+        tail_mask = tail_cols < TAIL
+        tail = tl.load(tail_ptr + row * tail_stride + tail_cols, mask=tail_mask, other=0.0)
+        if GELU:
+            tail = _gelu_tanh(tail.to(tl.float32)).to(dtype)  # eager's module returns it in bf16
+        tail = tail.to(tl.float32)
+        amax = tl.max(tl.abs(tail), axis=0)
+        head_cols = tl.arange(0, HEAD_BLOCK)
+        head_mask = head_cols < HEAD
+        head = tl.load(head_ptr + row * head_stride + head_cols, mask=head_mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(head), axis=0))
         # torch divides a bf16 tensor by a scalar as a product with its fp32 reciprocal, rounded to bf16
-        scale = (amax * (1.0 / 448.0)).to(head_ptr.dtype.element_ty).to(tl.float32)
+        scale = (amax * (1.0 / 448.0)).to(dtype).to(tl.float32)
         tl.store(scale_ptr + row, scale)
         out_row = out_ptr + row * (HEAD + TAIL)
-        for start in range(0, HEAD, BLOCK):
-            x, cols, mask = _part(head_ptr, head_stride, row, start, HEAD, False, BLOCK)
-            q = tl.where(scale > 0, tl.div_rn(x, scale), 0.0)
-            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-            tl.store(out_row + cols, q.to(tl.float8e4nv), mask=mask)
-        for start in range(0, TAIL, BLOCK):
-            x, cols, mask = _part(tail_ptr, tail_stride, row, start, TAIL, GELU, BLOCK)
-            q = tl.where(scale > 0, tl.div_rn(x, scale), 0.0)
-            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-            tl.store(out_row + HEAD + cols, q.to(tl.float8e4nv), mask=mask)
+        head = tl.where(scale > 0, tl.div_rn(head, scale), 0.0)
+        head = tl.minimum(tl.maximum(head, -448.0), 448.0)
+        tl.store(out_row + head_cols, head.to(tl.float8e4nv), mask=head_mask)
+        tail = tl.where(scale > 0, tl.div_rn(tail, scale), 0.0)
+        tail = tl.minimum(tl.maximum(tail, -448.0), 448.0)
+        tl.store(out_row + HEAD + tail_cols, tail.to(tl.float8e4nv), mask=tail_mask)
 
 
 def _triton_fp8_quantize_rows(
@@ -143,6 +137,7 @@ def _triton_fp8_quantize_rows(
     rows, features = tail_rows.shape[0], head_rows.shape[1] + tail_rows.shape[1]
     out = tail.new_empty((rows, features), dtype=torch.float8_e4m3fn)
     scale = tail.new_empty((rows, 1), dtype=torch.float32)
+    tail_block = triton.next_power_of_2(tail_rows.shape[1])
     _fp8_quantize_rows_kernel[(rows,)](
         head_rows,
         tail_rows,
@@ -152,9 +147,10 @@ def _triton_fp8_quantize_rows(
         tail_rows.stride(0),
         HEAD=head_rows.shape[1],
         TAIL=tail_rows.shape[1],
+        HEAD_BLOCK=max(triton.next_power_of_2(head_rows.shape[1]), 16),
+        TAIL_BLOCK=tail_block,
         GELU=gelu_tail,
-        BLOCK=1024,
-        num_warps=4,
+        num_warps=16 if tail_block >= 8192 else 4,
     )
     return out, scale
 
