@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-MAX_KERNEL_ROW = 16384  # the kernel holds a row in registers; longer rows (not FLUX.1's) run the reference
+KERNEL_CHUNK = 1024  # features per program; parts of other widths (not FLUX.1's) run the reference
 
 
 def reference(
@@ -60,8 +60,9 @@ def fp8_quantize_rows(
     head: torch.Tensor | None, tail: torch.Tensor, gelu_tail: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, head + tail features) in e4m3 and (rows, 1) fp32 scales; rows are the leading dimensions."""
-    features = tail.shape[-1] + (head.shape[-1] if head is not None else 0)
-    if tail.is_cuda and triton is not None and features <= MAX_KERNEL_ROW:
+    head_features = head.shape[-1] if head is not None else 0
+    whole_chunks = head_features % KERNEL_CHUNK == 0 and tail.shape[-1] % KERNEL_CHUNK == 0
+    if tail.is_cuda and triton is not None and whole_chunks and tail.shape[-1] > 0:
         return _triton_fp8_quantize_rows(head, tail, gelu_tail)
     return reference(head, tail, gelu_tail)
 
@@ -84,44 +85,63 @@ if triton is not None:
         return 0.5 * x * (1.0 + libdevice.tanh(inner))
 
     @triton.jit
-    def _fp8_quantize_rows_kernel(
+    def _chunk(head_ptr, tail_ptr, head_stride, tail_stride, row, chunk, HEAD, GELU, CHUNK):
+        """Chunk ``chunk`` of the row ``cat(head, gelu(tail))`` in fp32, and its columns in the row."""
+        cols = chunk * CHUNK + tl.arange(0, CHUNK)
+        if chunk * CHUNK < HEAD:
+            x = tl.load(head_ptr + row * head_stride + cols).to(tl.float32)
+        else:
+            x = tl.load(tail_ptr + row * tail_stride + (cols - HEAD))
+            if GELU:
+                x = _gelu_tanh(x.to(tl.float32)).to(x.dtype)  # eager's module returns it in bf16
+            x = x.to(tl.float32)
+        return x, cols
+
+    @triton.jit
+    def _chunk_amax_kernel(
         head_ptr,
         tail_ptr,
+        amax_ptr,
+        head_stride,
+        tail_stride,
+        HEAD: tl.constexpr,
+        CHUNKS: tl.constexpr,
+        GELU: tl.constexpr,
+        CHUNK: tl.constexpr,
+    ):
+        """Program (row, chunk): the chunk's absolute maximum."""
+        row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        x, _ = _chunk(head_ptr, tail_ptr, head_stride, tail_stride, row, chunk, HEAD, GELU, CHUNK)
+        tl.store(amax_ptr + row * CHUNKS + chunk, tl.max(tl.abs(x), axis=0))
+
+    @triton.jit
+    def _chunk_quantize_kernel(
+        head_ptr,
+        tail_ptr,
+        amax_ptr,
         out_ptr,
         scale_ptr,
         head_stride,
         tail_stride,
         HEAD: tl.constexpr,
-        TAIL: tl.constexpr,
-        HEAD_BLOCK: tl.constexpr,
-        TAIL_BLOCK: tl.constexpr,
+        FEATURES: tl.constexpr,
+        CHUNKS: tl.constexpr,
+        CHUNKS_BLOCK: tl.constexpr,
         GELU: tl.constexpr,
+        CHUNK: tl.constexpr,
     ):
-        """One program per row, held in registers: read once (``HEAD`` and ``TAIL`` features), its maximum
-        taken, divided, clamped, rounded and written."""
-        row = tl.program_id(0).to(tl.int64)
-        dtype = tail_ptr.dtype.element_ty
-        tail_cols = tl.arange(0, TAIL_BLOCK)
-        tail_mask = tail_cols < TAIL
-        tail = tl.load(tail_ptr + row * tail_stride + tail_cols, mask=tail_mask, other=0.0)
-        if GELU:
-            tail = _gelu_tanh(tail.to(tl.float32)).to(dtype)  # eager's module returns it in bf16
-        tail = tail.to(tl.float32)
-        amax = tl.max(tl.abs(tail), axis=0)
-        head_cols = tl.arange(0, HEAD_BLOCK)
-        head_mask = head_cols < HEAD
-        head = tl.load(head_ptr + row * head_stride + head_cols, mask=head_mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(head), axis=0))
+        """Program (row, chunk): the row's scale from its chunks' maxima; the chunk divided and rounded."""
+        row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        chunks = tl.arange(0, CHUNKS_BLOCK)
+        amax = tl.max(tl.load(amax_ptr + row * CHUNKS + chunks, mask=chunks < CHUNKS, other=0.0), axis=0)
         # torch divides a bf16 tensor by a scalar as a product with its fp32 reciprocal, rounded to bf16
-        scale = (amax * (1.0 / 448.0)).to(dtype).to(tl.float32)
-        tl.store(scale_ptr + row, scale)
-        out_row = out_ptr + row * (HEAD + TAIL)
-        head = tl.where(scale > 0, tl.div_rn(head, scale), 0.0)
-        head = tl.minimum(tl.maximum(head, -448.0), 448.0)
-        tl.store(out_row + head_cols, head.to(tl.float8e4nv), mask=head_mask)
-        tail = tl.where(scale > 0, tl.div_rn(tail, scale), 0.0)
-        tail = tl.minimum(tl.maximum(tail, -448.0), 448.0)
-        tl.store(out_row + HEAD + tail_cols, tail.to(tl.float8e4nv), mask=tail_mask)
+        scale = (amax * (1.0 / 448.0)).to(tail_ptr.dtype.element_ty).to(tl.float32)
+        if chunk == 0:
+            tl.store(scale_ptr + row, scale)
+        x, cols = _chunk(head_ptr, tail_ptr, head_stride, tail_stride, row, chunk, HEAD, GELU, CHUNK)
+        q = tl.where(scale > 0, tl.div_rn(x, scale), 0.0)
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        tl.store(out_ptr + row * FEATURES + cols, q.to(tl.float8e4nv))
 
 
 def _triton_fp8_quantize_rows(
@@ -137,20 +157,23 @@ def _triton_fp8_quantize_rows(
     rows, features = tail_rows.shape[0], head_rows.shape[1] + tail_rows.shape[1]
     out = tail.new_empty((rows, features), dtype=torch.float8_e4m3fn)
     scale = tail.new_empty((rows, 1), dtype=torch.float32)
-    tail_block = triton.next_power_of_2(tail_rows.shape[1])
-    _fp8_quantize_rows_kernel[(rows,)](
+    chunks = features // KERNEL_CHUNK
+    amax = tail.new_empty((rows, chunks), dtype=torch.float32)
+    grid = (rows, chunks)
+    common = {"HEAD": head_rows.shape[1], "GELU": gelu_tail, "CHUNK": KERNEL_CHUNK, "num_warps": 4}
+    strides = (head_rows.stride(0), tail_rows.stride(0))
+    _chunk_amax_kernel[grid](head_rows, tail_rows, amax, *strides, CHUNKS=chunks, **common)
+    _chunk_quantize_kernel[grid](
         head_rows,
         tail_rows,
+        amax,
         out,
         scale,
-        head_rows.stride(0),
-        tail_rows.stride(0),
-        HEAD=head_rows.shape[1],
-        TAIL=tail_rows.shape[1],
-        HEAD_BLOCK=max(triton.next_power_of_2(head_rows.shape[1]), 16),
-        TAIL_BLOCK=tail_block,
-        GELU=gelu_tail,
-        num_warps=16 if tail_block >= 8192 else 4,
+        *strides,
+        FEATURES=features,
+        CHUNKS=chunks,
+        CHUNKS_BLOCK=triton.next_power_of_2(chunks),
+        **common,
     )
     return out, scale
 
