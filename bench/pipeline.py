@@ -38,6 +38,7 @@ from bench.wide_rows import wide_rows
 from shared.schemas import GenerationParams
 from worker.engine import FluxEngine, internal_params
 from worker.optimizations.epilogues import apply_gemm_epilogues
+from worker.optimizations.fp8_mlp import apply_fp8_mlp_epilogues
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import DType, EngineOptions
 
@@ -65,6 +66,7 @@ class Variant:
     epilogues: bool = False
     inductor: dict[str, Any] = field(default_factory=dict)  # torch._inductor.config while it compiles
     wide_rows: int | None = None  # bench.wide_rows: rows of up to this many elements reduced in registers
+    fp8_mlp: bool = False  # worker.optimizations.fp8_mlp's kernels for the fp8 MLPs' GELU + quantization
 
     @property
     def fp8(self) -> bool:
@@ -119,8 +121,8 @@ VARIANTS: dict[str, Variant] = {
     # 4,096: the blocks' LayerNorms (3,072) in one pass, fp8's MLP rows (12,288, 15,360) as inductor has them
     "compiled-wide-rows-4k": Variant(COMPILED, wide_rows=4096),
     "fp8-compiled-wide-rows-4k": Variant({**FP8, **COMPILED}, wide_rows=4096),
-    # fp8 without worker.optimizations.fp8_mlp's one-pass GELU + quantization (as before lease 26)
-    "fp8-compiled-no-epilogues": Variant({**FP8, **COMPILED, "gemm_epilogues": False}),
+    # fp8 with the MLPs' GELU + per-row quantization as Fluxgate's kernels (worker.optimizations.fp8_mlp)
+    "fp8-compiled-mlp-kernel": Variant({**FP8, **COMPILED}, fp8_mlp=True),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
     "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }
@@ -230,6 +232,8 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
     engine = FluxEngine.from_pipeline(pipe, options, device, cache_factory(variant.cache))
     if variant.epilogues:  # after fp8 (its layers keep their forward), before the first call compiles
         apply_gemm_epilogues(pipe.transformer)
+    if variant.fp8_mlp:  # after fp8, before the first call compiles
+        apply_fp8_mlp_epilogues(pipe.transformer)
     if variant.whole is not None:
         compile_whole(pipe.transformer, variant.whole)
     return engine
@@ -247,6 +251,7 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "epilogues": variant.epilogues,
         "inductor": variant.inductor,
         "wide_rows": variant.wide_rows,
+        "fp8_mlp": variant.fp8_mlp,
         "sdpa_first": args.sdpa_first,
     }
     if any(changes.values()):

@@ -47,9 +47,9 @@
 #   speedcache  the cache-dit presets (fast, medium, ultra; fp8 + fast) on the compiled defaults
 #   widerows  the compiled defaults with inductor's one-pass row reductions widened to 16,384 elements
 #            (bench.wide_rows), bf16 and fp8, profiled, against eager's image
-#   fp8mlp   the one-pass fp8 MLP quantization: its check at FLUX's shapes (bench.fp8_mlp_check), then fp8
-#            compiled without and with it, with inductor's one-pass rows up to 4,096 (bf16 too), profiled, and
-#            fp8 + cache `fast`
+#   fp8mlp   the fp8 MLP quantization kernels: their check at FLUX's shapes (bench.fp8_mlp_check), then fp8
+#            compiled without and with them, with inductor's one-pass rows up to 4,096 (bf16 too), profiled,
+#            and fp8 + cache `fast`
 #   qkrope2  Ulysses-2 (split decode) with the fused query/key processor (synchronous exchange: it replaces the
 #            processor async Ulysses patches) against without it and against async Ulysses; stock U2 first
 #   epi2     stock Ulysses-2 (torchrun), then Ulysses-2 (async, split decode) regional without the MLPs' GELU
@@ -249,7 +249,7 @@ lane_widerows() {  # alone on its machine, as lane_speed
 lane_fp8mlp() {  # alone on its machine, as lane_speed
   python3 -m bench.fp8_mlp_check --output-file "$1/check.json"
   python3 -m bench.pipeline \
-    --variants "${FP8MLP_VARIANTS:-fp8-compiled-no-epilogues,fp8-compiled,fp8-compiled-wide-rows-4k,compiled-wide-rows-4k}" \
+    --variants "${FP8MLP_VARIANTS:-fp8-compiled,fp8-compiled-mlp-kernel,fp8-compiled-wide-rows-4k,compiled-wide-rows-4k}" \
     --repeats 3 --profile --reference all --output-file "$1/fp8mlp.json"
   python3 -m bench.pipeline --variants fp8-cache-fast --repeats 2 --output-file "$1/fp8fast.json"
 }

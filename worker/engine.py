@@ -18,7 +18,6 @@ from shared.schemas import GenerationParams
 from worker.optimizations.attention import apply_attention_backend
 from worker.optimizations.compile import CompileConfig, apply_regional_compile
 from worker.optimizations.epilogues import apply_gemm_epilogues
-from worker.optimizations.fp8_mlp import apply_fp8_mlp_epilogues
 from worker.optimizations.offload import OffloadConfig, apply_offload
 from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
@@ -188,9 +187,6 @@ def compile_for_speed(
         # blocks call the new forwards when they are first traced (the warm-up)
         changed = apply_gemm_epilogues(pipeline.transformer)
         log.info("GEMM epilogues: %d MLP modules run their GELU inside the GEMMs", changed)
-        # fp8 layers (--quantize fp8): their GELU and input quantization in one pass instead
-        changed = apply_fp8_mlp_epilogues(pipeline.transformer)
-        log.info("fp8 MLP glue in one pass: %d modules", changed)
     vae: Any = getattr(pipeline, "vae", None)
     whole = type(vae).__name__ == "AutoencoderKL" and "vae" not in offloaded
     if options.compile_vae and whole and not layout.parallel_vae:  # the split decode patches the decoder

@@ -86,3 +86,12 @@ def test_variants_leaving_out_the_fused_qk_processor_or_the_compiled_vae_pass_en
     for result in json.loads(out.read_text())["variants"]:
         assert "error" not in result
         assert result["options"]["fused_qk_norm_rope"] is False and result["options"]["compile_vae"] is False
+
+
+def test_fp8_mlp_kernel_variant_runs_the_quantized_model_with_the_kernel_blocks(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    argv = ["--smoke", "--res", "64", "--steps", "2", "--repeats", "1", "--output-file", str(out)]
+    assert pipeline.main([*argv, "--variants", "fp8-compiled-mlp-kernel", "--reference", "all"]) == 0
+    result = json.loads(out.read_text())["variants"][0]
+    assert "error" not in result and result["bench_changes"]["fp8_mlp"] is True
+    assert result["fp8_layers"] > 0

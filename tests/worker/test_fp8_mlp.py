@@ -5,13 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
-from worker import engine as engine_module
 from worker.optimizations.fp8_mlp import (
     Fp8MlpFeedForward,
     Fp8MlpSingleBlock,
@@ -20,8 +18,6 @@ from worker.optimizations.fp8_mlp import (
     rowwise_fp8_linear,
 )
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
-from worker.options import EngineOptions
-from worker.tiny_model import build_tiny_pipeline
 
 from .transformer_support import inputs, tiny_transformer
 
@@ -103,24 +99,3 @@ def test_a_layer_swapped_in_later_is_called_as_it_is() -> None:
     block.proj_out = proj_out  # e.g. an adapter's wrapper: no longer torchao's per-row fp8 layer
     model(**inputs(torch.bfloat16))
     assert calls and calls[0][-1] == proj_out.in_features  # the concatenation, as diffusers builds it
-
-
-@pytest.mark.parametrize(
-    ("options", "changed"),
-    [
-        ({"compile": True}, True),
-        ({}, False),  # with the compiled blocks only, as measured
-        ({"compile": True, "gemm_epilogues": False}, False),
-    ],
-)
-def test_engine_applies_the_one_pass_mlp_to_a_compiled_fp8_transformer(
-    options: dict[str, Any], changed: bool
-) -> None:
-    pipe = build_tiny_pipeline("flux1", seed=0)
-    pipe.to(torch.bfloat16)
-    with float8_on_cpu():
-        engine_module.FluxEngine.from_pipeline(
-            pipe, EngineOptions(quantize="fp8", dtype="bfloat16", **options), CPU
-        )
-    blocks = pipe.transformer.single_transformer_blocks
-    assert sum(isinstance(block, Fp8MlpSingleBlock) for block in blocks) == (len(blocks) if changed else 0)

@@ -1,22 +1,26 @@
-"""FLUX.1's fp8 MLP glue in one pass: the GELU and the per-row fp8 quantization before the MLP's output GEMM.
+"""FLUX.1's fp8 MLP glue as Fluxgate's kernels: the GELU and the per-row fp8 quantization before the MLP's
+output GEMM (an experiment: measured no faster than inductor's fusion, so the worker does not apply it).
 
 Under ``--quantize fp8`` torchao quantizes each activation row before an fp8 GEMM: the row's absolute
-maximum, then every element divided by it and rounded to fp8. The compiled single blocks spend 0.29 s an
+maximum, then every element divided by it and rounded to fp8. The compiled single blocks spend 0.31 s an
 image on an H100 doing that for ``proj_out``'s input, ``cat(attention, gelu(mlp))`` over 15,360 features, as
-two kernels (the row maxima, then the quantization), each reading the whole activation at ~1 TB/s; the
-double blocks' feed-forwards another 0.10 s for ``gelu(proj(x))`` (docs/performance.md, lease 24).
+two inductor kernels reading the attention output in its head-major layout; the double blocks' feed-forwards
+another 0.11 s for ``gelu(proj(x))`` (docs/performance.md, lease 24).
 
-``fluxgate::fp8_quantize_rows`` does it in one kernel per row: the attention part and the GELU of the MLP
-part read, the row's maximum taken, the row read again (from L2) and written in fp8 with its scale. The
-GEMM after it is torchao's own call, ``torch._scaled_mm`` on the weight's fp8 data and per-channel
-scales. The math is torchao's eager math: the GELU rounded to bf16 as eager's module returns it, the
-scale ``bf16(amax / 448)`` in fp32, each element divided by it (IEEE), clamped to +-448 and rounded to
-e4m3 — so on the CPU the block's output equals torchao's bit for bit. One deliberate difference: a row
-of zeros gets a zero scale and zero data, where torchao's division gives NaN.
+``fluxgate::fp8_quantize_rows`` reads contiguous rows in (row, 1,024-feature chunk) programs: the chunks'
+maxima, then each chunk divided by its row's scale and rounded. The GEMM after it is torchao's own call,
+``torch._scaled_mm`` on the weight's fp8 data and per-channel scales. The math is torchao's eager math: the
+GELU rounded to bf16 as eager's module returns it, the scale ``bf16(amax / 448)`` in fp32, each element
+divided by it (IEEE), clamped to +-448 and rounded to e4m3 — on the CPU the block's output equals torchao's
+bit for bit, and on the H100 the rows and scales equal the eager reference's (``bench.fp8_mlp_check``). One
+deliberate difference: a row of zeros gets a zero scale and zero data, where torchao's division gives NaN.
 
-``apply_fp8_mlp_epilogues`` swaps the class of FLUX.1's single blocks and feed-forwards whose output
-linear holds a per-row fp8 weight (``--quantize fp8``); the GEMM epilogues of
-``worker.optimizations.epilogues`` cover the bf16 layers.
+Measured (docs/performance.md, lease 29): 0.35 s of kernels an image against inductor's 0.42 s, but the image
+no faster (2.898 s against 2.891 s): ~80 us of host time per call of the custom op. Earlier forms, one
+program per row (looped, or the row held in registers), ran at 0.5-0.9 TB/s.
+
+``apply_fp8_mlp_epilogues`` swaps the class of FLUX.1's single blocks and feed-forwards whose output linear
+holds a per-row fp8 weight (``bench.pipeline``'s ``fp8-compiled-mlp-kernel``).
 """
 
 from __future__ import annotations
