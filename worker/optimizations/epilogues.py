@@ -95,13 +95,15 @@ class EpilogueSingleBlock(FluxSingleTransformerBlock):
         # attention first: under cache-dit's async Ulysses it returns a pending exchange the MLP overlaps
         kwargs = joint_attention_kwargs or {}
         attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **kwargs)
-        mlp_hidden_states = gelu_linear(norm_hidden_states, self.proj_mlp)
-        attn_output = settled(attn_output)
-        projected = split_projection(self.proj_out, attn_output, mlp_hidden_states)
-        hidden_states = residual + gate.unsqueeze(1) * projected
+        hidden_states = residual + gate.unsqueeze(1) * self.projected(norm_hidden_states, attn_output)
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+    def projected(self, norm_hidden_states: torch.Tensor, attn_output: Any) -> torch.Tensor:
+        """``proj_out(cat(attention, gelu(proj_mlp(x))))``, the MLP's GEMM before the attention is awaited."""
+        mlp_hidden_states = gelu_linear(norm_hidden_states, self.proj_mlp)
+        return split_projection(self.proj_out, settled(attn_output), mlp_hidden_states)
 
 
 def apply_gemm_epilogues(transformer: nn.Module) -> int:

@@ -33,7 +33,7 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from torch import nn
 
-from worker.optimizations.epilogues import settled
+from worker.optimizations.epilogues import EpilogueSingleBlock, settled
 
 try:  # shipped with CUDA builds of torch; absent from CPU-only installs
     import triton
@@ -222,35 +222,16 @@ def fp8_project(
     return out.view(*like.shape[:-1], out.shape[-1])
 
 
-class Fp8MlpSingleBlock(FluxSingleTransformerBlock):
-    """FLUX.1's single block with ``proj_out``'s input (attention and GELU'd MLP) quantized in one pass."""
+class Fp8MlpSingleBlock(EpilogueSingleBlock):
+    """FLUX.1's single block with ``proj_out``'s input (attention and GELU'd MLP) quantized by the kernels."""
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        temb: torch.Tensor,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        text_seq_len = encoder_hidden_states.shape[1]
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        residual = hidden_states
-        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-        kwargs = joint_attention_kwargs or {}
-        attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **kwargs)
+    def projected(self, norm_hidden_states: torch.Tensor, attn_output: Any) -> torch.Tensor:
         mlp_hidden_states = self.proj_mlp(norm_hidden_states)
-        attn_output = settled(attn_output)
-        if rowwise_fp8_linear(self.proj_out):
-            rows, scale = fp8_quantize_rows(attn_output.contiguous(), mlp_hidden_states, True)
-            projected = fp8_project(rows, scale, self.proj_out, mlp_hidden_states)
-        else:  # swapped after this class was applied: diffusers' math
-            mlp_hidden_states = self.act_mlp(mlp_hidden_states)
-            projected = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
-        hidden_states = residual + gate.unsqueeze(1) * projected
-        if hidden_states.dtype == torch.float16:
-            hidden_states = hidden_states.clip(-65504, 65504)
-        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+        attention = settled(attn_output)
+        if not rowwise_fp8_linear(self.proj_out):  # swapped after this class was applied: diffusers' math
+            return self.proj_out(torch.cat([attention, self.act_mlp(mlp_hidden_states)], dim=2))
+        rows, scale = fp8_quantize_rows(attention.contiguous(), mlp_hidden_states, True)
+        return fp8_project(rows, scale, self.proj_out, mlp_hidden_states)
 
 
 class Fp8MlpFeedForward(FeedForward):
