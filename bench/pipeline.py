@@ -109,7 +109,7 @@ VARIANTS: dict[str, Variant] = {
     "fp8-whole-graphs": Variant(FP8, whole="reduce-overhead"),
     "whole-graphs-epilogues": Variant(whole="reduce-overhead", epilogues=True),
     # --compile's fused query/key norm + rotary processor and compiled VAE decoder (both on by default since
-    # lease 24), each left out, and both: the regional compile as it was after lease 22
+    # lease 25), each left out, and both: the regional compile as it was after lease 22
     "compiled-no-qkrope": Variant({**COMPILED, "fused_qk_norm_rope": False}),
     "compiled-no-vae": Variant({**COMPILED, "compile_vae": False}),
     "compiled-neither": Variant({**COMPILED, "fused_qk_norm_rope": False, "compile_vae": False}),
