@@ -53,7 +53,7 @@ class EngineOptions(BaseSettings):
     gemm_epilogues: bool = True
     # With --compile on one GPU, FLUX.1's query/key RMSNorms and rotary embedding run as one Triton kernel
     # (worker.optimizations.qk_norm_rope), and the VAE's decoder is compiled too (docs/performance.md,
-    # lease 24).
+    # lease 25).
     fused_qk_norm_rope: bool = True
     compile_vae: bool = True
     compile_cache_dir: str | None = None
