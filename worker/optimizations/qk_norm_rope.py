@@ -1,4 +1,4 @@
-"""FLUX.1 attention's query/key RMSNorm, rotary embedding and head-major layout in one pass (an experiment).
+"""FLUX.1 attention's query/key RMSNorm, rotary embedding and head-major layout in one pass (``--compile``).
 
 On an H100 the compiled single blocks spend 0.132 s an image in the kernel inductor fuses from the
 query/key RMSNorm, the rotary embedding and the layout SDPA reads (1,064 calls at ~0.9 TB/s: a third
@@ -9,7 +9,9 @@ weight, rotated, and written straight into the (batch, heads, tokens, head_dim) 
 
 It rounds where eager rounds (``torch.nn.RMSNorm``'s weighted result, then the rotation's fp32 result),
 so it gives the processor's output up to fp32 summation order. On CUDA it is a Triton kernel; elsewhere
-the op runs the same math in PyTorch. ``apply_fused_qk_norm_rope`` sets a processor that calls it. Set
+the op runs the same math in PyTorch. ``apply_fused_qk_norm_rope`` sets a processor that calls it; the
+compiled engine does so on one GPU (``worker.engine.compile_for_speed``; measured in docs/performance.md,
+lease 25). Set
 before a sequence-parallel layout, that processor runs the layout's exchange through diffusers' dispatch,
 synchronously: it replaces the processor cache-dit's async Ulysses patches.
 """
