@@ -15,6 +15,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
+def report(result: dict[str, Any], output_file: str | None) -> None:
+    """A kernel check's result: the ``RESULT`` line the device suite greps, and the JSON file if asked."""
+    print("RESULT", json.dumps(result))
+    if output_file:
+        with open(output_file, "w") as handle:
+            json.dump(result, handle, indent=1)
+
+
 def time_ms(fn: Callable[[], object], repeats: int = 20) -> float:
     for _ in range(3):
         fn()

@@ -10,12 +10,11 @@ effective bandwidth counts one bf16 read and one fp8 write of each row.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import torch
 
-from bench.attention_probe import time_ms
+from bench.attention_probe import report, time_ms
 from worker.optimizations.fp8_mlp import fp8_quantize_rows, reference
 
 
@@ -58,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "feed_forward": case(4096, 0, 12288),
         "text_feed_forward": case(512, 0, 12288),
     }
-    print("RESULT", json.dumps(result))
-    if args.output_file:
-        with open(args.output_file, "w") as handle:
-            json.dump(result, handle, indent=1)
+    report(result, args.output_file)
     return 0
 
 

@@ -9,12 +9,11 @@ reference, and eagerly; the effective bandwidth counts one read and one write of
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import torch
 
-from bench.attention_probe import time_ms
+from bench.attention_probe import report, time_ms
 from worker.optimizations.qk_norm_rope import qk_norm_rope, reference
 
 HEADS, HEAD_DIM = 24, 128
@@ -65,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-file")
     args = parser.parse_args(argv)
     result = {"device": torch.cuda.get_device_name(), "single": case(0, 4608), "double": case(512, 4096)}
-    print("RESULT", json.dumps(result))
-    if args.output_file:
-        with open(args.output_file, "w") as handle:
-            json.dump(result, handle, indent=1)
+    report(result, args.output_file)
     return 0
 
 
