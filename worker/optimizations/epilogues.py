@@ -19,7 +19,7 @@ epilogue is CUDA's, and the CPU kernel's GELU is the exact one).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +29,18 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
+def unhooked_linear(linear: nn.Module) -> TypeGuard[nn.Linear]:
+    """An ``nn.Linear`` itself (no subclass or wrapper) with nothing hooked onto its forward."""
+    if type(linear) is not nn.Linear:
+        return False
+    return not (linear._forward_hooks or linear._forward_pre_hooks or "forward" in vars(linear))
+
+
 def plain_linear(linear: nn.Module) -> bool:
     """A biased ``nn.Linear`` with an ordinary weight tensor and nothing hooked onto its forward."""
-    if type(linear) is not nn.Linear or linear.bias is None:
+    if not unhooked_linear(linear) or linear.bias is None:
         return False
-    hooked = linear._forward_hooks or linear._forward_pre_hooks or "forward" in vars(linear)
-    return not hooked and not is_traceable_wrapper_subclass(linear.weight)
+    return not is_traceable_wrapper_subclass(linear.weight)
 
 
 def gelu_linear(hidden_states: torch.Tensor, linear: nn.Linear) -> torch.Tensor:

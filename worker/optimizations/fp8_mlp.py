@@ -33,7 +33,7 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from torch import nn
 
-from worker.optimizations.epilogues import EpilogueSingleBlock, settled
+from worker.optimizations.epilogues import EpilogueSingleBlock, settled, unhooked_linear
 
 try:  # shipped with CUDA builds of torch; absent from CPU-only installs
     import triton
@@ -185,10 +185,10 @@ def _triton_fp8_quantize_rows(
 def rowwise_fp8_linear(linear: nn.Module) -> bool:
     """An ``nn.Linear`` whose weight is torchao's per-row e4m3 tensor quantizing its input per row, and
     nothing hooked onto it: the layers ``--quantize fp8`` makes."""
-    if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks:
+    if not unhooked_linear(linear):
         return False
     weight: Any = linear.weight
-    if type(weight).__name__ != "Float8Tensor" or "forward" in vars(linear):
+    if type(weight).__name__ != "Float8Tensor":
         return False
     kwargs = weight.act_quant_kwargs
     return (
