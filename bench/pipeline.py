@@ -114,6 +114,9 @@ VARIANTS: dict[str, Variant] = {
     "compiled-no-vae": Variant({**COMPILED, "compile_vae": False}),
     "compiled-neither": Variant({**COMPILED, "fused_qk_norm_rope": False, "compile_vae": False}),
     "fp8-compiled-neither": Variant({**FP8, **COMPILED, "fused_qk_norm_rope": False, "compile_vae": False}),
+    # --compile's CUDA graph replay of the transformer's steps left out (worker.optimizations.cuda_graphs)
+    "compiled-no-graphs": Variant({**COMPILED, "cuda_graphs": False}),
+    "fp8-compiled-no-graphs": Variant({**FP8, **COMPILED, "cuda_graphs": False}),
     # the regional compile as it was before the GEMM epilogues became its default (lease 22)
     "compiled-no-epilogues": Variant({**COMPILED, "gemm_epilogues": False}),
     "compiled-wide-rows": Variant(COMPILED, wide_rows=16384),
@@ -128,9 +131,9 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def transformer_step_s(pipe: Any, width: int, height: int, repeats: int = 10) -> float:
+def transformer_step_s(transformer: Any, width: int, height: int, repeats: int = 10) -> float:
     """Median time of one transformer forward at the pipeline's shapes (CUDA events)."""
-    transformer, device, dtype = pipe.transformer, "cuda", torch.bfloat16
+    device, dtype = "cuda", torch.bfloat16
     tokens = (height // 16) * (width // 16)
     inputs = {
         "hidden_states": torch.randn(1, tokens, 64, device=device, dtype=dtype),
@@ -308,10 +311,14 @@ def run_prepared(
     result["restart_s"] = round(result["prepare_s"] + result["warmup_s"] + result["seconds"][0], 1)
     if reference is not None:
         result["difference"] = difference(reference, capture(engine, params))
+    if engine.graphs is not None:
+        graphs = engine.graphs
+        result["cuda_graphs"] = {"captured": len(graphs.captured), "refused": len(graphs.refused)}
     if args.profile:
         result["kernel_seconds"] = kernel_seconds(lambda: engine.generate(params, lambda step, total: None))
     if not options.any_offload and variant.cache is None and not args.smoke:
-        result["step_s"] = round(transformer_step_s(pipe, args.res, args.res), 4)
+        # through the engine's CUDA graphs where it has them (a graph of its own: the inputs' dtypes differ)
+        result["step_s"] = round(transformer_step_s(engine.graphs or pipe.transformer, args.res, args.res), 4)
     return result
 
 

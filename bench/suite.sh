@@ -254,12 +254,18 @@ lane_fp8mlp() {  # alone on its machine, as lane_speed
   python3 -m bench.pipeline --variants fp8-cache-fast --repeats 2 --output-file "$1/fp8fast.json"
 }
 
-lane_qkrope2() {
+lane_graphs() {  # alone on its machine, as lane_speed
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.pipeline --variants compiled-no-graphs,compiled,fp8-compiled-no-graphs,fp8-compiled \
+    --repeats 3 --reference all --output-file "$1/graphs.json"
+}
+
+lane_qkrope2() {  # Ulysses-2 as the worker runs it, the fused kernel under synchronous Ulysses, and Ring-2
   torchrun --nproc-per-node 2 --master-port 29615 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
-  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3 --parallel-vae"
-  $P --output-file "$1/u2_sync.json"
-  $P --qk-rope --profile --output-file "$1/u2_sync_qkrope.json"
-  $P --ulysses-async --profile --output-file "$1/u2_async.json"
+  local P="python3 -m bench.parallel --num-gpus 2 --compile --repeats 3 --parallel-vae --profile"
+  $P --ulysses-degree 2 --ulysses-async --output-file "$1/u2_async.json"
+  $P --ulysses-degree 2 --qk-rope --output-file "$1/u2_sync_qkrope.json"
+  $P --ring-degree 2 --output-file "$1/ring2.json"
 }
 
 pids=()

@@ -73,6 +73,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --compile, keep the VAE's decoder eager",
     )
+    add(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        default=None,
+        help="with --compile, launch the transformer's kernels one by one (no CUDA graph replay)",
+    )
     add("--compile-cache-dir", help="persistent torch compile cache (survives restarts)")
     add("--quantize", choices=["none", "fp8"], help="fp8 transformer blocks (GPU compute capability >= 8.9)")
     add("--num-gpus", type=int, help="GPUs of this worker group, one process each (default 1)")

@@ -17,6 +17,7 @@ from PIL import Image
 from shared.schemas import GenerationParams
 from worker.optimizations.attention import apply_attention_backend
 from worker.optimizations.compile import CompileConfig, apply_regional_compile
+from worker.optimizations.cuda_graphs import GraphConfig, StepGraphs, apply_step_graphs
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.offload import OffloadConfig, apply_offload
 from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
@@ -45,6 +46,8 @@ class CacheRunner(Protocol):
     def prepare(self, preset: str, num_inference_steps: int, true_cfg: bool = False) -> None: ...
 
     def cached_steps(self) -> int: ...
+
+    def caching(self) -> bool: ...
 
 
 CacheFactory = Callable[[Any], CacheRunner]
@@ -194,6 +197,12 @@ def compile_for_speed(
         log.info("VAE decoder compiled")
 
 
+def step_graphs_apply(device: torch.device, layout: ParallelLayout, offloaded: set[str]) -> bool:
+    """CUDA graphs hold a resident transformer on one CUDA device: an offloaded one streams its weights
+    under host control, and a group's exchanges are left to its own runtimes."""
+    return device.type == "cuda" and "transformer" not in offloaded and layout.sp == 1 and layout.dit_tp == 1
+
+
 class FluxEngine:
     """A warm FLUX pipeline with its load-time optimisations applied."""
 
@@ -207,6 +216,8 @@ class FluxEngine:
         # weights, eager), with its own cache controller.
         self.replica: torch.nn.Module | None = None
         self.replica_cache: CacheRunner | None = None
+        # --compile's CUDA graphs of the transformer, for calls without cache hooks
+        self.graphs: StepGraphs | None = None
 
     @classmethod
     def load(cls, model_path: str, options: EngineOptions, cache: CacheFactory | None = None) -> FluxEngine:
@@ -250,6 +261,8 @@ class FluxEngine:
         engine.layout = layout
         if options.compile:
             compile_for_speed(pipeline, options, layout, offloaded)
+            if options.cuda_graphs and step_graphs_apply(device, layout, offloaded):
+                engine.graphs = apply_step_graphs(pipeline.transformer, device, GraphConfig())
         return engine
 
     @property
@@ -274,14 +287,7 @@ class FluxEngine:
         """
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        transformer, cache = self.pipeline.transformer, self.cache
-        if self.layout.sp > 1 and not splits_evenly(self._image_tokens(params, references), self.layout):
-            assert self.replica is not None, "a sequence-parallel engine keeps a replica"
-            transformer, cache = self.replica, self.replica_cache
-        if cache is not None:
-            # True CFG runs the transformer twice per step; the cache must count both passes.
-            true_cfg = params.negative_prompt is not None and (params.true_cfg_scale or 1.0) > 1.0
-            cache.prepare(params.cache, params.num_inference_steps, true_cfg=true_cfg)
+        transformer, cache = self._prepared_transformer(params, references)
         with torch.inference_mode(), running_on(self.pipeline, transformer):
             images = self.pipeline(**self._call_arguments(params, on_step, references)).images
         cached = cache.cached_steps() if cache is not None else 0
@@ -303,17 +309,15 @@ class FluxEngine:
             raise ValueError("a sequence-parallel group runs one job at a time")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        if self.cache is not None:
-            true_cfg = first.negative_prompt is not None and (first.true_cfg_scale or 1.0) > 1.0
-            self.cache.prepare(first.cache, first.num_inference_steps, true_cfg=true_cfg)
+        transformer, cache = self._prepared_transformer(first)
         kwargs = self._call_arguments(first, on_step)
         kwargs["prompt"] = [params.prompt for params in batch]
         kwargs["generator"] = [torch.Generator(device="cpu").manual_seed(p.image_seed(0)) for p in batch]
         if first.negative_prompt is not None:  # one per prompt: a lone string is encoded as a batch of one
             kwargs["negative_prompt"] = [first.negative_prompt] * len(batch)
-        with torch.inference_mode():
+        with torch.inference_mode(), running_on(self.pipeline, transformer):
             images = self.pipeline(**kwargs).images
-        cached = self.cache.cached_steps() if self.cache is not None else 0
+        cached = cache.cached_steps() if cache is not None else 0
         return GenerationOutput(
             images=list(images), peak_memory_mb=self._peak_memory_mb(), cached_steps=cached
         )
@@ -330,6 +334,24 @@ class FluxEngine:
                 for size in range(2, max_batch_size + 1):
                     self.generate_batch([params] * size, lambda step, total: None)
         return time.perf_counter() - started
+
+    def _prepared_transformer(
+        self, params: GenerationParams, references: Sequence[Image.Image] = ()
+    ) -> tuple[Any, CacheRunner | None]:
+        """What runs this job's steps, its cache controller prepared for the call: a group's unsplit replica
+        where the sequence does not split evenly, the CUDA graphs where no cache hook runs, else the
+        pipeline's own transformer."""
+        transformer, cache = self.pipeline.transformer, self.cache
+        if self.layout.sp > 1 and not splits_evenly(self._image_tokens(params, references), self.layout):
+            assert self.replica is not None, "a sequence-parallel engine keeps a replica"
+            transformer, cache = self.replica, self.replica_cache
+        if cache is not None:
+            # True CFG runs the transformer twice per step; the cache must count both passes.
+            true_cfg = params.negative_prompt is not None and (params.true_cfg_scale or 1.0) > 1.0
+            cache.prepare(params.cache, params.num_inference_steps, true_cfg=true_cfg)
+        if self.graphs is not None and transformer is self.graphs.module and not (cache and cache.caching()):
+            transformer = self.graphs
+        return transformer, cache
 
     def _call_arguments(
         self, params: GenerationParams, on_step: StepCallback, references: Sequence[Image.Image] = ()

@@ -313,6 +313,10 @@ class CacheController:
         """Steps served from the cache in the last call."""
         return self.stats().cached_steps
 
+    def caching(self) -> bool:
+        """Whether the prepared call runs cache hooks (a preset, not ``"off"``)."""
+        return self._installed is not None
+
     def _install(self, name: str, steps: int, true_cfg: bool = False) -> None:
         configs = self._presets[name].to_cache_dit(steps, true_cfg)
         if self._installed == name:
