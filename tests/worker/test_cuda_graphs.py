@@ -20,7 +20,7 @@ from tests.support import generation_params
 from worker.cli import add_worker_arguments, engine_options
 from worker.engine import FluxEngine, step_graphs_apply
 from worker.optimizations.cache_dit import CacheDitConfig, apply_cache_dit
-from worker.optimizations.cuda_graphs import GraphConfig, StepGraphs, apply_step_graphs
+from worker.optimizations.cuda_graphs import GraphConfig, StepGraphs, apply_step_graphs, on_device
 from worker.options import EngineOptions
 from worker.parallel import ParallelLayout
 from worker.tiny_model import build_tiny_pipeline
@@ -142,6 +142,19 @@ def test_tensors_on_another_device_than_the_graphs_run_eagerly() -> None:
     graphs = StepGraphs(Scale(), recorder, torch.device("meta"), GraphConfig())
     graphs(torch.ones(2, 4))
     assert recorder.captures == 0
+
+
+@pytest.mark.parametrize(
+    ("place", "device", "same"),
+    [
+        ("cuda:0", "cuda", True),
+        ("cuda:0", "cuda:0", True),
+        ("cuda:1", "cuda:0", False),
+        ("cpu", "cuda", False),
+    ],
+)
+def test_a_tensor_on_cuda_0_is_on_the_engines_cuda_device(place: str, device: str, same: bool) -> None:
+    assert on_device(torch.device(place), torch.device(device)) is same
 
 
 def test_calls_under_autograd_run_eagerly() -> None:

@@ -86,6 +86,13 @@ class CapturedCall:
         return tree_map_only(torch.Tensor, torch.clone, self.outputs)
 
 
+def on_device(place: torch.device, device: torch.device) -> bool:
+    """Whether ``place`` is ``device``, where ``cuda`` means the current CUDA device, as tensors have it."""
+    if place.type != device.type:
+        return False
+    return device.index is None or place.index is None or place.index == device.index
+
+
 def signature(leaves: list[Any], device: torch.device) -> tuple[Hashable, ...] | None:
     """What a graph is captured for: each tensor's shape and dtype, each other argument's value.
 
@@ -95,7 +102,7 @@ def signature(leaves: list[Any], device: torch.device) -> tuple[Hashable, ...] |
     parts: list[Hashable] = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            if leaf.device != device or leaf.requires_grad:
+            if not on_device(leaf.device, device) or leaf.requires_grad:
                 return None
             parts.append(("tensor", tuple(leaf.shape), leaf.dtype))
             continue
