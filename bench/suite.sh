@@ -257,7 +257,7 @@ lane_fp8mlp() {  # alone on its machine, as lane_speed
 lane_graphs() {  # alone on its machine, as lane_speed
   (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
   python3 -m bench.pipeline --variants compiled-no-graphs,compiled,fp8-compiled-no-graphs,fp8-compiled,fp8-compiled-mlp-kernel \
-    --repeats 3 --reference all --output-file "$1/graphs.json"
+    --repeats 3 --reference all --profile --output-file "$1/graphs.json"
 }
 
 lane_qkrope2() {  # Ulysses-2 as the worker runs it, the fused kernel under synchronous Ulysses, and Ring-2
