@@ -36,6 +36,7 @@ import torch._inductor.config as inductor_config
 from bench.profiling import kernel_seconds
 from bench.whole import compile_whole
 from worker.engine import FluxEngine, internal_params
+from worker.optimizations.cuda_graphs import GraphConfig, apply_step_graphs
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
 from worker.options import EngineOptions
@@ -105,6 +106,10 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
         # bf16 roundings); "reduce-overhead" replays each step as CUDA graphs. Graph breaks are counted
         # in the report.
         compile_whole(pipeline.transformer, whole)
+    if os.environ.get("BENCH_CUDA_GRAPHS") == "1" and device.type == "cuda":
+        # An experiment on host overhead: the worker's one-GPU CUDA graphs on a group's ranks, the
+        # sequence layout's collectives captured too; every rank captures at the same call (lockstep).
+        engine.graphs = apply_step_graphs(pipeline.transformer, device, GraphConfig())
     engine.warmup(options.resolutions, [model.cache])
     if os.environ.get("BENCH_SKIP_GUARDS") == "1":
         # An experiment on host overhead: compiled blocks run without evaluating their guards (torch
@@ -211,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=["default", "reduce-overhead"],
         help="compile the whole transformer in this mode, not the regions (host-overhead experiment)",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay each rank's steps as CUDA graphs, collectives included (host-overhead experiment)",
+    )
     parser.add_argument("--output-file")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU ranks (gloo), to check")
     args = parser.parse_args(argv)
@@ -227,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ulysses_async:
             parser.error("--qk-rope replaces the attention processor that --ulysses-async patches")
         os.environ["BENCH_QK_ROPE"] = "1"
+    if args.cuda_graphs:
+        os.environ["BENCH_CUDA_GRAPHS"] = "1"
     if args.whole:
         if args.compile:
             parser.error("--whole replaces --compile's regional compile: pass one of them")
@@ -263,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "whole": args.whole,
         "epilogues": not args.no_epilogues,
         "qk_rope": args.qk_rope,
+        "cuda_graphs": args.cuda_graphs,
         "quantize": args.quantize,
         "steps": args.steps,
     }

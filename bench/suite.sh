@@ -260,12 +260,13 @@ lane_graphs() {  # alone on its machine, as lane_speed
     --repeats 3 --reference all --profile --output-file "$1/graphs.json"
 }
 
-lane_qkrope2() {  # Ulysses-2 as the worker runs it, the fused kernel under synchronous Ulysses, and Ring-2
+lane_qkrope2() {  # Ulysses-2 as the worker runs it, with CUDA graphs, Ring-2, the fused kernel under sync Ulysses
   torchrun --nproc-per-node 2 --master-port 29615 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
-  local P="python3 -m bench.parallel --num-gpus 2 --compile --repeats 3 --parallel-vae --profile"
+  local P="python3 -m bench.parallel --num-gpus 2 --compile --repeats 3 --parallel-vae"
   $P --ulysses-degree 2 --ulysses-async --output-file "$1/u2_async.json"
+  $P --ulysses-degree 2 --ulysses-async --cuda-graphs --profile --output-file "$1/u2_async_graphs.json"
+  $P --ring-degree 2 --profile --output-file "$1/ring2.json"
   $P --ulysses-degree 2 --qk-rope --output-file "$1/u2_sync_qkrope.json"
-  $P --ring-degree 2 --output-file "$1/ring2.json"
 }
 
 pids=()
