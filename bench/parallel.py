@@ -106,9 +106,9 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
         # bf16 roundings); "reduce-overhead" replays each step as CUDA graphs. Graph breaks are counted
         # in the report.
         compile_whole(pipeline.transformer, whole)
-    if os.environ.get("BENCH_CUDA_GRAPHS") == "1" and device.type == "cuda":
-        # An experiment on host overhead: the worker's one-GPU CUDA graphs on a group's ranks, the
-        # sequence layout's collectives captured too; every rank captures at the same call (lockstep).
+    if os.environ.get("BENCH_CUDA_GRAPHS") == "1" and engine.graphs is None and device.type == "cuda":
+        # An experiment: the CUDA graphs on layouts the worker leaves out (Ring), the sequence layout's
+        # collectives captured too; every rank captures at the same call (lockstep).
         engine.graphs = apply_step_graphs(pipeline.transformer, device, GraphConfig())
     engine.warmup(options.resolutions, [model.cache])
     if os.environ.get("BENCH_SKIP_GUARDS") == "1":
@@ -219,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="replay each rank's steps as CUDA graphs, collectives included (host-overhead experiment)",
+        help="replay the steps as CUDA graphs on any layout, Ring's too (the worker: Ulysses only)",
     )
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graphs (the worker's flag)")
     parser.add_argument("--output-file")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU ranks (gloo), to check")
     args = parser.parse_args(argv)
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--qk-rope replaces the attention processor that --ulysses-async patches")
         os.environ["BENCH_QK_ROPE"] = "1"
     if args.cuda_graphs:
+        if args.no_cuda_graphs:
+            parser.error("--cuda-graphs and --no-cuda-graphs contradict each other")
         os.environ["BENCH_CUDA_GRAPHS"] = "1"
     if args.whole:
         if args.compile:
@@ -255,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         attention_backend=args.attention_backend,
         compile=args.compile,
         gemm_epilogues=not args.no_epilogues,
+        cuda_graphs=not args.no_cuda_graphs,
         device="cpu" if args.smoke else "cuda",
         warmup_resolutions=",".join(f"{size}x{size}" for size in sizes),
     )
@@ -275,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         "whole": args.whole,
         "epilogues": not args.no_epilogues,
         "qk_rope": args.qk_rope,
-        "cuda_graphs": args.cuda_graphs,
+        "cuda_graphs": "off"
+        if args.no_cuda_graphs
+        else "any layout"
+        if args.cuda_graphs
+        else "worker's choice",
         "quantize": args.quantize,
         "steps": args.steps,
     }

@@ -198,9 +198,11 @@ def compile_for_speed(
 
 
 def step_graphs_apply(device: torch.device, layout: ParallelLayout, offloaded: set[str]) -> bool:
-    """CUDA graphs hold a resident transformer on one CUDA device: an offloaded one streams its weights
-    under host control, and a group's exchanges are left to its own runtimes."""
-    return device.type == "cuda" and "transformer" not in offloaded and layout.sp == 1 and layout.dit_tp == 1
+    """CUDA graphs hold a resident transformer on CUDA: an offloaded one streams its weights under host
+    control. A Ulysses group's ranks capture its all-to-alls too (measured: docs/performance.md); Ring
+    and a sharded transformer keep launching their own."""
+    resident = "transformer" not in offloaded
+    return device.type == "cuda" and resident and layout.ring == 1 and layout.dit_tp == 1
 
 
 class FluxEngine:
