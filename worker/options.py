@@ -56,8 +56,8 @@ class EngineOptions(BaseSettings):
     # lease 25).
     fused_qk_norm_rope: bool = True
     compile_vae: bool = True
-    # With --compile, a resident transformer on one GPU replays each step as a CUDA graph where no
-    # Cache-DiT preset runs (worker.optimizations.cuda_graphs): fp8 steps are bound by the host's launches.
+    # With --compile, a resident transformer replays each step as a CUDA graph where no Cache-DiT preset
+    # runs (worker.optimizations.cuda_graphs): fp8 steps and groups' steps are bound by the host's launches.
     cuda_graphs: bool = True
     compile_cache_dir: str | None = None
     quantize: Literal["none", "fp8"] = "none"

@@ -191,12 +191,12 @@ def test_attributes_are_the_modules_and_a_cpu_device_is_refused() -> None:
         ("cuda", ParallelLayout(), {"transformer"}, False),  # streamed under host control
         ("cpu", ParallelLayout(), set(), False),
         ("cuda", ParallelLayout(ulysses=2, ulysses_async=True), set(), True),  # its all-to-alls captured
-        ("cuda", ParallelLayout(ring=2), set(), False),
-        ("cuda", ParallelLayout(ulysses=2, ring=2), set(), False),
+        ("cuda", ParallelLayout(ring=2), set(), True),
+        ("cuda", ParallelLayout(ulysses=2, ring=2), set(), True),
         ("cuda", ParallelLayout(dit_tp=2), set(), False),
     ],
 )
-def test_graphs_apply_to_a_resident_transformer_on_cuda_alone_or_in_a_ulysses_group(
+def test_graphs_apply_to_a_resident_unsharded_transformer_on_cuda_alone_or_in_a_group(
     device: str, layout: ParallelLayout, offloaded: set[str], applies: bool
 ) -> None:
     assert step_graphs_apply(torch.device(device), layout, offloaded) is applies

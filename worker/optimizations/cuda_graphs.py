@@ -2,16 +2,16 @@
 
 A FLUX.1 step launches some 3,000 kernels from Python. Under ``--quantize fp8`` an H100 runs them in about
 as long as the host takes to launch them, a Celery worker process launches them more slowly still (its
-50-step fp8 image took 5.99 s, 5.17 s replayed), and a Ulysses group's ranks are host-bound too
-(docs/performance.md). A graph captured once per signature (shapes and dtypes of the tensor arguments,
+50-step fp8 image took 5.99 s, 5.17 s replayed), and a sequence-parallel group's ranks are host-bound
+too (docs/performance.md). A graph captured once per signature (shapes and dtypes of the tensor arguments,
 values of the others) launches the whole forward at once: each later call copies its tensors into the
 graph's input buffers, replays it and returns a clone of its outputs. The kernels are the same, so the
 result is the same to the bit.
 
-Where it applies (the engine decides, ``worker.engine.step_graphs_apply``): a resident transformer on
-CUDA, alone or in a Ulysses group (whose ranks capture their all-to-alls at the same call: they run in
-lockstep), in calls without Cache-DiT hooks (their per-step decisions read values on the host) and
-without autograd. A signature whose capture fails runs eagerly from then on.
+Where it applies (the engine decides, ``worker.engine.step_graphs_apply``): a resident, unsharded
+transformer on CUDA, alone or in a Ulysses/Ring group (whose ranks capture their exchanges at the same
+call: they run in lockstep), in calls without Cache-DiT hooks (their per-step decisions read values on
+the host) and without autograd. A signature whose capture fails runs eagerly from then on.
 """
 
 from __future__ import annotations
