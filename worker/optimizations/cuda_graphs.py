@@ -56,7 +56,7 @@ class CudaRecorder:
         with torch.cuda.stream(self.stream):
             run()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the worker's other threads (heartbeat, group watch) may use CUDA meanwhile
+        # thread_local: only this thread's CUDA calls must be capturable, not the worker's other threads'
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
             output = run()
         caller.wait_stream(self.stream)
@@ -89,7 +89,8 @@ class CapturedCall:
 
 
 def on_device(place: torch.device, device: torch.device) -> bool:
-    """Whether ``place`` is ``device``, where ``cuda`` means the current CUDA device, as tensors have it."""
+    """Whether ``place`` is ``device``; ``cuda`` without an index (``--device cuda``) is any CUDA device,
+    as the pipeline's tensors are all on the current one."""
     if place.type != device.type:
         return False
     return device.index is None or place.index is None or place.index == device.index
