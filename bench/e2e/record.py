@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tarfile
 import tempfile
 import time
@@ -56,8 +57,9 @@ class Run:
         self.log(f"skipped {name}: {reason}")
 
     def save(self) -> None:
+        fp8 = re.search(r"--quantize[= ]fp8", self.args.worker_flags or "") is not None
         self.report["headline"] = headline(
-            self.documents, self.report.get("encode"), self.report.get("stock")
+            self.documents, self.report.get("encode"), self.report.get("stock"), fp8=fp8
         )
         self.report["timeline"]["saved"] = round(self.elapsed(), 1)
         (self.out / "e2e.json").write_text(json.dumps(self.report, indent=1) + "\n", encoding="utf-8")

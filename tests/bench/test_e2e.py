@@ -136,6 +136,17 @@ def test_throughput_is_judged_against_the_issue_and_the_engine_bound() -> None:
     assert "0.2500 req/s" in table and "NOT met" in table and "stock/engine" in table
 
 
+def test_an_fp8_run_is_judged_against_the_fp8_targets() -> None:
+    scenarios = {
+        "c20-28steps": _document([_request(40, 3.0)] * 20, throughput=0.33, inference=3.0),
+        "c20-50steps": _document([_request(70, 5.2)] * 20, throughput=0.19, inference=5.2),
+    }
+    result = headline(scenarios, encode=None, stock=None, fp8=True)
+    assert result["c20_50steps"]["target_throughput"] == 0.22 and result["c20_50steps"]["met"] is False
+    assert result["c20_28steps"]["target_throughput"] is None and result["c20_28steps"]["met"] is None
+    assert "no target" in format_headline(result)
+
+
 def test_a_batched_run_counts_each_jobs_share_of_its_batchs_engine_time() -> None:
     batched = [{**_request(12.0, 8.0), "batch_size": 4}] * 16 + [{**_request(5.0, 3.9), "batch_size": 1}] * 4
     result = headline({"c20-28steps": _document(batched, throughput=0.4, inference=7.18)}, None, None)
