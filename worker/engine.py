@@ -199,9 +199,9 @@ def compile_for_speed(
 
 def step_graphs_apply(device: torch.device, layout: ParallelLayout, offloaded: set[str]) -> bool:
     """CUDA graphs hold a resident transformer on CUDA: an offloaded one streams its weights under host
-    control. A sequence-parallel group's ranks capture its exchanges too (Ulysses-2 18% and Ring-2 ~1.6x
-    faster on two H100s: docs/performance.md); a sharded transformer (``--dit-tp-size``) keeps launching
-    its own."""
+    control. A sequence-parallel group's ranks capture its exchanges too (Ulysses-2 18% and cache-dit's
+    Ring-2 ~1.6x faster on two H100s: docs/performance.md); a sharded transformer (``--dit-tp-size``)
+    keeps launching its own."""
     return device.type == "cuda" and "transformer" not in offloaded and layout.dit_tp == 1
 
 
