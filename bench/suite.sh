@@ -269,6 +269,13 @@ lane_graphsu2() {  # Ulysses-2 with the worker's CUDA graphs (the default now) a
   $P --ulysses-degree 2 --qk-rope --output-file "$1/u2_sync_qkrope.json"
 }
 
+lane_ring2d() {  # Ring-2 on diffusers' runtime (no cache-dit feature: compiled whole, cuDNN), with and without graphs
+  torchrun --nproc-per-node 2 --master-port 29617 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --ring-degree 2 --compile --repeats 3"
+  $P --profile --output-file "$1/ring2_diffusers.json"
+  $P --no-cuda-graphs --output-file "$1/ring2_diffusers_no_graphs.json"
+}
+
 lane_e2egraphs() {  # the whole stack with --compile's CUDA graphs: fp8 at 50 steps (and stock), then bf16
   python3 -m bench.e2e --out "$1/fp8" --worker-flags "--compile --quantize fp8" --only c20-50steps --budget-s 300
   python3 -m bench.e2e --out "$1/bf16" --no-stock --only c1-jpeg,c20-28steps --budget-s $((LANE_TIMEOUT_S - 330))
