@@ -36,7 +36,6 @@ import torch._inductor.config as inductor_config
 from bench.profiling import kernel_seconds
 from bench.whole import compile_whole
 from worker.engine import FluxEngine, internal_params
-from worker.optimizations.cuda_graphs import GraphConfig, apply_step_graphs
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
 from worker.options import EngineOptions
@@ -106,10 +105,6 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
         # bf16 roundings); "reduce-overhead" replays each step as CUDA graphs. Graph breaks are counted
         # in the report.
         compile_whole(pipeline.transformer, whole)
-    if os.environ.get("BENCH_CUDA_GRAPHS") == "1" and engine.graphs is None and device.type == "cuda":
-        # An experiment: the CUDA graphs on layouts the worker leaves out (Ring), the sequence layout's
-        # collectives captured too; every rank captures at the same call (lockstep).
-        engine.graphs = apply_step_graphs(pipeline.transformer, device, GraphConfig())
     engine.warmup(options.resolutions, [model.cache])
     if os.environ.get("BENCH_SKIP_GUARDS") == "1":
         # An experiment on host overhead: compiled blocks run without evaluating their guards (torch
@@ -216,11 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         choices=["default", "reduce-overhead"],
         help="compile the whole transformer in this mode, not the regions (host-overhead experiment)",
     )
-    parser.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        help="replay the steps as CUDA graphs on any layout, Ring's too (the worker: Ulysses only)",
-    )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graphs (the worker's flag)")
     parser.add_argument("--output-file")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU ranks (gloo), to check")
@@ -238,10 +228,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.ulysses_async:
             parser.error("--qk-rope replaces the attention processor that --ulysses-async patches")
         os.environ["BENCH_QK_ROPE"] = "1"
-    if args.cuda_graphs:
-        if args.no_cuda_graphs:
-            parser.error("--cuda-graphs and --no-cuda-graphs contradict each other")
-        os.environ["BENCH_CUDA_GRAPHS"] = "1"
     if args.whole:
         if args.compile:
             parser.error("--whole replaces --compile's regional compile: pass one of them")
@@ -279,11 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "whole": args.whole,
         "epilogues": not args.no_epilogues,
         "qk_rope": args.qk_rope,
-        "cuda_graphs": "off"
-        if args.no_cuda_graphs
-        else "any layout"
-        if args.cuda_graphs
-        else "worker's choice",
+        "cuda_graphs": not args.no_cuda_graphs,
         "quantize": args.quantize,
         "steps": args.steps,
     }

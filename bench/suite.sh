@@ -265,7 +265,7 @@ lane_graphsu2() {  # Ulysses-2 with the worker's CUDA graphs (the default now) a
   local P="python3 -m bench.parallel --num-gpus 2 --compile --repeats 3 --parallel-vae"
   $P --ulysses-degree 2 --ulysses-async --profile --output-file "$1/u2_async.json"
   $P --ulysses-degree 2 --ulysses-async --no-cuda-graphs --output-file "$1/u2_async_no_graphs.json"
-  $P --ring-degree 2 --cuda-graphs --output-file "$1/ring2_graphs.json"
+  $P --ring-degree 2 --output-file "$1/ring2_graphs.json"
   $P --ulysses-degree 2 --qk-rope --output-file "$1/u2_sync_qkrope.json"
 }
 
@@ -284,9 +284,9 @@ lane_e2egraphs() {  # the whole stack with --compile's CUDA graphs: fp8 at 50 st
 lane_qkrope2() {  # Ulysses-2 as the worker runs it, with CUDA graphs, Ring-2, the fused kernel under sync Ulysses
   torchrun --nproc-per-node 2 --master-port 29615 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
   local P="python3 -m bench.parallel --num-gpus 2 --compile --repeats 3 --parallel-vae"
-  $P --ulysses-degree 2 --ulysses-async --output-file "$1/u2_async.json"
-  $P --ulysses-degree 2 --ulysses-async --cuda-graphs --profile --output-file "$1/u2_async_graphs.json"
-  $P --ring-degree 2 --profile --output-file "$1/ring2.json"
+  $P --ulysses-degree 2 --ulysses-async --no-cuda-graphs --output-file "$1/u2_async.json"
+  $P --ulysses-degree 2 --ulysses-async --profile --output-file "$1/u2_async_graphs.json"
+  $P --ring-degree 2 --no-cuda-graphs --profile --output-file "$1/ring2.json"
   $P --ulysses-degree 2 --qk-rope --output-file "$1/u2_sync_qkrope.json"
 }
 
