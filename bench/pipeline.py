@@ -126,6 +126,13 @@ VARIANTS: dict[str, Variant] = {
     "fp8-compiled-wide-rows-4k": Variant({**FP8, **COMPILED}, wide_rows=4096),
     # fp8 with the MLPs' GELU + per-row quantization as Fluxgate's kernels (worker.optimizations.fp8_mlp)
     "fp8-compiled-mlp-kernel": Variant({**FP8, **COMPILED}, fp8_mlp=True),
+    # --attention-fp8: FLUX.1's attention in fp8 through cuDNN (worker.optimizations.fp8_attention)
+    "fp8-compiled-fp8-attention": Variant({**FP8, **COMPILED, "attention_fp8": True}),
+    "fp8-compiled-fp8-attention-mlp-kernel": Variant(
+        {**FP8, **COMPILED, "attention_fp8": True}, fp8_mlp=True
+    ),
+    "compiled-fp8-attention": Variant({**COMPILED, "attention_fp8": True}),
+    "fp8-cache-fast-fp8-attention": Variant({**FP8, **COMPILED, "attention_fp8": True}, "fast"),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
     "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }
@@ -194,7 +201,8 @@ def build(smoke: bool, fp8: bool) -> Any:
 def engine_options(variant: Variant, smoke: bool) -> tuple[dict[str, Any], EngineOptions]:
     overrides = dict(variant.options)
     if smoke:
-        overrides = {k: v for k, v in overrides.items() if k not in ("attention_backend", "pin_cpu_memory")}
+        dropped = ("attention_backend", "pin_cpu_memory", "attention_fp8")  # fp8 attention needs --compile
+        overrides = {k: v for k, v in overrides.items() if k not in dropped}
         overrides["compile"] = False
     dtype: DType = "bfloat16" if not smoke or variant.fp8 else "float32"
     return overrides, EngineOptions(device="cpu" if smoke else "cuda", dtype=dtype, **overrides)

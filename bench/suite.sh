@@ -55,11 +55,15 @@
 #   epi2     stock Ulysses-2 (torchrun), then Ulysses-2 (async, split decode) regional without the MLPs' GELU
 #            in the GEMMs' epilogues (--no-epilogues), with them (the worker's default), and the whole
 #            transformer as CUDA graphs with them (its time embedder eager: bench.whole), all profiled
+#   fp8attn  cuDNN's fp8 attention (--attention-fp8): bench.fp8_attention_check at FLUX's shape, then fp8
+#            compiled without and with it (and with the fp8 MLP kernels), bf16 linears with it, profiled,
+#            against eager's image; stock first. Alone on the machine
+#   fp8attnfast  fp8 + cache `fast` without and with fp8 attention
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl .whl-serve/*.whl >"$OUT/pip.log" 2>&1 || { tail "$OUT/pip.log"; exit 3; }
+  .whl/*.whl .whl-serve/*.whl $(ls .whl-cudnn/*.whl 2>/dev/null) >"$OUT/pip.log" 2>&1 || { tail "$OUT/pip.log"; exit 3; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export LANE_TIMEOUT_S=${LANE_TIMEOUT_S:-560} FP8_VARIANTS=${FP8_VARIANTS:-compiled,fp8-compiled}
 
@@ -274,6 +278,18 @@ lane_ring2d() {  # Ring-2 on diffusers' runtime (no cache-dit feature: compiled 
   local P="python3 -m bench.parallel --num-gpus 2 --ring-degree 2 --compile --repeats 3"
   $P --profile --output-file "$1/ring2_diffusers.json"
   $P --no-cuda-graphs --output-file "$1/ring2_diffusers_no_graphs.json"
+}
+
+lane_fp8attn() {  # alone on its machine: cuDNN's fp8 attention checked, then the fp8 engine without and with it
+  python3 -m bench.fp8_attention_check --output-file "$1/check.json"
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-fp8-attention,fp8-compiled-fp8-attention-mlp-kernel,compiled-fp8-attention \
+    --repeats 3 --reference all --profile --output-file "$1/fp8attn.json"
+}
+
+lane_fp8attnfast() {  # fp8 + cache `fast` without and with fp8 attention
+  python3 -m bench.pipeline --variants fp8-cache-fast,fp8-cache-fast-fp8-attention --repeats 2 --reference all \
+    --output-file "$1/fast.json"
 }
 
 lane_e2egraphs() {  # the whole stack with --compile's CUDA graphs: fp8 at 50 steps (and stock), then bf16

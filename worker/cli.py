@@ -82,6 +82,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--compile-cache-dir", help="persistent torch compile cache (survives restarts)")
     add("--quantize", choices=["none", "fp8"], help="fp8 transformer blocks (GPU compute capability >= 8.9)")
+    add(
+        "--attention-fp8",
+        action="store_true",
+        default=None,
+        help="with --compile, FLUX.1's attention in fp8 through cuDNN (lossy; H100 or newer, one GPU)",
+    )
     add("--num-gpus", type=int, help="GPUs of this worker group, one process each (default 1)")
     add("--sp-degree", type=int, help="sequence-parallel degree, ulysses x ring (default: --num-gpus)")
     add("--ulysses-degree", type=int, help="Ulysses (all-to-all attention) degree")

@@ -19,6 +19,8 @@ from worker.optimizations.attention import apply_attention_backend
 from worker.optimizations.compile import CompileConfig, apply_regional_compile
 from worker.optimizations.cuda_graphs import GraphConfig, StepGraphs, apply_step_graphs
 from worker.optimizations.epilogues import apply_gemm_epilogues
+from worker.optimizations.fp8_attention import check_fp8_attention_supported
+from worker.optimizations.fp8_attention_processor import apply_fp8_attention
 from worker.optimizations.offload import OffloadConfig, apply_offload
 from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
@@ -177,8 +179,11 @@ def compile_for_speed(
     resident = "transformer" not in offloaded and layout.dit_tp == 1
     if options.fused_qk_norm_rope and resident and layout.sp == 1:
         # processors set before the compile traces them; a group's sequence layout keeps its own
-        changed = apply_fused_qk_norm_rope(pipeline.transformer)
+        apply = apply_fp8_attention if options.attention_fp8 else apply_fused_qk_norm_rope
+        changed = apply(pipeline.transformer)
         log.info("fused query/key norm + rotary: %d attention modules", changed)
+        if options.attention_fp8:
+            log.info("fp8 attention (cuDNN): %d attention modules", changed)
     config = CompileConfig(
         mode=options.compile_mode,
         cache_dir=options.compile_cache_dir,
@@ -227,6 +232,8 @@ class FluxEngine:
         device = resolve_device(options.device)
         if options.quantize != "none":  # fail before a minutes-long weight load
             check_fp8_supported(device)
+        if options.attention_fp8:
+            check_fp8_attention_supported(device)
         started = time.perf_counter()
         engine = cls.from_pipeline(load_pipeline(model_path, options, device), options, device, cache)
         log.info(

@@ -61,6 +61,9 @@ class EngineOptions(BaseSettings):
     cuda_graphs: bool = True
     compile_cache_dir: str | None = None
     quantize: Literal["none", "fp8"] = "none"
+    # FLUX.1's attention in fp8 through cuDNN (worker.optimizations.fp8_attention): lossy, so opt-in;
+    # needs --compile's fused query/key kernel on one Hopper-or-newer GPU (docs/performance.md).
+    attention_fp8: bool = False
     warmup_resolutions: str = ""
     num_gpus: int = Field(default=1, ge=1)
     sp_degree: int | None = Field(default=None, ge=1)
@@ -111,6 +114,8 @@ class EngineOptions(BaseSettings):
             raise ValueError("--pin-cpu-memory only applies with an offload option or --gpu-memory-budget-gb")
         if self.quantize != "none":
             self._check_quantize()
+        if self.attention_fp8:
+            self._check_attention_fp8()
         self._check_parallel_layout()
         return self
 
@@ -209,6 +214,22 @@ class EngineOptions(BaseSettings):
                 f"--quantize {self.quantize} keeps the transformer resident: drop --dit-cpu-offload and "
                 "--gpu-memory-budget-gb (--text-encoder-cpu-offload and --vae-cpu-offload are fine)"
             )
+
+    def _check_attention_fp8(self) -> None:
+        """fp8 attention runs in the fused query/key processor of a compiled, resident, one-GPU engine."""
+        needs = [
+            ("--compile", self.compile),
+            ("the fused query/key kernel (drop --no-fused-qk-norm-rope)", self.fused_qk_norm_rope),
+            ("bfloat16 weights (--dtype bfloat16 or auto)", self.dtype in ("auto", "bfloat16")),
+            ("one GPU (--num-gpus 1)", self.num_gpus == 1),
+            (
+                "a resident transformer (drop --dit-cpu-offload, --gpu-memory-budget-gb)",
+                not self.dit_cpu_offload and self.gpu_memory_budget_gb is None,
+            ),
+        ]
+        missing = [what for what, met in needs if not met]
+        if missing:
+            raise ValueError(f"--attention-fp8 needs {', '.join(missing)}")
 
     @property
     def any_offload(self) -> bool:

@@ -32,6 +32,8 @@ try:  # shipped with CUDA builds of torch; absent from CPU-only installs
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
 
 def reference(
     text: torch.Tensor,
@@ -42,14 +44,17 @@ def reference(
     sin: torch.Tensor,
     eps: float,
     head_dim: int,
+    fp8_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FLUX attention's ``torch.nn.RMSNorm`` on each part, their concatenation and ``apply_rotary_emb``,
-    head-major."""
+    head-major; with ``fp8_scale``, that result times the scale, rounded to e4m3."""
     parts = []
     for tokens, weight in ((text, text_weight), (image, image_weight)):
         if tokens.shape[1]:
             parts.append(F.rms_norm(tokens.unflatten(-1, (-1, head_dim)), (head_dim,), weight, eps))
     rotated: torch.Tensor = apply_rotary_emb(torch.cat(parts, dim=1), (cos, sin), sequence_dim=1)  # type: ignore[arg-type, assignment]
+    if fp8_scale is not None:
+        rotated = (rotated.float() * fp8_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return rotated.transpose(1, 2).contiguous().transpose(1, 2)
 
 
@@ -63,11 +68,17 @@ def qk_norm_rope(
     sin: torch.Tensor,
     eps: float,
     head_dim: int,
+    fp8_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(batch, text + image tokens, heads, head_dim), stored head-major: SDPA's layout after a transpose."""
+    """(batch, text + image tokens, heads, head_dim), stored head-major: SDPA's layout after a transpose.
+
+    With ``fp8_scale`` (a one-element fp32 tensor) the output is e4m3: the bf16 result times the scale.
+    """
     if image.is_cuda and triton is not None and head_dim & (head_dim - 1) == 0:  # tl.arange: powers of two
-        return _triton_qk_norm_rope(text, text_weight, image, image_weight, cos, sin, eps, head_dim)
-    return reference(text, text_weight, image, image_weight, cos, sin, eps, head_dim)
+        return _triton_qk_norm_rope(
+            text, text_weight, image, image_weight, cos, sin, eps, head_dim, fp8_scale
+        )
+    return reference(text, text_weight, image, image_weight, cos, sin, eps, head_dim, fp8_scale)
 
 
 @qk_norm_rope.register_fake
@@ -80,14 +91,18 @@ def _(
     sin: torch.Tensor,
     eps: float,
     head_dim: int,
+    fp8_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return head_major(image, text.shape[1] + image.shape[1], head_dim)
+    dtype = torch.float8_e4m3fn if fp8_scale is not None else image.dtype
+    return head_major(image, text.shape[1] + image.shape[1], head_dim, dtype)
 
 
-def head_major(like: torch.Tensor, tokens: int, head_dim: int) -> torch.Tensor:
+def head_major(
+    like: torch.Tensor, tokens: int, head_dim: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     batch, heads = like.shape[0], like.shape[-1] // head_dim
     strides = (heads * tokens * head_dim, head_dim, tokens * head_dim, 1)
-    return like.new_empty_strided((batch, tokens, heads, head_dim), strides)
+    return like.new_empty_strided((batch, tokens, heads, head_dim), strides, dtype=dtype or like.dtype)
 
 
 if triton is not None:
@@ -100,6 +115,7 @@ if triton is not None:
         image_weight_ptr,
         cos_ptr,
         sin_ptr,
+        fp8_scale_ptr,
         out_ptr,
         text_tokens,
         tokens,
@@ -111,9 +127,11 @@ if triton is not None:
         image_token_stride,
         HEAD_DIM: tl.constexpr,
         GROUP_HEADS: tl.constexpr,
+        FP8: tl.constexpr,
     ):
         """One program per (batch, token, group of heads): the heads' rows loaded whole, normed, rotated in
-        pairs (``x * cos + stack(-odd, even) * sin``, as ``apply_rotary_emb``), written head-major."""
+        pairs (``x * cos + stack(-odd, even) * sin``, as ``apply_rotary_emb``), written head-major; with
+        ``FP8``, the rounded result scaled and rounded again to e4m3."""
         row = tl.program_id(0)
         batch = row // tokens
         token = row % tokens
@@ -125,7 +143,7 @@ if triton is not None:
         else:
             source = image_ptr + batch * image_batch_stride + (token - text_tokens) * image_token_stride
             weight_ptr = image_weight_ptr
-        dtype = out_ptr.dtype.element_ty
+        dtype = image_ptr.dtype.element_ty
         x = tl.load(source + head * HEAD_DIM + dim).to(tl.float32)
         scale = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
         # torch's RMSNorm scales and weighs in fp32 and rounds once; the rotation then reads that value
@@ -133,8 +151,11 @@ if triton is not None:
         even, odd = tl.split(tl.reshape(x, (GROUP_HEADS, HEAD_DIM // 2, 2)))
         rotated = tl.reshape(tl.join(-odd, even), (GROUP_HEADS, HEAD_DIM))
         angle = token * HEAD_DIM + dim
-        out = x * tl.load(cos_ptr + angle) + rotated * tl.load(sin_ptr + angle)
-        tl.store(out_ptr + (batch * heads + head) * tokens * HEAD_DIM + angle, out.to(dtype))
+        out = (x * tl.load(cos_ptr + angle) + rotated * tl.load(sin_ptr + angle)).to(dtype)
+        if FP8:
+            scaled = out.to(tl.float32) * tl.load(fp8_scale_ptr)
+            out = tl.clamp(scaled, -448.0, 448.0).to(out_ptr.dtype.element_ty)  # e4m3's range
+        tl.store(out_ptr + (batch * heads + head) * tokens * HEAD_DIM + angle, out)
 
 
 def group_heads(heads: int) -> int:
@@ -154,10 +175,11 @@ def _triton_qk_norm_rope(
     sin: torch.Tensor,
     eps: float,
     head_dim: int,
+    fp8_scale: torch.Tensor | None,
 ) -> torch.Tensor:
     text_tokens = text.shape[1]
     tokens = text_tokens + image.shape[1]
-    out = head_major(image, tokens, head_dim)
+    out = head_major(image, tokens, head_dim, torch.float8_e4m3fn if fp8_scale is not None else None)
     heads = out.shape[2]
     if text_tokens == 0:  # the kernel never reads it; any pointer of the right type will do
         text, text_weight = image, image_weight
@@ -172,6 +194,7 @@ def _triton_qk_norm_rope(
         image_weight.contiguous(),
         cos.float().contiguous(),
         sin.float().contiguous(),
+        fp8_scale.float() if fp8_scale is not None else cos,  # never read without FP8
         out,
         text_tokens,
         tokens,
@@ -183,21 +206,39 @@ def _triton_qk_norm_rope(
         image.stride(1),
         HEAD_DIM=head_dim,
         GROUP_HEADS=group,
+        FP8=fp8_scale is not None,
     )
     return out
 
 
 def normed_rotated(
-    attn: Any, text: torch.Tensor | None, image: torch.Tensor, which: str, rope: Any
+    attn: Any,
+    text: torch.Tensor | None,
+    image: torch.Tensor,
+    which: str,
+    rope: Any,
+    fp8_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``qk_norm_rope`` for the query (``which`` "q") or key ("k") of ``attn``, text tokens first."""
-    image_norm = getattr(attn, f"norm_{which}")
-    text_norm = getattr(attn, f"norm_added_{which}") if text is not None else image_norm
+    image_norm, text_norm = qk_norms(attn, which, text is not None)
     text = image[:, :0] if text is None else text
     cos, sin = rope
     return qk_norm_rope(
-        text, text_norm.weight, image, image_norm.weight, cos, sin, image_norm.eps, attn.head_dim
+        text, text_norm.weight, image, image_norm.weight, cos, sin, image_norm.eps, attn.head_dim, fp8_scale
     )
+
+
+def qk_norms(attn: Any, which: str, joint: bool) -> tuple[Any, Any]:
+    """The image tokens' and the text tokens' norm of the query ("q") or key ("k"); one if not ``joint``."""
+    image_norm = getattr(attn, f"norm_{which}")
+    return image_norm, getattr(attn, f"norm_added_{which}") if joint else image_norm
+
+
+Parts = tuple[torch.Tensor | None, torch.Tensor]  # a projection's text tokens (None: none) and image tokens
+
+
+def joined(text: torch.Tensor | None, image: torch.Tensor) -> torch.Tensor:
+    return torch.cat([text, image], dim=1) if text is not None else image
 
 
 class FusedQKFluxAttnProcessor(FluxAttnProcessor):
@@ -218,15 +259,11 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         query, key, value, text_query, text_key, text_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
-        joint = attn.added_kv_proj_dim is not None
-        query = normed_rotated(attn, text_query if joint else None, query, "q", image_rotary_emb)
-        key = normed_rotated(attn, text_key if joint else None, key, "k", image_rotary_emb)
-        value = torch.cat([text_value, value], dim=1) if joint else value
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        hidden_states = dispatch_attention_fn(
-            query, key, value, backend=self._attention_backend, parallel_config=self._parallel_config
+        if attn.added_kv_proj_dim is None:
+            text_query = text_key = text_value = None
+        hidden_states = self.attend(
+            attn, (text_query, query), (text_key, key), (text_value, value), image_rotary_emb
         )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return hidden_states
         text_tokens = encoder_hidden_states.shape[1]
@@ -235,6 +272,16 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         )
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+    def attend(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> torch.Tensor:
+        """Attention over the (text, image) projections, text first: (batch, tokens, heads x head_dim)."""
+        q = normed_rotated(attn, *query, "q", rope)
+        k = normed_rotated(attn, *key, "k", rope)
+        v = joined(*value).unflatten(-1, (-1, attn.head_dim))
+        out = dispatch_attention_fn(
+            q, k, v, backend=self._attention_backend, parallel_config=self._parallel_config
+        )
+        return out.flatten(2, 3).to(q.dtype)
 
 
 def weighted_norms_with_one_eps(attn: Any) -> bool:
@@ -246,20 +293,22 @@ def weighted_norms_with_one_eps(attn: Any) -> bool:
     return weighted and eps is not None and all(norm.eps == eps for norm in norms)
 
 
-def apply_fused_qk_norm_rope(transformer: Any) -> int:
-    """Give every FLUX.1 attention the fused processor; returns how many changed.
+def apply_fused_qk_norm_rope(
+    transformer: Any, processor_class: type[FusedQKFluxAttnProcessor] = FusedQKFluxAttnProcessor
+) -> int:
+    """Give every FLUX.1 attention the fused processor (or a subclass); returns how many changed.
 
     Call it before a sequence-parallel layout is applied: processors that already carry a parallel config,
     or of another class (IP-Adapter's), keep theirs, as do norms without weights or with different epsilons.
     """
     changed = 0
     for module in transformer.modules():
-        processor = getattr(module, "processor", None)
-        if type(processor) is not FluxAttnProcessor or processor._parallel_config is not None:
+        processor: Any = getattr(module, "processor", None)
+        if type(processor) not in (FluxAttnProcessor, FusedQKFluxAttnProcessor):
             continue
-        if not weighted_norms_with_one_eps(module):
+        if processor._parallel_config is not None or not weighted_norms_with_one_eps(module):
             continue
-        fused = FusedQKFluxAttnProcessor()
+        fused = processor_class()
         fused._attention_backend = processor._attention_backend
         module.processor = fused
         changed += 1
