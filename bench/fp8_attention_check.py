@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.attention_probe import report
 from worker.optimizations import fp8_attention as fa
+from worker.optimizations import fp8_attention_cudnn as cudnn_graphs
 from worker.optimizations.qk_norm_rope import qk_norm_rope, reference
 
 HEADS, HEAD_DIM, TOKENS = 24, 128, 4608
@@ -65,11 +66,11 @@ def graph_ms(fn: Callable[[], Any], calls: int = 20, replays: int = 5) -> tuple[
 
 
 def probe_output_types(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> dict[str, str]:
-    handle = fa._device_state(q8.device).handle
+    handle = cudnn_graphs._device_state(q8.device).handle
     found = {}
     for out_type in ("BFLOAT16", "HALF", "FP8_E4M3"):
         try:
-            fa._build_plan(q8, k8, v8, fa.default_scale(HEAD_DIM), handle, out_type)
+            cudnn_graphs._build_plan(q8, k8, v8, fa.default_scale(HEAD_DIM), handle, out_type)
             found[out_type] = "built"
         except Exception as error:
             found[out_type] = f"{type(error).__name__}: {str(error)[:300]}"
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         result["error"] = str(error)
         report(result, args.output_file)
         return 1
+    result["fp8_plans_ms"] = [plan.timings_ms for plan in cudnn_graphs._PLANS.values() if plan is not None]
     quantize_value = torch.compile(fa.quantize_per_tensor, fullgraph=True)
     dequantize = torch.compile(lambda out, descale: out.to(torch.bfloat16) * descale, fullgraph=True)
     flops = 4 * HEADS * TOKENS * TOKENS * HEAD_DIM

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from worker import engine as engine_module
 from worker.cli import add_worker_arguments, engine_options
 from worker.optimizations import fp8_attention as fa
+from worker.optimizations import fp8_attention_cudnn
 from worker.optimizations.fp8_attention_processor import (
     Fp8FluxAttnProcessor,
     apply_fp8_attention,
@@ -73,8 +74,8 @@ def test_the_bf16_fallback_gives_the_ops_result_where_cudnn_has_no_plan() -> Non
 
 def test_cudnn_reads_token_major_tensors_as_batch_heads_tokens_head_dim() -> None:
     head_major = torch.empty(2, 3, 5, 8).transpose(1, 2)  # (batch, tokens, heads, head_dim), heads outer
-    assert fa.bhsd(head_major) == ((2, 3, 5, 8), (120, 40, 8, 1))
-    assert fa.bhsd(torch.empty(2, 5, 3, 8)) == ((2, 3, 5, 8), (120, 8, 24, 1))
+    assert fp8_attention_cudnn.bhsd(head_major) == ((2, 3, 5, 8), (120, 40, 8, 1))
+    assert fp8_attention_cudnn.bhsd(torch.empty(2, 5, 3, 8)) == ((2, 3, 5, 8), (120, 8, 24, 1))
 
 
 def test_the_fused_kernels_fp8_output_is_its_bf16_output_scaled_and_rounded() -> None:
@@ -112,7 +113,9 @@ def test_the_fp8_processor_stays_close_to_the_bf16_transformer() -> None:
     model = tiny_transformer(bf16)
     assert apply_fp8_attention(model) == 2 + 3  # every double and single block's attention
     assert all(
-        isinstance(module.processor, Fp8FluxAttnProcessor) for module in model.modules() if hasattr(module, "processor")
+        isinstance(module.processor, Fp8FluxAttnProcessor)
+        for module in model.modules()
+        if hasattr(module, "processor")
     )
     got = model(**inputs(bf16))[0]
     assert 0 < relative_rms(got, expected) < 0.1  # fp8's rounding, nothing worse
