@@ -58,6 +58,8 @@
 #   fp8attn  cuDNN's fp8 attention (--attention-fp8): bench.fp8_attention_check at FLUX's shape, then fp8
 #            compiled without and with it (and with the fp8 MLP kernels), bf16 linears with it, profiled,
 #            against eager's image; stock first. Alone on the machine
+#   fp8attn2 fp8 attention's candidate plans timed (bench.fp8_attention_check), fp8 compiled without and with
+#            it, then the whole stack with it: fp8, c=20, 50 steps (bench.e2e). Alone on the machine
 #   fp8attnfast  fp8 + cache `fast` without and with fp8 attention
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
@@ -285,6 +287,15 @@ lane_fp8attn() {  # alone on its machine: cuDNN's fp8 attention checked, then th
   (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
   python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-fp8-attention,fp8-compiled-fp8-attention-mlp-kernel,compiled-fp8-attention \
     --repeats 3 --reference all --profile --output-file "$1/fp8attn.json"
+}
+
+lane_fp8attn2() {  # alone: fp8 attention's plans timed, fp8 without and with it, then the whole stack with it
+  python3 -m bench.fp8_attention_check --output-file "$1/check.json"
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-fp8-attention --repeats 3 --reference all \
+    --output-file "$1/fp8attn.json"
+  python3 -m bench.e2e --out "$1/e2e" --worker-flags "--compile --quantize fp8 --attention-fp8" \
+    --only c20-50steps --no-stock --budget-s $((LANE_TIMEOUT_S - 330))
 }
 
 lane_fp8attnfast() {  # fp8 + cache `fast` without and with fp8 attention
