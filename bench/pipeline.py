@@ -38,6 +38,7 @@ from bench.wide_rows import wide_rows
 from shared.schemas import GenerationParams
 from worker.engine import FluxEngine, internal_params
 from worker.optimizations.epilogues import apply_gemm_epilogues
+from worker.optimizations.fp8_attention_processor import Fp8FluxAttnProcessor
 from worker.optimizations.fp8_mlp import apply_fp8_mlp_epilogues
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import DType, EngineOptions
@@ -67,6 +68,8 @@ class Variant:
     inductor: dict[str, Any] = field(default_factory=dict)  # torch._inductor.config while it compiles
     wide_rows: int | None = None  # bench.wide_rows: rows of up to this many elements reduced in registers
     fp8_mlp: bool = False  # worker.optimizations.fp8_mlp's kernels for the fp8 MLPs' GELU + quantization
+    # --attention-fp8 with its e4m3 output dequantized before the double blocks' fp8 output projections
+    fp8_attention_dequant: bool = False
 
     @property
     def fp8(self) -> bool:
@@ -245,6 +248,10 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
         apply_gemm_epilogues(pipe.transformer)
     if variant.fp8_mlp:  # after fp8, before the first call compiles
         apply_fp8_mlp_epilogues(pipe.transformer)
+    if variant.fp8_attention_dequant:  # before the first call traces the processors
+        for module in pipe.transformer.modules():
+            if isinstance(getattr(module, "processor", None), Fp8FluxAttnProcessor):
+                module.processor.project_e4m3 = False
     if variant.whole is not None:
         compile_whole(pipe.transformer, variant.whole)
     return engine
@@ -263,6 +270,7 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "inductor": variant.inductor,
         "wide_rows": variant.wide_rows,
         "fp8_mlp": variant.fp8_mlp,
+        "fp8_attention_dequant": variant.fp8_attention_dequant,
         "sdpa_first": args.sdpa_first,
     }
     if any(changes.values()):

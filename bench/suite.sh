@@ -60,6 +60,9 @@
 #            against eager's image; stock first. Alone on the machine
 #   fp8attn2 fp8 attention's candidate plans timed (bench.fp8_attention_check), fp8 compiled without and with
 #            it, then the whole stack with it: fp8, c=20, 50 steps (bench.e2e). Alone on the machine
+#   fp8attn3 fp8 compiled, with fp8 attention (its e4m3 output into the double blocks' fp8 projections), and
+#            with that output dequantized first; the whole stack with it (c=20, 50 steps); fp8 + cache `fast`
+#            without and with it. Alone on the machine
 #   fp8attnfast  fp8 + cache `fast` without and with fp8 attention
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
@@ -296,6 +299,16 @@ lane_fp8attn2() {  # alone: fp8 attention's plans timed, fp8 without and with it
     --output-file "$1/fp8attn.json"
   python3 -m bench.e2e --out "$1/e2e" --worker-flags "--compile --quantize fp8 --attention-fp8" \
     --only c20-50steps --no-stock --budget-s $((LANE_TIMEOUT_S - 330))
+}
+
+lane_fp8attn3() {  # alone: fp8 attention's e4m3 output straight into the fp8 projections, against dequantized
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-fp8-attention,fp8-compiled-fp8-attention-dequant \
+    --repeats 3 --reference all --profile --output-file "$1/fp8attn.json"
+  python3 -m bench.e2e --out "$1/e2e" --worker-flags "--compile --quantize fp8 --attention-fp8" \
+    --only c20-50steps --no-stock --budget-s 200
+  python3 -m bench.pipeline --variants fp8-cache-fast,fp8-cache-fast-fp8-attention --repeats 2 --reference all \
+    --output-file "$1/fast.json"
 }
 
 lane_fp8attnfast() {  # fp8 + cache `fast` without and with fp8 attention

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,9 +22,11 @@ from worker.optimizations import fp8_attention_cudnn
 from worker.optimizations.fp8_attention_processor import (
     Fp8FluxAttnProcessor,
     apply_fp8_attention,
+    e4m3_project,
     weight_bound_scale,
 )
 from worker.optimizations.qk_norm_rope import qk_norm_rope
+from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import EngineOptions
 from worker.tiny_model import build_tiny_pipeline
 
@@ -172,3 +175,36 @@ def test_compiled_blocks_trace_the_fp8_processor_in_one_graph() -> None:
     apply_fp8_attention(model)
     model.compile_repeated_blocks(fullgraph=True)
     assert relative_rms(model(**inputs(bf16))[0], expected) < 0.05
+
+
+def fp8_transformer() -> Any:
+    pipe = SimpleNamespace(transformer=tiny_transformer(torch.bfloat16))
+    with float8_on_cpu():
+        apply_fp8(pipe, Fp8Config(), torch.device("cpu"))
+    return pipe.transformer
+
+
+@torch.no_grad()
+def test_an_e4m3_output_projected_directly_matches_its_dequantized_projection() -> None:
+    attn = fp8_transformer().transformer_blocks[0].attn
+    out, descale = fa.quantize_per_tensor(attention_inputs(6, heads=2, head_dim=16)[0].bfloat16())
+    direct = e4m3_project(attn.to_out[0], out, descale, torch.bfloat16)
+    dequantized = attn.to_out[0]((out.float() * descale).bfloat16().flatten(2, 3))
+    assert direct.shape == dequantized.shape and direct.dtype == torch.bfloat16
+    assert relative_rms(direct, dequantized) < 0.05  # the per-row requantization's rounding, no more
+
+
+@torch.no_grad()
+def test_fp8_linears_with_fp8_attention_stay_close_with_and_without_the_direct_projection() -> None:
+    bf16 = torch.bfloat16
+    expected = tiny_transformer(bf16)(**inputs(bf16))[0]
+    outputs = {}
+    for direct in (True, False):
+        model = fp8_transformer()
+        apply_fp8_attention(model)
+        for module in model.modules():
+            if isinstance(getattr(module, "processor", None), Fp8FluxAttnProcessor):
+                module.processor.project_e4m3 = direct
+        outputs[direct] = model(**inputs(bf16))[0]
+    assert relative_rms(outputs[True], outputs[False]) < 0.05
+    assert relative_rms(outputs[True], expected) < 0.15  # fp8 linears and attention against bf16

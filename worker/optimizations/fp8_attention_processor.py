@@ -9,8 +9,11 @@ maximum on an H100 (``bench.fp8_attention_check``: 41.1 dB both). e4m3's precisi
 looser scale loses nothing until values fall below its normal range (2^-6 x the bound / 448).
 
 The value takes its own maximum (two fused passes, 0.025 ms at FLUX's shape). The output comes back in
-e4m3 on the value's scale (``worker.optimizations.fp8_attention``); its dequantization fuses into the
-kernel that reads it next.
+e4m3 on the value's scale (``worker.optimizations.fp8_attention``). Where the double blocks' output
+projections are ``--quantize fp8``'s per-row fp8 linears, that e4m3 output goes into their GEMMs as it is,
+its one scale repeated for every row: no dequantization and per-row requantization pass, and one rounding
+less. Elsewhere (the single blocks, whose ``proj_out`` reads it beside the MLP, and bf16 projections) it is
+dequantized, which fuses into the kernel that reads it next.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import math
 from typing import Any
 
 import torch
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from worker.optimizations.fp8_attention import E4M3_MAX, default_scale, quantize_per_tensor, sdpa_fp8
+from worker.optimizations.fp8_mlp import fp8_project, rowwise_fp8_linear
 from worker.optimizations.qk_norm_rope import (
     FusedQKFluxAttnProcessor,
     Parts,
@@ -41,7 +46,41 @@ def weight_bound_scale(attn: Any, which: str, joint: bool) -> tuple[torch.Tensor
 class Fp8FluxAttnProcessor(FusedQKFluxAttnProcessor):
     """The fused processor with e4m3 query, key and value and cuDNN's fp8 attention."""
 
+    # e4m3 output straight into per-row fp8 output projections (False: dequantized first; for the benchmark)
+    project_e4m3 = True
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> Any:
+        direct = self.project_e4m3 and encoder_hidden_states is not None and image_rotary_emb is not None
+        direct = direct and attention_mask is None and attn.added_kv_proj_dim is not None
+        if not (direct and rowwise_fp8_linear(attn.to_out[0]) and rowwise_fp8_linear(attn.to_add_out)):
+            return super().__call__(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+            )
+        query, key, value, text_query, text_key, text_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        parts = (text_query, query), (text_key, key), (text_value, value)
+        out, descale = self.attend_e4m3(attn, *parts, image_rotary_emb)
+        text_tokens = encoder_hidden_states.shape[1]
+        text, image = out.split_with_sizes([text_tokens, out.shape[1] - text_tokens], dim=1)
+        image_out = attn.to_out[1](e4m3_project(attn.to_out[0], image, descale, hidden_states.dtype))
+        return image_out, e4m3_project(attn.to_add_out, text, descale, hidden_states.dtype)
+
     def attend(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> torch.Tensor:
+        out, descale = self.attend_e4m3(attn, query, key, value, rope)
+        return (out.float() * descale).to(value[1].dtype).flatten(2, 3)
+
+    def attend_e4m3(
+        self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's e4m3 (batch, tokens, heads, head_dim) output and its descale."""
         joint = query[0] is not None
         q_scale, q_descale = weight_bound_scale(attn, "q", joint)
         k_scale, k_descale = weight_bound_scale(attn, "k", joint)
@@ -49,7 +88,15 @@ class Fp8FluxAttnProcessor(FusedQKFluxAttnProcessor):
         k8 = normed_rotated(attn, *key, "k", rope, k_scale)
         v8, v_descale = quantize_per_tensor(joined(*value).unflatten(-1, (-1, attn.head_dim)))
         out = sdpa_fp8(q8, k8, v8, q_descale, k_descale, v_descale, default_scale(attn.head_dim))
-        return (out.float() * v_descale).to(value[1].dtype).flatten(2, 3)
+        return out, v_descale
+
+
+def e4m3_project(linear: Any, out: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A per-row fp8 ``linear`` of the attention's e4m3 output, its per-tensor scale given to every row."""
+    features = out.flatten(2, 3)
+    rows = features.reshape(-1, features.shape[-1])
+    scale = descale.reshape(1, 1).expand(rows.shape[0], 1).contiguous()
+    return fp8_project(rows, scale, linear, features, dtype)
 
 
 def apply_fp8_attention(transformer: Any) -> int:

@@ -205,10 +205,14 @@ def rowwise_fp8_linear(linear: nn.Module) -> bool:
 
 
 def fp8_project(
-    rows: torch.Tensor, scale: torch.Tensor, linear: nn.Linear, like: torch.Tensor
+    rows: torch.Tensor,
+    scale: torch.Tensor,
+    linear: nn.Linear,
+    like: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """torchao's GEMM for ``linear`` on activations already quantized per row, shaped and typed as ``like``
-    (the activation they came from) but for its last dimension."""
+    """torchao's GEMM for ``linear`` on activations already quantized per row, shaped as ``like`` (the
+    activation they came from) but for its last dimension, in ``dtype`` (default: ``like``'s)."""
     weight: Any = linear.weight
     out = torch._scaled_mm(
         rows,
@@ -216,7 +220,7 @@ def fp8_project(
         scale_a=scale,
         scale_b=weight.scale.t(),
         bias=linear.bias,
-        out_dtype=like.dtype,
+        out_dtype=dtype or like.dtype,
         use_fast_accum=weight.mm_config.use_fast_accum,
     )
     return out.view(*like.shape[:-1], out.shape[-1])
