@@ -134,6 +134,9 @@ VARIANTS: dict[str, Variant] = {
     "fp8-compiled-fp8-attention-mlp-kernel": Variant(
         {**FP8, **COMPILED, "attention_fp8": True}, fp8_mlp=True
     ),
+    "fp8-compiled-fp8-attention-dequant": Variant(
+        {**FP8, **COMPILED, "attention_fp8": True}, fp8_attention_dequant=True
+    ),
     "compiled-fp8-attention": Variant({**COMPILED, "attention_fp8": True}),
     "fp8-cache-fast-fp8-attention": Variant({**FP8, **COMPILED, "attention_fp8": True}, "fast"),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
