@@ -64,6 +64,8 @@
 #            with that output dequantized first; the whole stack with it (c=20, 50 steps); fp8 + cache `fast`
 #            without and with it. Alone on the machine
 #   fp8attnfast  fp8 + cache `fast` without and with fp8 attention
+#   u2ring2  stock Ulysses-2, then in one lease Ulysses-2 as the worker runs it (async, split decode), Ring-2 and
+#            Ulysses-2 on diffusers' runtime (compiled whole, cuDNN), all with the steps' CUDA graphs
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
@@ -314,6 +316,14 @@ lane_fp8attn3() {  # alone: fp8 attention's e4m3 output straight into the fp8 pr
 lane_fp8attnfast() {  # fp8 + cache `fast` without and with fp8 attention
   python3 -m bench.pipeline --variants fp8-cache-fast,fp8-cache-fast-fp8-attention --repeats 2 --reference all \
     --output-file "$1/fast.json"
+}
+
+lane_u2ring2() {  # one lease: Ulysses-2 as the worker runs it against Ring-2 and Ulysses-2 on diffusers' runtime
+  torchrun --nproc-per-node 2 --master-port 29618 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --compile --repeats 3"
+  $P --ulysses-degree 2 --ulysses-async --parallel-vae --output-file "$1/u2_async.json"
+  $P --ring-degree 2 --output-file "$1/ring2_diffusers.json"
+  $P --ulysses-degree 2 --sp-runtime diffusers --output-file "$1/u2_diffusers.json"
 }
 
 lane_e2egraphs() {  # the whole stack with --compile's CUDA graphs: fp8 at 50 steps (and stock), then bf16
