@@ -63,6 +63,7 @@
 #   fp8attn3 fp8 compiled, with fp8 attention (its e4m3 output into the double blocks' fp8 projections), and
 #            with that output dequantized first; the whole stack with it (c=20, 50 steps); fp8 + cache `fast`
 #            without and with it. Alone on the machine
+#   fp8attn4 fp8 compiled without and with fp8 attention, then the whole stack with it (c=20, 50 steps)
 #   fp8attnfast  fp8 + cache `fast` without and with fp8 attention
 #   u2ring2  stock Ulysses-2, then in one lease Ulysses-2 as the worker runs it (async, split decode), Ring-2 and
 #            Ulysses-2 on diffusers' runtime (compiled whole, cuDNN), all with the steps' CUDA graphs
@@ -311,6 +312,14 @@ lane_fp8attn3() {  # alone: fp8 attention's e4m3 output straight into the fp8 pr
     --only c20-50steps --no-stock --budget-s 200
   python3 -m bench.pipeline --variants fp8-cache-fast,fp8-cache-fast-fp8-attention --repeats 2 --reference all \
     --output-file "$1/fast.json"
+}
+
+lane_fp8attn4() {  # alone: fp8 without and with fp8 attention (the worker's path), then the whole stack with it
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-fp8-attention --repeats 3 --reference all \
+    --output-file "$1/fp8attn.json"
+  python3 -m bench.e2e --out "$1/e2e" --worker-flags "--compile --quantize fp8 --attention-fp8" \
+    --only c20-50steps --no-stock --budget-s 170
 }
 
 lane_fp8attnfast() {  # fp8 + cache `fast` without and with fp8 attention

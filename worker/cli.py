@@ -98,7 +98,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "--sp-runtime",
         choices=["auto", "cache-dit", "diffusers"],
         help="a group's sequence parallelism: cache-dit's (runs Cache-DiT presets) or diffusers'; auto "
-        "(default): cache-dit's, diffusers' for Ring layouts that need none of cache-dit's features",
+        "(default): diffusers', cache-dit's where a cache-dit feature is asked for (presets, async Ulysses, "
+        "split decode)",
     )
     add(
         "--ulysses-async",

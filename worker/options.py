@@ -73,8 +73,8 @@ class EngineOptions(BaseSettings):
     dit_tp_size: int = Field(default=1, ge=1)
     group_timeout_s: float = Field(default=300.0, gt=0)
     # A group's sequence parallelism (docs/design.md, "Multi-GPU worker groups"): cache-dit's runtime or
-    # diffusers'; "auto" picks per layout (``resolved_sp_runtime``). Async Ulysses and the decode split
-    # are cache-dit's.
+    # diffusers'; "auto" takes diffusers' unless a cache-dit feature is asked for (``resolved_sp_runtime``).
+    # Async Ulysses, the decode split and Cache-DiT presets in groups are cache-dit's.
     sp_runtime: Literal["auto", "cache-dit", "diffusers"] = "auto"
     ulysses_async: bool = False
     parallel_vae: bool = False
@@ -195,15 +195,15 @@ class EngineOptions(BaseSettings):
                 raise ValueError(f"{flag} is cache-dit's: it needs --sp-runtime cache-dit (or auto)")
 
     def resolved_sp_runtime(self, cache_presets: bool = False) -> Literal["cache-dit", "diffusers"]:
-        """The runtime a group runs: the one asked for, or for "auto" cache-dit's, except for Ring layouts
-        that need none of its features (Cache-DiT presets, async Ulysses, the decode split), which take
-        diffusers': cache-dit's Ring cannot compile as one graph (its K/V rotation breaks the graph) and
-        ran Ring-2 at 4.0-4.6 s against diffusers' 2.58 s on 2xH200 (docs/performance.md)."""
+        """The runtime a group runs: the one asked for, or for "auto" diffusers', except where a layout
+        needs one of cache-dit's features (Cache-DiT presets, async Ulysses, the decode split). diffusers'
+        compiles the whole block (cache-dit's Ring breaks the graph at its K/V rotation) and, with the
+        steps' CUDA graphs, ran Ulysses-2 at 2.49 s and Ring-2 at 2.51 s where cache-dit's async
+        Ulysses-2 with the decode split ran 2.57 s, on one 2xH100 (docs/performance.md, lease 39)."""
         if self.sp_runtime != "auto":
             return self.sp_runtime
-        _, ring = self.layout
         cache_dit_only = cache_presets or self.ulysses_async or self.parallel_vae
-        return "diffusers" if ring > 1 and not cache_dit_only else "cache-dit"
+        return "cache-dit" if cache_dit_only else "diffusers"
 
     def _check_quantize(self) -> None:
         """fp8 quantizes bf16 weights of a resident transformer (streamed fp8 weights are not verified)."""

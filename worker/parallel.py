@@ -111,7 +111,7 @@ class ParallelLayout:
     @property
     def describe(self) -> str:
         extras = [f"dit_tp={self.dit_tp}"] if self.dit_tp > 1 else []
-        extras += [f"runtime={self.runtime}"] if self.runtime != RUNTIMES[0] else []
+        extras += [f"runtime={self.runtime}"] if self.sp > 1 else []  # no sequence split: no runtime
         extras += [name for name in ("ulysses_async", "parallel_vae") if getattr(self, name)]
         return ",".join([f"ulysses={self.ulysses},ring={self.ring},tp={self.tp}", *extras])
 

@@ -126,8 +126,7 @@ def tiny_group(
     rank, or the type of the error the group raised."""
     options = {"tp_size": tp_size, "sp_runtime": runtime}
     result = run_tiny_group(model_dir, tmp_path, [(size, "off") for size in sizes], options)
-    runtime_tag = "" if runtime == "cache-dit" else f",runtime={runtime}"
-    assert result["layout"] == f"ulysses=2,ring=1,tp={tp_size}{runtime_tag}"
+    assert result["layout"] == f"ulysses=2,ring=1,tp={tp_size},runtime={runtime}"
     return {job["size"]: job.get("error", job.get("max_pixel_difference")) for job in result["jobs"]}
 
 
@@ -174,7 +173,7 @@ def test_flux2_with_its_mistral_encoder_sharded_async_ulysses_a_split_decode_and
     jobs = [(64, "off"), (128, "fast"), (128, "off"), (48, "fast")]
     static = {"FLUXGATE_CACHE_DIT_SCM_POLICY": "static"}
     result = run_tiny_group(model_dir, tmp_path, jobs, options, ("fast",), static, steps=8)
-    assert result["layout"] == "ulysses=2,ring=1,tp=2,ulysses_async,parallel_vae"
+    assert result["layout"] == "ulysses=2,ring=1,tp=2,runtime=cache-dit,ulysses_async,parallel_vae"
     for job in result["jobs"]:
         assert "error" not in job, job
         assert job["max_pixel_difference"] <= 1 and job["cached_steps"][0] == job["cached_steps"][1], job
@@ -217,7 +216,7 @@ def test_cache_dit_presets_in_a_group_draw_the_one_rank_cached_image_and_count_t
     jobs = [(64, "off"), (64, "fast"), (64, "off"), (64, "medium"), (64, "default"), (64, "fast")]
     presets = ("fast", "medium", "default")
     result = run_tiny_group(tiny_model_dir, tmp_path, jobs, {}, presets, LOOSE_THRESHOLD, steps=8)
-    assert result["layout"] == "ulysses=2,ring=1,tp=1"
+    assert result["layout"] == "ulysses=2,ring=1,tp=1,runtime=cache-dit"  # presets: cache-dit's
     for job in result["jobs"]:
         assert "error" not in job, job
         group, single = job["cached_steps"]
@@ -246,7 +245,7 @@ def test_async_ulysses_and_a_split_decode_draw_the_one_rank_image(
     options = {"ulysses_async": True, "parallel_vae": True}
     jobs = [(128, "fast"), (128, "off"), (64, "off")]
     result = run_tiny_group(tiny_model_dir, tmp_path, jobs, options, ("fast",), steps=8)
-    assert result["layout"] == "ulysses=2,ring=1,tp=1,ulysses_async,parallel_vae"
+    assert result["layout"] == "ulysses=2,ring=1,tp=1,runtime=cache-dit,ulysses_async,parallel_vae"
     for job in result["jobs"]:
         assert "error" not in job, job
         assert job["max_pixel_difference"] <= 1, job

@@ -136,10 +136,11 @@ def test_the_layout_carries_the_runtime_and_features_and_describes_those_not_def
     layout = parallel_layout(EngineOptions(num_gpus=2, ulysses_async=True, parallel_vae=True))
     assert (layout.ulysses, layout.runtime) == (2, "cache-dit")
     assert layout.ulysses_async and layout.parallel_vae
-    assert layout.describe == "ulysses=2,ring=1,tp=1,ulysses_async,parallel_vae"
+    assert layout.describe == "ulysses=2,ring=1,tp=1,runtime=cache-dit,ulysses_async,parallel_vae"
     plain = parallel_layout(EngineOptions(num_gpus=2, ring_degree=2, sp_runtime=DIFFUSERS))
     assert plain.describe == "ulysses=1,ring=2,tp=1,runtime=diffusers"
-    assert parallel_layout(EngineOptions(num_gpus=2)).describe == "ulysses=2,ring=1,tp=1"
+    assert parallel_layout(EngineOptions(num_gpus=2)).describe == "ulysses=2,ring=1,tp=1,runtime=diffusers"
+    assert parallel_layout(EngineOptions()).describe == "ulysses=1,ring=1,tp=1"  # one GPU: no runtime
 
 
 @pytest.mark.parametrize(
@@ -172,7 +173,9 @@ def test_blocks_compile_as_one_graph_except_around_cache_dits_ring_exchange(
 @pytest.mark.parametrize(
     ("options", "presets", "runtime"),
     [
-        ({"num_gpus": 2}, False, "cache-dit"),
+        ({"num_gpus": 2}, False, DIFFUSERS),
+        ({"num_gpus": 2}, True, "cache-dit"),  # only cache-dit runs the presets
+        ({"num_gpus": 2, "ulysses_async": True}, False, "cache-dit"),
         ({"num_gpus": 2, "ring_degree": 2}, False, DIFFUSERS),
         ({"num_gpus": 4, "ulysses_degree": 2, "ring_degree": 2}, False, DIFFUSERS),
         ({"num_gpus": 2, "ring_degree": 2}, True, "cache-dit"),  # only cache-dit runs the presets
@@ -181,7 +184,7 @@ def test_blocks_compile_as_one_graph_except_around_cache_dits_ring_exchange(
         ({"num_gpus": 2, "sp_runtime": DIFFUSERS}, True, DIFFUSERS),  # asked for: refused later
     ],
 )
-def test_auto_runtime_is_cache_dits_but_diffusers_for_ring_layouts_needing_no_cache_dit_feature(
+def test_auto_runtime_is_diffusers_unless_the_layout_needs_a_cache_dit_feature(
     options: dict[str, object], presets: bool, runtime: str
 ) -> None:
     engine_options = EngineOptions(**options)  # type: ignore[arg-type]
