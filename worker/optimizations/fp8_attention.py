@@ -54,13 +54,17 @@ def reference(
     descale_k: torch.Tensor,
     descale_v: torch.Tensor,
     scale: float,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The op's math in fp32 on any device: dequantize, attend, requantize on the value's scale (the
-    probabilities unquantized)."""
-    q, k, v = (x.float() * d for x, d in ((query, descale_q), (key, descale_k), (value, descale_v)))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-    out = (out.transpose(1, 2) / descale_v).clamp(-E4M3_MAX, E4M3_MAX)
-    return out.to(FP8).contiguous()
+    """The op's math through SDPA in ``dtype`` on any device: dequantize, attend, requantize on the value's
+    scale (the probabilities unquantized). In fp32 for the CPU; in bf16 for shapes cuDNN's fp8 attention
+    does not take."""
+    q, k, v = (
+        (x.to(dtype) * d.to(dtype)).transpose(1, 2)
+        for x, d in ((query, descale_q), (key, descale_k), (value, descale_v))
+    )
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).float() / descale_v
+    return out.clamp(-E4M3_MAX, E4M3_MAX).to(FP8).contiguous()
 
 
 @torch.library.custom_op("fluxgate::sdpa_fp8", mutates_args=())
@@ -127,21 +131,3 @@ def check_fp8_attention_supported(device: torch.device) -> None:
             f"{torch.cuda.get_device_name(device)} has {major}.{minor}"
         )
     cudnn_module()
-
-
-def bf16_fallback(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    descale_q: torch.Tensor,
-    descale_k: torch.Tensor,
-    descale_v: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """The op's result through bf16 SDPA, for shapes cuDNN's fp8 attention does not take."""
-    q, k, v = (
-        (x.to(torch.bfloat16) * d.to(torch.bfloat16)).transpose(1, 2)
-        for x, d in ((query, descale_q), (key, descale_k), (value, descale_v))
-    )
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).float() / descale_v
-    return out.clamp(-E4M3_MAX, E4M3_MAX).to(FP8).contiguous()

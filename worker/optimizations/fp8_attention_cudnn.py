@@ -3,7 +3,7 @@
 One graph per device, shape, layout and softmax scale, built at its first call through the cuDNN frontend's
 Python API over the cuDNN torch ships. cuDNN proposes several plans (kernel configurations); each is timed
 once on that first call's tensors and the fastest kept, unless the call is being captured into a CUDA graph
-(then cuDNN's first choice is kept). Shapes cuDNN has no plan for attend in bf16 (``bf16_fallback``).
+(then cuDNN's first choice is kept). Shapes cuDNN has no plan for attend in bf16 (``reference`` in bf16).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from worker.optimizations.fp8_attention import (
     E4M3_MAX,
     FP8,
     Fp8AttentionError,
-    bf16_fallback,
     cudnn_module,
     output_like,
+    reference,
 )
 
 log = logging.getLogger("fluxgate.engine")
@@ -230,7 +230,7 @@ def cudnn_sdpa_fp8(
     }
     plan = _plan(query, key, value, scale, pack)
     if plan is None:
-        return bf16_fallback(query, key, value, descale_q, descale_k, descale_v, scale)
+        return reference(query, key, value, descale_q, descale_k, descale_v, scale, torch.bfloat16)
     workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=query.device)
     plan.graph.execute(pack, workspace, handle=state.handle)
     return out
