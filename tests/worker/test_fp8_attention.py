@@ -208,3 +208,61 @@ def test_fp8_linears_with_fp8_attention_stay_close_with_and_without_the_direct_p
         outputs[direct] = model(**inputs(bf16))[0]
     assert relative_rms(outputs[True], outputs[False]) < 0.05
     assert relative_rms(outputs[True], expected) < 0.15  # fp8 linears and attention against bf16
+
+
+class FakePlans:
+    """A cuDNN graph's plan list as ``_keep_fastest`` walks it: times per plan, None for one that fails."""
+
+    def __init__(self, times: list[float | None]) -> None:
+        self.times, self.selected, self.built = times, -1, []
+
+    def get_execution_plan_count(self) -> int:
+        return len(self.times)
+
+    def build_plan_at_index(self, index: int) -> None:
+        if self.times[index] is None:
+            raise RuntimeError("declined")
+        self.selected = index
+        self.built.append(index)
+
+    def get_workspace_size_plan_at_index(self, index: int) -> int:
+        return 64 * (index + 1)
+
+    def get_plan_name_at_index(self, index: int) -> str:
+        return f"eng{index}"
+
+    def execute_plan_at_index(self, pack: Any, workspace: Any, index: int, handle: Any) -> float | None:
+        return self.times[index]
+
+
+def keep_fastest(times: list[float | None], monkeypatch: pytest.MonkeyPatch) -> tuple[bool, Any, FakePlans]:
+    graph = FakePlans(times)
+    monkeypatch.setattr(fp8_attention_cudnn, "_time_ms", lambda run: run())
+    plan = fp8_attention_cudnn._Plan(graph, 0)
+    return fp8_attention_cudnn._keep_fastest(plan, {}, None, torch.device("cpu")), plan, graph
+
+
+def test_each_shape_keeps_the_fastest_plan_cudnn_proposes_and_skips_those_that_fail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ran, plan, graph = keep_fastest([0.34, None, 0.32, 0.33], monkeypatch)
+    assert ran and graph.selected == 2 and plan.workspace_bytes == 64 * 3
+    assert plan.timings_ms == {"0: eng0": 0.34, "2: eng2": 0.32, "3: eng3": 0.33}
+    ran, _, _ = keep_fastest([None, None], monkeypatch)
+    assert not ran
+
+
+def test_shapes_cudnn_cannot_plan_attend_in_bf16_from_then_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def declined(*args: Any) -> Any:
+        calls.append(args)
+        raise fa.Fp8AttentionError("no engine proposed a plan")
+
+    monkeypatch.setattr(fp8_attention_cudnn, "_build_plan", declined)
+    monkeypatch.setattr(fp8_attention_cudnn, "_device_state", lambda device: SimpleNamespace(handle=None))
+    monkeypatch.setattr(fp8_attention_cudnn, "_PLANS", {})
+    q8 = fa.quantize_per_tensor(attention_inputs(7)[0])[0]
+    for _ in range(2):
+        assert fp8_attention_cudnn._plan(q8, q8, q8, 0.25, {}) is None
+    assert len(calls) == 1  # decided once per shape

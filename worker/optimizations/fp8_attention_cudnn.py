@@ -163,14 +163,22 @@ def _plan(
                     log.warning("fp8 attention: %s; these shapes attend in bf16", error)
                     _PLANS[plan_id] = None
                     return None
-                if not torch.cuda.is_current_stream_capturing():  # timing needs a live stream
-                    _keep_fastest(plan, pack, handle, query.device)
+                # timing needs a live stream; while capturing, cuDNN's first choice stays
+                capturing = torch.cuda.is_current_stream_capturing()
+                if not capturing and not _keep_fastest(plan, pack, handle, query.device):
+                    log.warning(
+                        "fp8 attention: no cuDNN plan ran for q%s; these shapes attend in bf16",
+                        tuple(query.shape),
+                    )
+                    _PLANS[plan_id] = None
+                    return None
                 _PLANS[plan_id] = plan
     return _PLANS[plan_id]
 
 
-def _keep_fastest(plan: _Plan, pack: dict[int, torch.Tensor], handle: Any, device: torch.device) -> None:
-    """Time each plan cuDNN proposes on this call's tensors (once per shape) and select the fastest."""
+def _keep_fastest(plan: _Plan, pack: dict[int, torch.Tensor], handle: Any, device: torch.device) -> bool:
+    """Time each plan cuDNN proposes on this call's tensors (once per shape) and select the fastest;
+    False where none ran."""
     graph, chosen = plan.graph, None
     for index in range(graph.get_execution_plan_count()):
         try:
@@ -184,10 +192,12 @@ def _keep_fastest(plan: _Plan, pack: dict[int, torch.Tensor], handle: Any, devic
         plan.timings_ms[f"{index}: {graph.get_plan_name_at_index(index)}"] = round(ms, 4)
         if chosen is None or ms < chosen[1]:
             chosen = (index, ms, size)
-    if chosen is not None:
-        graph.build_plan_at_index(chosen[0])
-        plan.workspace_bytes = chosen[2]
+    if chosen is None:
+        return False
+    graph.build_plan_at_index(chosen[0])
+    plan.workspace_bytes = chosen[2]
     log.info("fp8 attention plans (ms): %s", plan.timings_ms)
+    return True
 
 
 def _time_ms(run: Any, repeats: int = 5) -> float:
