@@ -15,8 +15,8 @@ under ``--compile`` fuses into the kernel that reads it next.
 
 On CUDA the op runs a cuDNN graph (``worker.optimizations.fp8_attention_cudnn``: built once per shape and
 layout through ``nvidia-cudnn-frontend``, over the cuDNN that torch ships, its fastest plan kept); on other
-devices it runs the same math in fp32 (the probabilities unquantized),
-for the CPU tests. The processor that feeds it lives in ``worker.optimizations.fp8_attention_processor``.
+devices it runs the same math in fp32 (the probabilities unquantized), for the CPU tests. The processor
+that feeds it lives in ``worker.optimizations.fp8_attention_processor``.
 """
 
 from __future__ import annotations

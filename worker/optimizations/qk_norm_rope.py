@@ -26,13 +26,13 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
+from worker.optimizations.fp8_attention import E4M3_MAX
+
 try:  # shipped with CUDA builds of torch; absent from CPU-only installs
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
-
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
 
 def reference(
@@ -54,7 +54,7 @@ def reference(
             parts.append(F.rms_norm(tokens.unflatten(-1, (-1, head_dim)), (head_dim,), weight, eps))
     rotated: torch.Tensor = apply_rotary_emb(torch.cat(parts, dim=1), (cos, sin), sequence_dim=1)  # type: ignore[arg-type, assignment]
     if fp8_scale is not None:
-        rotated = (rotated.float() * fp8_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        rotated = (rotated.float() * fp8_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return rotated.transpose(1, 2).contiguous().transpose(1, 2)
 
 
