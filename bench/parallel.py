@@ -212,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         help="compile the whole transformer in this mode, not the regions (host-overhead experiment)",
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graphs (the worker's flag)")
+    parser.add_argument(
+        "--no-precompute-modulation",
+        action="store_true",
+        help="project the modulation at every step (the worker's flag)",
+    )
     parser.add_argument("--output-file")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU ranks (gloo), to check")
     args = parser.parse_args(argv)
@@ -245,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         compile=args.compile,
         gemm_epilogues=not args.no_epilogues,
         cuda_graphs=not args.no_cuda_graphs,
+        precompute_modulation=not args.no_precompute_modulation,
         device="cpu" if args.smoke else "cuda",
         warmup_resolutions=",".join(f"{size}x{size}" for size in sizes),
     )
@@ -266,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "epilogues": not args.no_epilogues,
         "qk_rope": args.qk_rope,
         "cuda_graphs": not args.no_cuda_graphs,
+        "precompute_modulation": not args.no_precompute_modulation,
         "quantize": args.quantize,
         "steps": args.steps,
     }

@@ -139,6 +139,13 @@ VARIANTS: dict[str, Variant] = {
     ),
     "compiled-fp8-attention": Variant({**COMPILED, "attention_fp8": True}),
     "fp8-cache-fast-fp8-attention": Variant({**FP8, **COMPILED, "attention_fp8": True}, "fast"),
+    # the adaLN modulation projected at every step, as before it was precomputed per job (the default now:
+    # worker.optimizations.modulation)
+    "compiled-per-step-modulation": Variant({**COMPILED, "precompute_modulation": False}),
+    "fp8-compiled-fp8-attention-per-step-modulation": Variant(
+        {**FP8, **COMPILED, "attention_fp8": True, "precompute_modulation": False}
+    ),
+    "cache-fast-per-step-modulation": Variant({**COMPILED, "precompute_modulation": False}, "fast"),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
     "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }

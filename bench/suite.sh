@@ -67,6 +67,11 @@
 #   fp8attnfast  fp8 + cache `fast` without and with fp8 attention
 #   u2ring2  stock Ulysses-2, then in one lease Ulysses-2 as the worker runs it (async, split decode), Ring-2 and
 #            Ulysses-2 on diffusers' runtime (compiled whole, cuDNN), all with the steps' CUDA graphs
+#   modtab   the adaLN modulation precomputed per job (the default) against projected at every step: compiled
+#            bf16, fp8 + fp8 attention, cache `fast`; then the whole stack fp8 + fp8 attention (c=20, 50 steps).
+#            Stock first. Alone on the machine
+#   modtabe2e  the whole stack lossless with the modulation precomputed: c=1 JPEG, c=20 at 28 and 50 steps
+#   modtabu2 stock Ulysses-2, then Ulysses-2 and Ring-2 on diffusers' runtime with and without the precompute
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
@@ -347,6 +352,29 @@ lane_qkrope2() {  # Ulysses-2 as the worker runs it, with CUDA graphs, Ring-2, t
   $P --ulysses-degree 2 --ulysses-async --profile --output-file "$1/u2_async_graphs.json"
   $P --ring-degree 2 --no-cuda-graphs --profile --output-file "$1/ring2.json"
   $P --ulysses-degree 2 --qk-rope --output-file "$1/u2_sync_qkrope.json"
+}
+
+lane_modtab() {  # alone: the modulation precomputed per job against projected per step, then the whole stack
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.pipeline --repeats 3 --reference all --output-file "$1/modtab.json" --variants \
+    compiled-per-step-modulation,compiled,fp8-compiled-fp8-attention-per-step-modulation,fp8-compiled-fp8-attention
+  python3 -m bench.pipeline --variants cache-fast-per-step-modulation,cache-fast --repeats 2 --reference all \
+    --output-file "$1/fast.json"
+  python3 -m bench.e2e --out "$1/e2e" --worker-flags "--compile --quantize fp8 --attention-fp8" \
+    --only c20-50steps --no-stock --budget-s $((LANE_TIMEOUT_S - 390))
+}
+
+lane_modtabe2e() {  # the whole stack lossless (bf16, --compile) with the modulation precomputed
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.e2e --out "$1/e2e" --no-stock --only c1-jpeg,c20-28steps,c20-50steps --budget-s $((LANE_TIMEOUT_S - 110))
+}
+
+lane_modtabu2() {  # Ulysses-2 and Ring-2 on diffusers' runtime, the modulation precomputed or per step
+  torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --compile --repeats 3"
+  $P --ulysses-degree 2 --output-file "$1/u2.json"
+  $P --ulysses-degree 2 --no-precompute-modulation --output-file "$1/u2_per_step.json"
+  $P --ring-degree 2 --output-file "$1/ring2.json"
 }
 
 pids=()

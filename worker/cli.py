@@ -80,6 +80,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --compile, launch the transformer's kernels one by one (no CUDA graph replay)",
     )
+    add(
+        "--no-precompute-modulation",
+        dest="precompute_modulation",
+        action="store_false",
+        default=None,
+        help="project FLUX.1's adaLN modulation at every step instead of once per job for all steps",
+    )
     add("--compile-cache-dir", help="persistent torch compile cache (survives restarts)")
     add("--quantize", choices=["none", "fp8"], help="fp8 transformer blocks (GPU compute capability >= 8.9)")
     add(

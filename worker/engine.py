@@ -21,6 +21,7 @@ from worker.optimizations.cuda_graphs import GraphConfig, StepGraphs, apply_step
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.fp8_attention import check_fp8_attention_supported
 from worker.optimizations.fp8_attention_processor import apply_fp8_attention
+from worker.optimizations.modulation import ModulationTables, Schedule, apply_modulation_tables
 from worker.optimizations.offload import OffloadConfig, apply_offload
 from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
@@ -225,6 +226,8 @@ class FluxEngine:
         self.replica_cache: CacheRunner | None = None
         # --compile's CUDA graphs of the transformer, for calls without cache hooks
         self.graphs: StepGraphs | None = None
+        # --precompute-modulation's tables, by the transformer module (the pipeline's, the replica) they serve
+        self.modulation: dict[int, ModulationTables] = {}
 
     @classmethod
     def load(cls, model_path: str, options: EngineOptions, cache: CacheFactory | None = None) -> FluxEngine:
@@ -268,11 +271,22 @@ class FluxEngine:
                 engine.replica_cache = cache(pipeline) if cache else None
         engine.offloaded = offloaded
         engine.layout = layout
+        if options.precompute_modulation and "transformer" not in offloaded and layout.dit_tp == 1:
+            engine.precompute_modulation()  # before compile: the compiled blocks trace the tabled layers
         if options.compile:
             compile_for_speed(pipeline, options, layout, offloaded)
             if options.cuda_graphs and step_graphs_apply(device, layout, offloaded):
                 engine.graphs = apply_step_graphs(pipeline.transformer, device, GraphConfig())
         return engine
+
+    def precompute_modulation(self) -> None:
+        """Each job's adaLN modulation projected for all its steps at once (worker.optimizations.modulation),
+        on the pipeline's resident transformer and the group's replica."""
+        for transformer in (self.pipeline.transformer, self.replica):
+            tables = apply_modulation_tables(transformer) if transformer is not None else None
+            if tables is not None:
+                self.modulation[id(transformer)] = tables
+        log.info("modulation precomputed per job: %d transformer(s)", len(self.modulation))
 
     @property
     def pipeline_class(self) -> str:
@@ -299,6 +313,8 @@ class FluxEngine:
         transformer, cache = self._prepared_transformer(params, references)
         with torch.inference_mode(), running_on(self.pipeline, transformer):
             images = self.pipeline(**self._call_arguments(params, on_step, references)).images
+        if isinstance(transformer, Schedule):
+            transformer.verify()
         cached = cache.cached_steps() if cache is not None else 0
         return GenerationOutput(
             images=list(images), peak_memory_mb=self._peak_memory_mb(), cached_steps=cached
@@ -326,6 +342,8 @@ class FluxEngine:
             kwargs["negative_prompt"] = [first.negative_prompt] * len(batch)
         with torch.inference_mode(), running_on(self.pipeline, transformer):
             images = self.pipeline(**kwargs).images
+        if isinstance(transformer, Schedule):
+            transformer.verify()
         cached = cache.cached_steps() if cache is not None else 0
         return GenerationOutput(
             images=list(images), peak_memory_mb=self._peak_memory_mb(), cached_steps=cached
@@ -349,7 +367,7 @@ class FluxEngine:
     ) -> tuple[Any, CacheRunner | None]:
         """What runs this job's steps, its cache controller prepared for the call: a group's unsplit replica
         where the sequence does not split evenly, the CUDA graphs where no cache hook runs, else the
-        pipeline's own transformer."""
+        pipeline's own transformer; behind the job's modulation schedule where it has tables."""
         transformer, cache = self.pipeline.transformer, self.cache
         if self.layout.sp > 1 and not splits_evenly(self._image_tokens(params, references), self.layout):
             assert self.replica is not None, "a sequence-parallel engine keeps a replica"
@@ -358,8 +376,11 @@ class FluxEngine:
             # True CFG runs the transformer twice per step; the cache must count both passes.
             true_cfg = params.negative_prompt is not None and (params.true_cfg_scale or 1.0) > 1.0
             cache.prepare(params.cache, params.num_inference_steps, true_cfg=true_cfg)
+        tables = self.modulation.get(id(transformer))
         if self.graphs is not None and transformer is self.graphs.module and not (cache and cache.caching()):
             transformer = self.graphs
+        if tables is not None:
+            transformer = tables.schedule(transformer, self.pipeline.scheduler)
         return transformer, cache
 
     def _call_arguments(

@@ -1,0 +1,208 @@
+"""FLUX.1's adaLN modulation projected once per job for all its steps (``--precompute-modulation``).
+
+Each FLUX.1 block projects the step's conditioning embedding (timestep, guidance, pooled prompt) into its
+shifts, scales and gates: 77 linear layers applied to one row each (19 double blocks x 2, 38 single
+blocks, the output norm). Their weights, 3.2B parameters or 6.5 GB in bf16, are read from memory at
+every step to multiply a single row: ~2 ms of an H100's 90-130 ms step. The embedding depends only on
+the step's timestep, the guidance and the pooled prompt, all fixed when the pipeline starts its loop, so
+the engine projects every step at once, one GEMM per layer with a row per step (the weights read once a
+job), into a table. Before each transformer call the step's row is copied into a static buffer, which
+the layers return instead of projecting (compiled blocks and CUDA graphs read it at a fixed address).
+
+The same math on the same values: only the GEMMs' shapes change (a row per step instead of one), so the
+image matches the per-step projection within the kernels' rounding, as any change of kernel does.
+Each call's timestep is compared on the device with the row it was given, and ``Schedule.verify``
+fails the job if one differed: a pipeline calling the transformer out of its scheduler's order would
+otherwise get another step's modulation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel
+from torch import nn
+
+from worker.optimizations.epilogues import unhooked_linear
+
+
+class ModulationRows:
+    """The current call's modulation row: one static buffer per batch size, dtype and device, so the
+    compiled blocks and the CUDA graphs that read it always read the same address. ``None`` between calls
+    (the layers then project as usual)."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.current: torch.Tensor | None = None
+        self._static: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def set(self, row: torch.Tensor) -> None:
+        key = (row.shape[0], row.dtype, row.device)
+        static = self._static.get(key)
+        if static is None:
+            with torch.inference_mode(False):  # an ordinary tensor: usable in and out of inference mode
+                static = torch.empty(row.shape, dtype=row.dtype, device=row.device)
+            self._static[key] = static
+        static.copy_(row)
+        self.current = static
+
+
+class TabledLinear(nn.Linear):
+    """A modulation linear that returns its columns of the current row where a schedule set one.
+
+    Set as the layer's class (``apply_modulation_tables``), so its parameters keep their names.
+    """
+
+    rows: ModulationRows
+    start: int
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        current = self.rows.current
+        if current is None:
+            return super().forward(input)
+        return current[:, self.start : self.start + self.out_features]
+
+
+@dataclass
+class ModulationTables:
+    """A transformer's modulation layers and the buffer they read (``apply_modulation_tables``)."""
+
+    transformer: Any  # FluxTransformer2DModel
+    layers: list[TabledLinear]
+    rows: ModulationRows
+
+    def schedule(self, inner: Any, scheduler: Any) -> Schedule:
+        """``inner`` (the transformer or its CUDA graphs) for one pipeline call, whose steps are the
+        ``scheduler``'s timesteps (set by the pipeline before its loop calls the transformer)."""
+        return Schedule(inner, self, scheduler)
+
+    def project(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Every layer's ``linear(silu(embedding))`` side by side: one GEMM per layer for all rows."""
+        activated = F.silu(embedding)
+        table = torch.empty(
+            embedding.shape[0], self.rows.width, dtype=embedding.dtype, device=embedding.device
+        )
+        for layer in self.layers:
+            table[:, layer.start : layer.start + layer.out_features] = F.linear(
+                activated, layer.weight, layer.bias
+            )
+        return table
+
+
+@dataclass
+class StepTable:
+    """One conditioning's rows, one per step, and the timesteps each step's call must pass."""
+
+    timesteps: torch.Tensor  # (steps, batch): as the pipeline passes them
+    rows: torch.Tensor  # (steps, batch, width)
+    calls: int = 0
+
+
+@dataclass
+class Schedule:
+    """Stands in for the transformer during one pipeline call: each call gets its step's row.
+
+    Tables are keyed by the conditioning tensors the pipeline passes (the same objects at every step), so
+    true CFG's two calls a step, positive and negative prompt, each follow their own table.
+    """
+
+    inner: Any
+    tables: ModulationTables
+    scheduler: Any
+    steps: dict[tuple[int, int], tuple[StepTable, tuple[Any, ...]]] = field(default_factory=dict)
+    mismatch: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (copy, pickle): never recurse
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        timestep = kwargs["timestep"]
+        step = self._table(
+            kwargs["hidden_states"], timestep, kwargs.get("guidance"), kwargs["pooled_projections"]
+        )
+        if step.calls >= step.rows.shape[0]:
+            raise RuntimeError(
+                f"the transformer was called more often than the {step.rows.shape[0]} scheduled steps"
+            )
+        expected = step.timesteps[step.calls]
+        differs = (timestep != expected).any()
+        self.mismatch = differs if self.mismatch is None else self.mismatch | differs
+        self.tables.rows.set(step.rows[step.calls])
+        step.calls += 1
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            self.tables.rows.current = None
+
+    def verify(self) -> None:
+        """Raise if any call's timestep was not its row's (one host sync, after the pipeline's own)."""
+        if self.mismatch is not None and bool(self.mismatch.item()):
+            raise RuntimeError("a transformer call's timestep differed from its precomputed modulation row")
+
+    def _table(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        guidance: torch.Tensor | None,
+        pooled: torch.Tensor,
+    ) -> StepTable:
+        key = (id(pooled), id(guidance))
+        found = self.steps.get(key)
+        if found is None:
+            found = (self._build(hidden_states.dtype, timestep, guidance, pooled), (pooled, guidance))
+            self.steps[key] = found  # the tensors kept: their ids stay theirs for the call
+        return found[0]
+
+    def _build(
+        self, dtype: torch.dtype, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor
+    ) -> StepTable:
+        """The rows of every step, from the same operations on the same values as the transformer's
+        forward (diffusers 0.42.1, transformer_flux.py:725-733) and the pipelines' loops, which pass
+        ``t.expand(batch).to(latents.dtype) / 1000``."""
+        schedule = self.scheduler.timesteps.to(timestep.device)
+        count, batch = schedule.shape[0], timestep.shape[0]
+        passed = (schedule.to(timestep.dtype) / 1000)[:, None].expand(count, batch)
+        steps = passed.reshape(-1).to(dtype) * 1000
+        pooled_rows = pooled.repeat(count, 1)
+        embedder = self.tables.transformer.time_text_embed
+        if guidance is None:
+            embedding = embedder(steps, pooled_rows)
+        else:
+            embedding = embedder(steps, guidance.to(dtype).repeat(count) * 1000, pooled_rows)
+        rows = self.tables.project(embedding).view(count, batch, -1)
+        return StepTable(timesteps=passed, rows=rows)
+
+
+def modulation_layers(transformer: Any) -> list[nn.Module]:
+    """FLUX.1's adaLN linears, each fed the transformer's ``temb``: the double blocks' ``norm1`` and
+    ``norm1_context``, the single blocks' ``norm``, ``norm_out`` (diffusers 0.42.1)."""
+    layers = []
+    for block in transformer.transformer_blocks:
+        layers += [block.norm1.linear, block.norm1_context.linear]
+    layers += [block.norm.linear for block in transformer.single_transformer_blocks]
+    return [*layers, transformer.norm_out.linear]
+
+
+def apply_modulation_tables(transformer: nn.Module) -> ModulationTables | None:
+    """Make a resident FLUX.1 transformer's modulation layers read precomputed rows; ``None`` where it
+    does not apply (another model, or layers something else already wraps or hooks: offload's streaming,
+    a second application). Call before compiling, so the compiled blocks trace the new layers."""
+    if type(transformer) is not FluxTransformer2DModel:
+        return None
+    layers = modulation_layers(transformer)
+    if not all(unhooked_linear(layer) for layer in layers):
+        return None
+    rows = ModulationRows(width=sum(cast(nn.Linear, layer).out_features for layer in layers))
+    tabled, start = [], 0
+    for layer in layers:
+        layer.__class__ = TabledLinear
+        layer = cast(TabledLinear, layer)
+        layer.rows, layer.start = rows, start
+        start += layer.out_features
+        tabled.append(layer)
+    return ModulationTables(transformer, tabled, rows)
