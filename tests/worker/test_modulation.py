@@ -156,23 +156,37 @@ def test_graph_replays_read_the_row_set_for_their_call() -> None:
     assert len(schedule.tables.rows._static) == 1  # every step's row at one address
 
 
-@torch.no_grad()
-def test_compiled_blocks_read_each_steps_row_without_recompiling() -> None:
+def graphs_compiled(run: Any) -> int:
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # compiled code is kept per function, across models
+    before = counters["stats"]["unique_graphs"]
+    run()
+    return int(counters["stats"]["unique_graphs"] - before)
+
+
+@torch.no_grad()
+def test_compiled_blocks_read_each_steps_row_without_recompiling() -> None:
     timesteps = torch.tensor([1000.0, 700.0, 400.0])
-    model, schedule = scheduled(timesteps)
     calls = steps(timesteps)
+    plain = tiny_transformer()
+    plain.compile_repeated_blocks(fullgraph=True, backend="aot_eager")  # dynamo's tracing; no codegen
+    stock = graphs_compiled(lambda: [plain(**call) for call in calls])
+    model, schedule = scheduled(timesteps)
     expected = [model(**call)[0] for call in calls]
-    model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")  # dynamo's tracing; no codegen
-    for call, want in zip(calls, expected, strict=True):
-        assert relative_rms(schedule(**call)[0], want) < 1e-5
+    model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    outputs: list[torch.Tensor] = []
+    # the blocks' graphs are shared by every block of a class, as without the tables
+    assert graphs_compiled(lambda: outputs.extend(schedule(**call)[0] for call in calls)) == stock
+    for output, want in zip(outputs, expected, strict=True):
+        assert relative_rms(output, want) < 1e-5
     schedule.verify()
-    graphs = counters["stats"]["unique_graphs"]
+    from torch._dynamo.utils import counters
+
     again = schedule.tables.schedule(model, schedule.scheduler)  # the next job
-    for call in steps(timesteps):
-        again(**call)
-    assert counters["stats"]["unique_graphs"] == graphs
+    before = counters["stats"]["unique_graphs"]
+    [again(**call) for call in steps(timesteps)]
+    assert counters["stats"]["unique_graphs"] == before
 
 
 def test_engine_leaves_an_offloaded_transformer_alone() -> None:

@@ -30,14 +30,18 @@ from worker.optimizations.epilogues import unhooked_linear
 
 
 class ModulationRows:
-    """The current call's modulation row: one static buffer per batch size, dtype and device, so the
-    compiled blocks and the CUDA graphs that read it always read the same address. ``None`` between calls
-    (the layers then project as usual)."""
+    """The current call's modulation row, in one static buffer per batch size, dtype and device, so the
+    compiled blocks and the CUDA graphs that read it always read the same addresses. Each layer reads its
+    columns through a buffer of its own (a view), an input of the compiled blocks like its weights: a
+    per-layer offset read in the forward would specialise the blocks' shared graph on each layer.
+    ``active`` is off between calls (the layers then project as usual)."""
 
-    def __init__(self, width: int) -> None:
-        self.width = width
-        self.current: torch.Tensor | None = None
+    def __init__(self, layers: list[TabledLinear]) -> None:
+        self.layers = layers
+        self.width = sum(layer.out_features for layer in layers)
+        self.active = False
         self._static: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._viewed: torch.Tensor | None = None
 
     def set(self, row: torch.Tensor) -> None:
         key = (row.shape[0], row.dtype, row.device)
@@ -47,23 +51,27 @@ class ModulationRows:
                 static = torch.empty(row.shape, dtype=row.dtype, device=row.device)
             self._static[key] = static
         static.copy_(row)
-        self.current = static
+        if static is not self._viewed:  # another batch size than the last call's
+            for layer in self.layers:
+                layer.row = static[:, layer.start : layer.start + layer.out_features]
+            self._viewed = static
+        self.active = True
 
 
 class TabledLinear(nn.Linear):
-    """A modulation linear that returns its columns of the current row where a schedule set one.
+    """A modulation linear that returns its columns of the current row while a schedule runs.
 
     Set as the layer's class (``apply_modulation_tables``), so its parameters keep their names.
     """
 
     rows: ModulationRows
     start: int
+    row: torch.Tensor
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        current = self.rows.current
-        if current is None:
+        if not self.rows.active:
             return super().forward(input)
-        return current[:, self.start : self.start + self.out_features]
+        return self.row
 
 
 @dataclass
@@ -137,7 +145,7 @@ class Schedule:
         try:
             return self.inner(*args, **kwargs)
         finally:
-            self.tables.rows.current = None
+            self.tables.rows.active = False
 
     def verify(self) -> None:
         """Raise if any call's timestep was not its row's (one host sync, after the pipeline's own)."""
@@ -197,12 +205,15 @@ def apply_modulation_tables(transformer: nn.Module) -> ModulationTables | None:
     layers = modulation_layers(transformer)
     if not all(unhooked_linear(layer) for layer in layers):
         return None
-    rows = ModulationRows(width=sum(cast(nn.Linear, layer).out_features for layer in layers))
     tabled, start = [], 0
     for layer in layers:
         layer.__class__ = TabledLinear
         layer = cast(TabledLinear, layer)
-        layer.rows, layer.start = rows, start
+        layer.start = start
+        layer.register_buffer("row", torch.empty(0), persistent=False)  # a view of the rows, once set
         start += layer.out_features
         tabled.append(layer)
+    rows = ModulationRows(tabled)
+    for layer in tabled:
+        layer.rows = rows
     return ModulationTables(transformer, tabled, rows)
