@@ -70,7 +70,9 @@
 #   modtab   the adaLN modulation precomputed per job (the default) against projected at every step: compiled
 #            bf16, fp8 + fp8 attention, cache `fast`; then the whole stack fp8 + fp8 attention (c=20, 50 steps).
 #            Stock first. Alone on the machine
-#   modtabe2e  the whole stack lossless with the modulation precomputed: c=1 JPEG, c=20 at 28 and 50 steps
+#   modtabb1 the whole stack lossless (--compile) with the modulation precomputed: c=1 JPEG, c=20 at 28 and
+#            50 steps; stock first
+#   modtabb4 the same c=20 runs with --max-batch-size 4; stock first. Side by side with modtabb1 on a second GPU
 #   modtabu2 stock Ulysses-2, then Ulysses-2 and Ring-2 on diffusers' runtime with and without the precompute
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
@@ -364,9 +366,16 @@ lane_modtab() {  # alone: the modulation precomputed per job against projected p
     --only c20-50steps --no-stock --budget-s $((LANE_TIMEOUT_S - 390))
 }
 
-lane_modtabe2e() {  # the whole stack lossless (bf16, --compile) with the modulation precomputed
+lane_modtabb1() {  # the whole stack lossless (bf16, --compile) with the modulation precomputed
   (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
-  python3 -m bench.e2e --out "$1/e2e" --no-stock --only c1-jpeg,c20-28steps,c20-50steps --budget-s $((LANE_TIMEOUT_S - 110))
+  python3 -m bench.e2e --out "$1/e2e" --no-stock --only c1-jpeg,c20-28steps,c20-50steps \
+    --budget-s $((LANE_TIMEOUT_S - 110))
+}
+
+lane_modtabb4() {  # the same at c=20 with batches of up to 4 compatible jobs
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.e2e --out "$1/e2e" --no-stock --only c20-28steps,c20-50steps \
+    --worker-flags "--compile --max-batch-size 4" --budget-s $((LANE_TIMEOUT_S - 110))
 }
 
 lane_modtabu2() {  # Ulysses-2 and Ring-2 on diffusers' runtime, the modulation precomputed or per step
