@@ -73,7 +73,7 @@
 #   modtabb1 the whole stack lossless (--compile) with the modulation precomputed: c=1 JPEG, c=20 at 28 and
 #            50 steps; stock first
 #   modtabb4 the same c=20 runs with --max-batch-size 4; stock first. Side by side with modtabb1 on a second GPU
-#   modtabu2 stock Ulysses-2, then Ulysses-2 and Ring-2 on diffusers' runtime with and without the precompute
+#   modtabu2 stock Ulysses-2, then Ulysses-2 on diffusers' runtime with and without the precompute
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
@@ -372,9 +372,9 @@ lane_modtabb1() {  # the whole stack lossless (bf16, --compile) with the modulat
     --budget-s $((LANE_TIMEOUT_S - 110))
 }
 
-lane_modtabb4() {  # the same at c=20 with batches of up to 4 compatible jobs
+lane_modtabb4() {  # the same at c=20 with batches of up to 4 compatible jobs (B4_ONLY: the scenarios)
   (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
-  python3 -m bench.e2e --out "$1/e2e" --no-stock --only c20-28steps,c20-50steps \
+  python3 -m bench.e2e --out "$1/e2e" --no-stock --only "${B4_ONLY:-c20-28steps,c20-50steps}" \
     --worker-flags "--compile --max-batch-size 4" --budget-s $((LANE_TIMEOUT_S - 110))
 }
 
@@ -383,7 +383,6 @@ lane_modtabu2() {  # Ulysses-2 and Ring-2 on diffusers' runtime, the modulation 
   local P="python3 -m bench.parallel --num-gpus 2 --compile --repeats 3"
   $P --ulysses-degree 2 --output-file "$1/u2.json"
   $P --ulysses-degree 2 --no-precompute-modulation --output-file "$1/u2_per_step.json"
-  $P --ring-degree 2 --output-file "$1/ring2.json"
 }
 
 pids=()

@@ -25,9 +25,11 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from bench.e2e.record import Run
 from bench.e2e.redis_debs import RedisServer, install_redis, redis_command
+from bench.e2e.report import engine_bound
 from bench.e2e.scenarios import Plan, gpu_plan, run_scenario, smoke_plan
 from bench.e2e.stack import (
     REPO_ROOT,
@@ -104,12 +106,19 @@ def start_services(run: Run, stack: Stack, redis: RedisServer, ports: tuple[int,
     return api_key
 
 
+def image_step_s(document: dict[str, Any], steps: int) -> float | None:
+    """One image's share of a step as a scenario ran it (each batch's time split over its jobs), to size
+    the next scenarios; an over-estimate: text encoding and decoding are in it."""
+    bound, _ = engine_bound(document)
+    return 1 / bound / steps if bound else None
+
+
 def run_scenarios(run: Run, stack: Stack, plan: Plan, base_url: str, api_key: str, dataset: str) -> None:
     """The warm-up request, then every scenario that fits the budget (the stock run's reserve kept)."""
     reserve = run.args.stock_reserve_s if run.args.stock else 0.0
     run_scenario(plan.warmup, plan, base_url, api_key, dataset, stack.env, run.work, run.remaining())
     run.mark("warm-up request done")
-    step_s: float | None = None  # an over-estimate: text encoding and decoding included
+    step_s: float | None = None
     for scenario in plan.scenarios:
         if run.args.only and scenario.name not in run.args.only:
             continue
@@ -122,9 +131,8 @@ def run_scenarios(run: Run, stack: Stack, plan: Plan, base_url: str, api_key: st
         timeout = max(left, 30)
         document = run_scenario(scenario, plan, base_url, api_key, dataset, stack.env, run.work, timeout)
         run.add_scenario(scenario, document)
-        inference = document["summary"].get("inference_mean_s")
-        if step_s is None and inference:
-            step_s = inference / scenario.steps
+        if step_s is None:
+            step_s = image_step_s(document, scenario.steps)
 
 
 def measure(run: Run, env: dict[str, str], plan: Plan, dataset: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 from bench.e2e import redis_debs
 from bench.e2e.redis_debs import ar_members, extract_deb, install_redis
 from bench.e2e.report import OVERHEAD_TARGET_S, THROUGHPUT_TARGETS, format_headline, headline
+from bench.e2e.run import image_step_s
 from bench.e2e.scenarios import gpu_plan, smoke_plan
 
 
@@ -166,3 +167,15 @@ def test_the_gpu_plan_measures_what_the_issue_asks() -> None:
         assert by_name[name].concurrency == 20 and by_name[name].prompts == 20
     assert (by_name["c20-28steps"].steps, by_name["c20-50steps"].steps) == (28, 50)
     assert [s.name for s in smoke_plan().scenarios] == [s.name for s in plan.scenarios]
+
+
+def test_the_budget_sizes_later_scenarios_by_each_images_share_of_a_batched_step() -> None:
+    batched = [{**_request(12.0, 8.0), "batch_size": 4}] * 20  # 8 s a batch of four at 28 steps
+    assert image_step_s(_document(batched, inference=8.0), steps=28) == pytest.approx(2.0 / 28)
+    assert image_step_s(_document([_request(4.0, 3.9)] * 3), steps=28) == pytest.approx(3.9 / 28)
+    assert (
+        image_step_s(
+            _document([{"success": False, "latency_s": 9.0, "inference_s": None}], inference=None), 28
+        )
+        is None
+    )
