@@ -44,7 +44,7 @@ def assert_same_image(a: Any, b: Any) -> None:
 
 
 def pixels(engine: FluxEngine, **overrides: Any) -> np.ndarray:
-    params = generation_params(num_inference_steps=4, **overrides)
+    params = generation_params(**{"num_inference_steps": 4, **overrides})
     return np.asarray(engine.generate(params, lambda step, total: None).images[0], dtype=np.int16)
 
 
@@ -83,6 +83,20 @@ def test_modulation_layers_project_once_per_job_not_per_step(monkeypatch: pytest
     transformer = tables.transformer
     blocks = 2 * len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
     assert len(tables.layers) == blocks + 1 and transformer.transformer_blocks  # and norm_out
+
+
+def test_a_table_over_its_byte_cap_projects_its_steps_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    tabled = engine(True)
+    (tables,) = tabled.modulation.values()
+    tables.table_bytes = 3 * 2 * tables.rows.width * 4  # three steps of two images in fp32
+    projections = []
+    project = type(tables).project
+    monkeypatch.setattr(
+        type(tables), "project", lambda self, e: projections.append(e.shape[0]) or project(self, e)
+    )
+    expected = pixels(engine(False), num_images=2, num_inference_steps=7)
+    assert_same_image(pixels(tabled, num_images=2, num_inference_steps=7), expected)
+    assert projections == [3 * 2, 3 * 2, 1 * 2]  # steps 0-2, 3-5, 6
 
 
 def test_outside_a_schedule_the_layers_project_as_usual() -> None:

@@ -74,6 +74,11 @@ class TabledLinear(nn.Linear):
         return self.row
 
 
+# A table holds at most this many bytes: a job of many images and steps (a batch of 16 at 100 steps would
+# take 3.4 GB) projects its steps in chunks, reading the weights once a chunk instead of once a job.
+TABLE_BYTES = 256 * 2**20
+
+
 @dataclass
 class ModulationTables:
     """A transformer's modulation layers and the buffer they read (``apply_modulation_tables``)."""
@@ -81,6 +86,7 @@ class ModulationTables:
     transformer: Any  # FluxTransformer2DModel
     layers: list[TabledLinear]
     rows: ModulationRows
+    table_bytes: int = TABLE_BYTES
 
     def schedule(self, inner: Any, scheduler: Any) -> Schedule:
         """``inner`` (the transformer or its CUDA graphs) for one pipeline call, whose steps are the
@@ -101,11 +107,25 @@ class ModulationTables:
 
 
 @dataclass
-class StepTable:
-    """One conditioning's rows, one per step, and the timesteps each step's call must pass."""
+class Conditioning:
+    """What a call's embedding depends on besides its timestep: the same tensors at every step."""
 
-    timesteps: torch.Tensor  # (steps, batch): as the pipeline passes them
-    rows: torch.Tensor  # (steps, batch, width)
+    dtype: torch.dtype  # the transformer's activations'
+    timestep: torch.Tensor  # the first call's, for its dtype, device and batch size
+    guidance: torch.Tensor | None
+    pooled: torch.Tensor
+
+
+@dataclass
+class StepTable:
+    """One conditioning's rows for a chunk of steps, and the timesteps each step's call must pass."""
+
+    conditioning: Conditioning
+    steps: int  # the scheduler's, all chunks together
+    chunk: int  # steps a table holds
+    first: int = 0  # the step of the table's first row
+    timesteps: torch.Tensor | None = None  # (chunk, batch): as the pipeline passes them
+    rows: torch.Tensor | None = None  # (chunk, batch, width)
     calls: int = 0
 
 
@@ -120,7 +140,7 @@ class Schedule:
     inner: Any
     tables: ModulationTables
     scheduler: Any
-    steps: dict[tuple[int, int], tuple[StepTable, tuple[Any, ...]]] = field(default_factory=dict)
+    steps: dict[tuple[int, int], StepTable] = field(default_factory=dict)
     mismatch: torch.Tensor | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -130,18 +150,13 @@ class Schedule:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         timestep = kwargs["timestep"]
-        step = self._table(
-            kwargs["hidden_states"], timestep, kwargs.get("guidance"), kwargs["pooled_projections"]
+        conditioning = Conditioning(
+            kwargs["hidden_states"].dtype, timestep, kwargs.get("guidance"), kwargs["pooled_projections"]
         )
-        if step.calls >= step.rows.shape[0]:
-            raise RuntimeError(
-                f"the transformer was called more often than the {step.rows.shape[0]} scheduled steps"
-            )
-        expected = step.timesteps[step.calls]
+        expected, row = self._next_row(conditioning)
         differs = (timestep != expected).any()
         self.mismatch = differs if self.mismatch is None else self.mismatch | differs
-        self.tables.rows.set(step.rows[step.calls])
-        step.calls += 1
+        self.tables.rows.set(row)
         try:
             return self.inner(*args, **kwargs)
         finally:
@@ -152,38 +167,49 @@ class Schedule:
         if self.mismatch is not None and bool(self.mismatch.item()):
             raise RuntimeError("a transformer call's timestep differed from its precomputed modulation row")
 
-    def _table(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor,
-        guidance: torch.Tensor | None,
-        pooled: torch.Tensor,
-    ) -> StepTable:
-        key = (id(pooled), id(guidance))
-        found = self.steps.get(key)
-        if found is None:
-            found = (self._build(hidden_states.dtype, timestep, guidance, pooled), (pooled, guidance))
-            self.steps[key] = found  # the tensors kept: their ids stay theirs for the call
-        return found[0]
+    def _next_row(self, conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+        """The timesteps this conditioning's next call must pass, and its row; a chunk projected as needed."""
+        key = (id(conditioning.pooled), id(conditioning.guidance))
+        table = self.steps.get(key)
+        if table is None:  # kept for the call: the tensors' ids stay theirs
+            steps = self.scheduler.timesteps.shape[0]
+            per_step = (
+                conditioning.timestep.shape[0] * self.tables.rows.width * conditioning.timestep.element_size()
+            )
+            table = StepTable(conditioning, steps, chunk=max(1, self.tables.table_bytes // per_step))
+            self.steps[key] = table
+        if table.calls >= table.steps:
+            raise RuntimeError(
+                f"the transformer was called more often than the {table.steps} scheduled steps"
+            )
+        if table.rows is None or table.calls >= table.first + table.rows.shape[0]:
+            table.first = table.calls
+            count = min(table.chunk, table.steps - table.first)
+            table.timesteps, table.rows = self._project(table.conditioning, table.first, count)
+        assert table.timesteps is not None
+        index = table.calls - table.first
+        table.calls += 1
+        return table.timesteps[index], table.rows[index]
 
-    def _build(
-        self, dtype: torch.dtype, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor
-    ) -> StepTable:
-        """The rows of every step, from the same operations on the same values as the transformer's
-        forward (diffusers 0.42.1, transformer_flux.py:725-733) and the pipelines' loops, which pass
-        ``t.expand(batch).to(latents.dtype) / 1000``."""
-        schedule = self.scheduler.timesteps.to(timestep.device)
-        count, batch = schedule.shape[0], timestep.shape[0]
+    def _project(
+        self, conditioning: Conditioning, first: int, count: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps ``first`` to ``first + count``: the timesteps their calls pass and their rows, from the same
+        operations on the same values as the transformer's forward (diffusers 0.42.1,
+        transformer_flux.py:725-733) and the pipelines' loops, which pass ``t.expand(batch).to(latents.dtype)
+        / 1000``."""
+        timestep, dtype = conditioning.timestep, conditioning.dtype
+        schedule = self.scheduler.timesteps[first : first + count].to(timestep.device)
+        batch = timestep.shape[0]
         passed = (schedule.to(timestep.dtype) / 1000)[:, None].expand(count, batch)
         steps = passed.reshape(-1).to(dtype) * 1000
-        pooled_rows = pooled.repeat(count, 1)
+        pooled_rows = conditioning.pooled.repeat(count, 1)
         embedder = self.tables.transformer.time_text_embed
-        if guidance is None:
+        if conditioning.guidance is None:
             embedding = embedder(steps, pooled_rows)
         else:
-            embedding = embedder(steps, guidance.to(dtype).repeat(count) * 1000, pooled_rows)
-        rows = self.tables.project(embedding).view(count, batch, -1)
-        return StepTable(timesteps=passed, rows=rows)
+            embedding = embedder(steps, conditioning.guidance.to(dtype).repeat(count) * 1000, pooled_rows)
+        return passed, self.tables.project(embedding).view(count, batch, -1)
 
 
 def modulation_layers(transformer: Any) -> list[nn.Module]:
