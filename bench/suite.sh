@@ -73,6 +73,8 @@
 #   modtabb1 the whole stack lossless (--compile) with the modulation precomputed: c=1 JPEG, c=20 at 28 and
 #            50 steps; stock first
 #   modtabb4 the same c=20 runs with --max-batch-size 4; stock first. Side by side with modtabb1 on a second GPU
+#   topil    the whole stack lossless with batches of up to 4 and the images converted on the GPU: c=1 JPEG, c=20
+#            at 28 steps; stock first
 #   modtabprof  compiled bf16 and fp8 + fp8 attention with the modulation precomputed, profiled; stock first
 #   modtabu2 stock Ulysses-2, then Ulysses-2 on diffusers' runtime with and without the precompute
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
@@ -376,6 +378,12 @@ lane_modtabb1() {  # the whole stack lossless (bf16, --compile) with the modulat
 lane_modtabb4() {  # the same at c=20 with batches of up to 4 compatible jobs (B4_ONLY: the scenarios)
   (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
   python3 -m bench.e2e --out "$1/e2e" --no-stock --only "${B4_ONLY:-c20-28steps,c20-50steps}" \
+    --worker-flags "--compile --max-batch-size 4" --budget-s $((LANE_TIMEOUT_S - 110))
+}
+
+lane_topil() {  # the whole stack lossless, batches of up to 4, images converted to 8 bits on the GPU
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.e2e --out "$1/e2e" --no-stock --only c1-jpeg,c20-28steps \
     --worker-flags "--compile --max-batch-size 4" --budget-s $((LANE_TIMEOUT_S - 110))
 }
 

@@ -100,6 +100,14 @@ def kontext_reference_tokens(image: Image.Image) -> int:
     return (width // 16) * (height // 16)
 
 
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """The pipeline's images in [0, 1] as PIL images, rounded as diffusers' ``numpy_to_pil`` rounds them
+    (``round(x * 255)`` in float32: the same bytes), with the arithmetic on the images' device: one uint8
+    copy to the host instead of float32 passes over every pixel in numpy on the host."""
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in pixels]
+
+
 def resolve_device(option: str) -> torch.device:
     """The device of this process; in a multi-GPU group, the GPU of this rank (set when the group starts)."""
     if option == "auto":
@@ -312,7 +320,7 @@ class FluxEngine:
             torch.cuda.reset_peak_memory_stats(self.device)
         transformer, cache = self._prepared_transformer(params, references)
         with torch.inference_mode(), running_on(self.pipeline, transformer):
-            images = self.pipeline(**self._call_arguments(params, on_step, references)).images
+            images = to_pil(self.pipeline(**self._call_arguments(params, on_step, references)).images)
         if isinstance(transformer, Schedule):
             transformer.verify()
         cached = cache.cached_steps() if cache is not None else 0
@@ -341,7 +349,7 @@ class FluxEngine:
         if first.negative_prompt is not None:  # one per prompt: a lone string is encoded as a batch of one
             kwargs["negative_prompt"] = [first.negative_prompt] * len(batch)
         with torch.inference_mode(), running_on(self.pipeline, transformer):
-            images = self.pipeline(**kwargs).images
+            images = to_pil(self.pipeline(**kwargs).images)
         if isinstance(transformer, Schedule):
             transformer.verify()
         cached = cache.cached_steps() if cache is not None else 0
@@ -403,7 +411,7 @@ class FluxEngine:
                 torch.Generator(device="cpu").manual_seed(params.image_seed(i))
                 for i in range(params.num_images)
             ],
-            "output_type": "pil",
+            "output_type": "pt",  # to_pil converts on the GPU
             "callback_on_step_end": step_end,
         }
         if self.pipeline_class == "FluxKontextPipeline":

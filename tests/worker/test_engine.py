@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from diffusers.image_processor import VaeImageProcessor
 
 from shared.schemas import GenerationParams
 from shared.settings import ModelCapabilities
 from tests.support import generation_params
 from worker.capabilities import CapabilityMismatch, check_capabilities
 from worker.encode import encode_image
-from worker.engine import FluxEngine
+from worker.engine import FluxEngine, to_pil
 from worker.options import EngineOptions
 
 
@@ -67,3 +70,21 @@ def test_capabilities_beyond_the_pipeline_are_refused() -> None:
         check_capabilities("Flux2Pipeline", "m", ModelCapabilities(negative_prompt=True))
     with pytest.raises(CapabilityMismatch, match="not one of"):
         check_capabilities("StableDiffusionPipeline", "m", ModelCapabilities())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_images_become_the_bytes_diffusers_pil_output_gives(dtype: torch.dtype) -> None:
+    images = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    images[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0])  # ties and the ends
+    images = images.to(dtype)
+    expected = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))
+    converted = to_pil(images)
+    assert [image.mode for image in converted] == ["RGB", "RGB"] and converted[0].size == (24, 16)
+    for ours, theirs in zip(converted, expected, strict=True):
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    gray = to_pil(images[:, :1])
+    assert gray[0].mode == "L"
+    assert np.array_equal(
+        np.asarray(gray[1]),
+        np.asarray(VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images[:, :1]))[1]),
+    )
