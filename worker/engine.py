@@ -319,14 +319,7 @@ class FluxEngine:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         transformer, cache = self._prepared_transformer(params, references)
-        with torch.inference_mode(), running_on(self.pipeline, transformer):
-            images = to_pil(self.pipeline(**self._call_arguments(params, on_step, references)).images)
-        if isinstance(transformer, Schedule):
-            transformer.verify()
-        cached = cache.cached_steps() if cache is not None else 0
-        return GenerationOutput(
-            images=list(images), peak_memory_mb=self._peak_memory_mb(), cached_steps=cached
-        )
+        return self._run(transformer, cache, self._call_arguments(params, on_step, references))
 
     def generate_batch(self, batch: Sequence[GenerationParams], on_step: StepCallback) -> GenerationOutput:
         """Run jobs that differ only in prompt and seed (``GenerationParams.batch_key``) in one pipeline call.
@@ -348,14 +341,16 @@ class FluxEngine:
         kwargs["generator"] = [torch.Generator(device="cpu").manual_seed(p.image_seed(0)) for p in batch]
         if first.negative_prompt is not None:  # one per prompt: a lone string is encoded as a batch of one
             kwargs["negative_prompt"] = [first.negative_prompt] * len(batch)
+        return self._run(transformer, cache, kwargs)
+
+    def _run(self, transformer: Any, cache: CacheRunner | None, kwargs: dict[str, Any]) -> GenerationOutput:
+        """One pipeline call with ``transformer`` in place; its modulation rows checked after it."""
         with torch.inference_mode(), running_on(self.pipeline, transformer):
             images = to_pil(self.pipeline(**kwargs).images)
         if isinstance(transformer, Schedule):
             transformer.verify()
         cached = cache.cached_steps() if cache is not None else 0
-        return GenerationOutput(
-            images=list(images), peak_memory_mb=self._peak_memory_mb(), cached_steps=cached
-        )
+        return GenerationOutput(images=images, peak_memory_mb=self._peak_memory_mb(), cached_steps=cached)
 
     def warmup_batches(
         self, resolutions: list[tuple[int, int]], presets: list[str], max_batch_size: int, steps: int = 2
