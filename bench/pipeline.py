@@ -177,10 +177,19 @@ def transformer_step_s(transformer: Any, width: int, height: int, repeats: int =
     return statistics.median(times)
 
 
-def image_params(width: int, height: int, steps: int, cache: str | None) -> GenerationParams:
-    return internal_params(
+def image_params(
+    width: int, height: int, steps: int, cache: str | None, args: argparse.Namespace | None = None
+) -> GenerationParams:
+    """The benchmark's job; ``args`` may make it true CFG (``--true-cfg``) or a job of ``--images``."""
+    params = internal_params(
         width, height, steps, cache or "off", prompt="a cat holding a sign that says hello world"
     )
+    if args is None:
+        return params
+    changes: dict[str, Any] = {"num_images": args.images}
+    if args.true_cfg is not None:
+        changes.update(negative_prompt="blurry, low quality", true_cfg_scale=args.true_cfg)
+    return params.model_copy(update=changes)
 
 
 def cache_factory(preset: str | None) -> Any:
@@ -240,7 +249,11 @@ def reference_capture(
     pipe: Any, device: torch.device, params: GenerationParams, references: dict[Any, Capture]
 ) -> Capture:
     """The bf16 eager image of this build, generated once per process and per (weights, shape)."""
-    key = (weights_fingerprint(pipe.transformer), params.width, params.height, params.num_inference_steps)
+    key = (
+        weights_fingerprint(pipe.transformer),
+        *(params.width, params.height, params.num_inference_steps, params.num_images),
+        *(params.negative_prompt, params.true_cfg_scale),
+    )
     if key not in references:
         pipe.set_progress_bar_config(disable=True)
         references[key] = capture(FluxEngine(pipe, device), params)
@@ -317,7 +330,7 @@ def run_prepared(
     result["build_s"] = round(time.perf_counter() - built, 1)
     reference = None
     if args.reference == "all" or (args.reference == "auto" and variant.fp8):
-        plain = image_params(args.res, args.res, args.steps, None)
+        plain = image_params(args.res, args.res, args.steps, None, args)
         reference = reference_capture(pipe, device, plain, references)
     if options.any_offload:
         pipe.to("cpu")
@@ -329,7 +342,12 @@ def run_prepared(
     result["prepare_s"] = round(time.perf_counter() - prepared, 1)
     if not args.smoke:
         result["resident_gb"] = round(torch.cuda.memory_allocated() / 1e9, 2)
-    params = image_params(args.res, args.res, args.steps, variant.cache)
+    params = image_params(args.res, args.res, args.steps, variant.cache, args)
+    result["modulation_tables"] = len(engine.modulation)  # transformers whose modulation is precomputed
+    if args.table_bytes is not None:  # the modulation tables projected in chunks of this many bytes
+        for tables in engine.modulation.values():
+            tables.table_bytes = args.table_bytes
+        result["modulation_table_bytes"] = args.table_bytes
     result["fp8_layers"] = fp8_layer_count(pipe.transformer)
     compiled = options.compile or variant.whole is not None
     result.update(measure(engine, variant, args.repeats, params, compiled))
@@ -414,6 +432,15 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         choices=["auto", "all", "none"],
         default="auto",
         help="compare against the bf16 image of the same seed: fp8 variants (auto), every variant, none",
+    )
+    parser.add_argument("--images", type=int, default=1, help="images per job (one pipeline call)")
+    parser.add_argument(
+        "--true-cfg", type=float, help="true CFG at this scale, with a negative prompt (two calls a step)"
+    )
+    parser.add_argument(
+        "--table-bytes",
+        type=int,
+        help="cap the precomputed modulation tables at this many bytes (small: steps projected in chunks)",
     )
     parser.add_argument("--output-file")
     parser.add_argument("--profile", action="store_true", help="CUDA kernel time by kind over one image")

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+# the idle intervals between kernels, by length (µs): bubbles inside a replayed graph or a launch queue,
+# gaps of a host that is behind, and the host's own work (tokenizing, a synchronization, Python)
+GAP_CLASSES = ((10.0, "under 10 us"), (100.0, "10-100 us"), (float("inf"), "over 100 us"))
+
+
+@dataclass(frozen=True)
+class Span:
+    """One kernel's, or one host operation's, interval on the profiler's clock (microseconds)."""
+
+    start: float
+    end: float
+    name: str
 
 
 def kernel_kind(name: str) -> str | None:
@@ -56,10 +70,76 @@ def kernel_seconds(work: Callable[[], Any]) -> dict[str, Any]:
         kernels.setdefault(kind, []).append((seconds, event.count, event.key[:90]))
     report: dict[str, Any] = {kind: round(seconds, 3) for kind, seconds in sorted(kinds.items())}
     report["top"] = {
-        kind: _heaviest(listed, 12 if kind.startswith("other") else 4) for kind, listed in kernels.items()
+        kind: _heaviest(listed, 20 if kind.startswith("other") else 8) for kind, listed in kernels.items()
     }
     report["host_top"] = _heaviest(host, 12)
+    report["idle"] = idle_gaps(*spans(prof.events()))
     return report
+
+
+def spans(events: Any) -> tuple[list[Span], list[Span]]:
+    """The profile's device intervals (kernels, copies) and host operations, as spans."""
+    from torch.autograd import DeviceType
+
+    device: list[Span] = []
+    host: list[Span] = []
+    for event in events:
+        span = Span(event.time_range.start, event.time_range.end, event.name[:90])
+        if event.device_type == DeviceType.CPU:
+            host.append(span)
+        elif kernel_kind(event.name) is not None:  # c10d's annotations span their collective's kernel
+            device.append(span)
+    return device, host
+
+
+def idle_gaps(device: Sequence[Span], host: Sequence[Span], largest: int = 10) -> dict[str, Any]:
+    """Where the GPU waited between its first and its last kernel: the busy and idle seconds, the idle
+    time by gap length (``GAP_CLASSES``), and the ``largest`` gaps with the kernels on either side and
+    the innermost host operations that lasted through most of the gap (what the host was doing)."""
+    if not device:
+        return {"busy_s": 0.0, "idle_s": 0.0, "by_length": {}, "largest": []}
+    ordered = sorted(device, key=lambda span: span.start)
+    busy = 0.0
+    gaps: list[tuple[float, Span, Span]] = []  # (length, kernel before, kernel after)
+    current, end = ordered[0], ordered[0].end
+    start = ordered[0].start
+    for span in ordered[1:]:
+        if span.start > end:
+            busy += end - start
+            gaps.append((span.start - end, current, span))
+            start = span.start
+        if span.end >= end:
+            current, end = span, span.end
+    busy += end - start
+    by_length: dict[str, list[float]] = {label: [0, 0.0] for _, label in GAP_CLASSES}
+    for length, _, _ in gaps:
+        label = next(label for limit, label in GAP_CLASSES if length < limit)
+        by_length[label][0] += 1
+        by_length[label][1] += length
+    report_gaps = []
+    for length, before, after in sorted(gaps, key=lambda gap: gap[0], reverse=True)[:largest]:
+        gap_start, gap_end = before.end, after.start
+        covering = [
+            span
+            for span in host
+            if min(span.end, gap_end) - max(span.start, gap_start) >= 0.5 * (gap_end - gap_start)
+        ]
+        innermost = sorted(covering, key=lambda span: span.end - span.start)[:3]
+        report_gaps.append(
+            {
+                "us": round(length, 1),
+                "at_us": round(gap_start - ordered[0].start, 1),
+                "after": before.name,
+                "before": after.name,
+                "host": [span.name for span in innermost],
+            }
+        )
+    return {
+        "busy_s": round(busy / 1e6, 6),
+        "idle_s": round(sum(length for length, _, _ in gaps) / 1e6, 6),
+        "by_length": {label: {"gaps": int(n), "s": round(s / 1e6, 6)} for label, (n, s) in by_length.items()},
+        "largest": report_gaps,
+    }
 
 
 def _heaviest(listed: list[tuple[float, int, str]], count: int) -> list[dict[str, Any]]:

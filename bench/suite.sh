@@ -77,6 +77,9 @@
 #            at 28 steps; stock first
 #   modtabprof  compiled bf16 and fp8 + fp8 attention with the modulation precomputed, profiled; stock first
 #   modtabu2 stock Ulysses-2, then Ulysses-2 on diffusers' runtime with and without the precompute
+#   diag     the card's clock and power sampled throughout (smi.csv): a GEMM and the attention sustained for a
+#            while (bench.sustained), compiled bf16 profiled (kernels, idle gaps), then the precomputed
+#            modulation against the per-step one on true CFG, two images a job, tables in chunks
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
@@ -398,6 +401,22 @@ lane_modtabu2() {  # Ulysses-2 and Ring-2 on diffusers' runtime, the modulation 
   local P="python3 -m bench.parallel --num-gpus 2 --compile --repeats 3"
   $P --ulysses-degree 2 --output-file "$1/u2.json"
   $P --ulysses-degree 2 --no-precompute-modulation --output-file "$1/u2_per_step.json"
+}
+
+lane_diag() {  # where the lossless image's time goes, and whether the card holds its clock
+  local card=${CUDA_VISIBLE_DEVICES%%,*}
+  nvidia-smi -i "$card" --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv -lms 250 >"$1/smi.csv" 2>&1 &
+  local sampler=$!
+  date +%T.%N >"$1/phases.log"
+  python3 -m bench.sustained --seconds 15 --output-file "$1/sustained.json"
+  date +%T.%N >>"$1/phases.log"
+  python3 -m bench.pipeline --variants compiled --repeats 2 --profile --output-file "$1/prof.json"
+  date +%T.%N >>"$1/phases.log"
+  python3 -m bench.pipeline --variants compiled,compiled-per-step-modulation --reference all --repeats 1 \
+    --true-cfg 4 --images 2 --table-bytes 8388608 --output-file "$1/cfg.json"
+  date +%T.%N >>"$1/phases.log"
+  kill "$sampler"
 }
 
 pids=()

@@ -95,3 +95,20 @@ def test_fp8_mlp_kernel_variant_runs_the_quantized_model_with_the_kernel_blocks(
     result = json.loads(out.read_text())["variants"][0]
     assert "error" not in result and result["bench_changes"]["fp8_mlp"] is True
     assert result["fp8_layers"] > 0
+
+
+def test_true_cfg_batched_jobs_with_chunked_modulation_tables_match_the_per_step_projection(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "report.json"
+    argv = ["--smoke", "--res", "64", "--steps", "3", "--repeats", "1", "--output-file", str(out)]
+    argv += ["--true-cfg", "4.0", "--images", "2", "--table-bytes", "1", "--reference", "all"]
+    assert pipeline.main([*argv, "--variants", "compiled,compiled-per-step-modulation"]) == 0
+    results = {result["variant"]: result for result in json.loads(out.read_text())["variants"]}
+    assert results["compiled"]["modulation_table_bytes"] == 1  # one step a chunk
+    assert results["compiled"]["modulation_tables"] == 1
+    assert results["compiled-per-step-modulation"]["modulation_tables"] == 0
+    for result in results.values():
+        assert "error" not in result
+        # both against the eager true-CFG image of two: the precompute changes only the GEMMs' rounding
+        assert result["difference"]["latents_rel_rms"] < 0.01

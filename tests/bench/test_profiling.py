@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.profiling import kernel_kind
+from bench.profiling import Span, idle_gaps, kernel_kind
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,36 @@ def test_kernel_names_map_to_their_kind(name: str, kind: str) -> None:
 def test_c10d_annotations_of_a_collective_are_not_kernels() -> None:
     assert kernel_kind("nccl:all_to_all") is None
     assert kernel_kind("nccl:all_gather_into_tensor_coalesced") is None
+
+
+def test_idle_gaps_are_the_intervals_no_kernel_covers_with_what_the_host_was_doing() -> None:
+    device = [
+        Span(0, 50, "gemm_a"),
+        Span(40, 100, "attention"),  # overlaps the first: one busy interval 0-100
+        Span(105, 110, "triton_poi_norm"),  # a 5 us bubble
+        Span(410, 450, "gemm_b"),  # a 300 us gap
+        Span(470, 500, "gemm_c"),  # a 20 us gap
+    ]
+    host = [
+        Span(0, 1000, "generate"),
+        Span(100, 420, "aten::item"),
+        Span(120, 400, "cudaStreamSynchronize"),
+        Span(440, 445, "cudaLaunchKernel"),
+    ]
+    idle = idle_gaps(device, host)
+    assert idle["busy_s"] == pytest.approx(175e-6)
+    assert idle["idle_s"] == pytest.approx(325e-6)
+    assert idle["by_length"] == {
+        "under 10 us": {"gaps": 1, "s": pytest.approx(5e-6)},
+        "10-100 us": {"gaps": 1, "s": pytest.approx(20e-6)},
+        "over 100 us": {"gaps": 1, "s": pytest.approx(300e-6)},
+    }
+    first = idle["largest"][0]
+    assert first["us"] == 300 and first["at_us"] == 110
+    assert (first["after"], first["before"]) == ("triton_poi_norm", "gemm_b")
+    assert first["host"] == ["cudaStreamSynchronize", "aten::item", "generate"]  # innermost first
+    assert [gap["us"] for gap in idle["largest"]] == [300, 20, 5]
+
+
+def test_idle_gaps_of_no_kernels_are_empty() -> None:
+    assert idle_gaps([], [Span(0, 10, "generate")])["largest"] == []
