@@ -40,6 +40,7 @@ from worker.engine import FluxEngine, internal_params
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.fp8_attention_processor import Fp8FluxAttnProcessor
 from worker.optimizations.fp8_mlp import apply_fp8_mlp_epilogues
+from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import DType, EngineOptions
 
@@ -70,6 +71,7 @@ class Variant:
     fp8_mlp: bool = False  # worker.optimizations.fp8_mlp's kernels for the fp8 MLPs' GELU + quantization
     # --attention-fp8 with its e4m3 output dequantized before the double blocks' fp8 output projections
     fp8_attention_dequant: bool = False
+    head_major_qk: bool = False  # the fused query/key kernel writing head-major (its layout before lease 48)
 
     @property
     def fp8(self) -> bool:
@@ -146,6 +148,9 @@ VARIANTS: dict[str, Variant] = {
         {**FP8, **COMPILED, "attention_fp8": True, "precompute_modulation": False}
     ),
     "cache-fast-per-step-modulation": Variant({**COMPILED, "precompute_modulation": False}, "fast"),
+    # the fused query/key kernel writing head-major, as before lease 48 (the attention's output then copied
+    # to token-major before its projection, 57 copies a step)
+    "compiled-head-major-qk": Variant(COMPILED, head_major_qk=True),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
     "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }
@@ -275,6 +280,10 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
         for module in pipe.transformer.modules():
             if isinstance(getattr(module, "processor", None), Fp8FluxAttnProcessor):
                 module.processor.project_e4m3 = False
+    if variant.head_major_qk:  # before the first call traces the processors
+        for module in pipe.transformer.modules():
+            if isinstance(getattr(module, "processor", None), FusedQKFluxAttnProcessor):
+                module.processor.token_major = False
     if variant.whole is not None:
         compile_whole(pipe.transformer, variant.whole)
     return engine
@@ -294,6 +303,7 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "wide_rows": variant.wide_rows,
         "fp8_mlp": variant.fp8_mlp,
         "fp8_attention_dequant": variant.fp8_attention_dequant,
+        "head_major_qk": variant.head_major_qk,
         "sdpa_first": args.sdpa_first,
     }
     if any(changes.values()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 # the idle intervals between kernels, by length (µs): bubbles inside a replayed graph or a launch queue,
@@ -73,7 +74,9 @@ def kernel_seconds(work: Callable[[], Any]) -> dict[str, Any]:
         kind: _heaviest(listed, 20 if kind.startswith("other") else 8) for kind, listed in kernels.items()
     }
     report["host_top"] = _heaviest(host, 12)
-    report["idle"] = idle_gaps(*spans(prof.events()))
+    device, host_spans = spans(prof.events())
+    report["idle"] = idle_gaps(device, host_spans)
+    report["memsets_before"] = following(device, "Memset", 6)
     return report
 
 
@@ -90,6 +93,18 @@ def spans(events: Any) -> tuple[list[Span], list[Span]]:
         elif kernel_kind(event.name) is not None:  # c10d's annotations span their collective's kernel
             device.append(span)
     return device, host
+
+
+def following(device: Sequence[Span], prefix: str, count: int) -> list[dict[str, Any]]:
+    """The kernels that most often come right after one whose name starts with ``prefix`` (what a
+    memset is for: the kernel whose buffer it clears), with how often."""
+    ordered = sorted(device, key=lambda span: span.start)
+    tally: dict[str, int] = {}
+    for current, after in pairwise(ordered):
+        if current.name.startswith(prefix) and not after.name.startswith(prefix):
+            tally[after.name] = tally.get(after.name, 0) + 1
+    ranked = sorted(tally.items(), key=lambda item: item[1], reverse=True)[:count]
+    return [{"name": name, "calls": calls} for name, calls in ranked]
 
 
 def idle_gaps(device: Sequence[Span], host: Sequence[Span], largest: int = 10) -> dict[str, Any]:

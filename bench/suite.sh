@@ -77,6 +77,8 @@
 #            at 28 steps; stock first
 #   modtabprof  compiled bf16 and fp8 + fp8 attention with the modulation precomputed, profiled; stock first
 #   modtabu2 stock Ulysses-2, then Ulysses-2 on diffusers' runtime with and without the precompute
+#   tokmaj   the fused query/key kernel token-major (the default since lease 48) against head-major: its check at
+#            FLUX's shapes, then compiled bf16 both ways, profiled, against eager's image; stock first
 #   diag     the card's clock and power sampled throughout (smi.csv): a GEMM and the attention sustained for a
 #            while (bench.sustained), compiled bf16 profiled (kernels, idle gaps), then the precomputed
 #            modulation against the per-step one on true CFG, two images a job, tables in chunks
@@ -401,6 +403,13 @@ lane_modtabu2() {  # Ulysses-2 and Ring-2 on diffusers' runtime, the modulation 
   local P="python3 -m bench.parallel --num-gpus 2 --compile --repeats 3"
   $P --ulysses-degree 2 --output-file "$1/u2.json"
   $P --ulysses-degree 2 --no-precompute-modulation --output-file "$1/u2_per_step.json"
+}
+
+lane_tokmaj() {  # the query and key token-major: cuDNN's output needs no copy before its projection
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.qk_rope_check --output-file "$1/qk_rope_check.json"
+  python3 -m bench.pipeline --variants compiled-head-major-qk,compiled --repeats 3 --reference all --profile \
+    --output-file "$1/tokmaj.json"
 }
 
 lane_diag() {  # where the lossless image's time goes, and whether the card holds its clock

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.profiling import Span, idle_gaps, kernel_kind
+from bench.profiling import Span, following, idle_gaps, kernel_kind
 
 
 @pytest.mark.parametrize(
@@ -66,3 +66,17 @@ def test_idle_gaps_are_the_intervals_no_kernel_covers_with_what_the_host_was_doi
 
 def test_idle_gaps_of_no_kernels_are_empty() -> None:
     assert idle_gaps([], [Span(0, 10, "generate")])["largest"] == []
+
+
+def test_the_kernels_after_memsets_are_tallied_most_frequent_first() -> None:
+    device = [
+        Span(0, 1, "Memset (Device)"),
+        Span(2, 5, "gemm"),
+        Span(6, 7, "Memset (Device)"),
+        Span(7, 8, "Memset (Device)"),  # consecutive memsets count once, for the kernel after them
+        Span(9, 12, "gemm"),
+        Span(13, 14, "Memset (Device)"),
+        Span(15, 20, "attention"),
+        Span(21, 22, "norm"),
+    ]
+    assert following(device, "Memset", 5) == [{"name": "gemm", "calls": 2}, {"name": "attention", "calls": 1}]

@@ -45,6 +45,27 @@ def test_op_schema_and_fake_tensor_agree_with_the_kernel() -> None:
     out = qk_norm_rope(*args)
     assert out.shape == (2, 12, 3, 16) and out.transpose(1, 2).is_contiguous()  # SDPA's head-major layout
     assert torch.equal(out, reference(*args))
+    token_major = (*args, None, True)
+    torch.library.opcheck(qk_norm_rope, token_major)
+    tokens_first = qk_norm_rope(*token_major)
+    assert tokens_first.is_contiguous() and torch.equal(tokens_first, out)  # the same values, token-major
+
+
+def test_the_processor_hands_attention_token_major_queries_and_keys() -> None:
+    """cuDNN writes its output in the query's layout: token-major, the output projection reads it as is."""
+    model = tiny_transformer(torch.bfloat16)
+    apply_fused_qk_norm_rope(model)
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: object, **kwargs: object):
+        seen.append((query.transpose(1, 2).is_contiguous(), key.transpose(1, 2).is_contiguous()))
+        return original(query, key, value, *args, **kwargs)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        model(**inputs(torch.bfloat16))
+    assert seen == [(True, True)] * 5  # (batch, heads, tokens, head_dim) views of token-major storage
 
 
 def test_text_free_calls_rotate_the_image_tokens_only() -> None:

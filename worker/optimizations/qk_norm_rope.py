@@ -45,9 +45,10 @@ def reference(
     eps: float,
     head_dim: int,
     fp8_scale: torch.Tensor | None = None,
+    token_major: bool = False,
 ) -> torch.Tensor:
     """FLUX attention's ``torch.nn.RMSNorm`` on each part, their concatenation and ``apply_rotary_emb``,
-    head-major; with ``fp8_scale``, that result times the scale, rounded to e4m3."""
+    head-major (or token-major); with ``fp8_scale``, that result times the scale, rounded to e4m3."""
     parts = []
     for tokens, weight in ((text, text_weight), (image, image_weight)):
         if tokens.shape[1]:
@@ -55,6 +56,8 @@ def reference(
     rotated: torch.Tensor = apply_rotary_emb(torch.cat(parts, dim=1), (cos, sin), sequence_dim=1)  # type: ignore[arg-type, assignment]
     if fp8_scale is not None:
         rotated = (rotated.float() * fp8_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    if token_major:
+        return rotated.contiguous()
     return rotated.transpose(1, 2).contiguous().transpose(1, 2)
 
 
@@ -69,16 +72,19 @@ def qk_norm_rope(
     eps: float,
     head_dim: int,
     fp8_scale: torch.Tensor | None = None,
+    token_major: bool = False,
 ) -> torch.Tensor:
-    """(batch, text + image tokens, heads, head_dim), stored head-major: SDPA's layout after a transpose.
+    """(batch, text + image tokens, heads, head_dim), stored head-major: SDPA's layout after a transpose;
+    ``token_major``: stored as indexed, each token's heads side by side (the projections' layout, which
+    cuDNN's attention also reads and then writes its output in: no copy before the output projection).
 
     With ``fp8_scale`` (a one-element fp32 tensor) the output is e4m3: the bf16 result times the scale.
     """
     if image.is_cuda and triton is not None and head_dim & (head_dim - 1) == 0:  # tl.arange: powers of two
         return _triton_qk_norm_rope(
-            text, text_weight, image, image_weight, cos, sin, eps, head_dim, fp8_scale
+            text, text_weight, image, image_weight, cos, sin, eps, head_dim, fp8_scale, token_major
         )
-    return reference(text, text_weight, image, image_weight, cos, sin, eps, head_dim, fp8_scale)
+    return reference(text, text_weight, image, image_weight, cos, sin, eps, head_dim, fp8_scale, token_major)
 
 
 @qk_norm_rope.register_fake
@@ -92,17 +98,22 @@ def _(
     eps: float,
     head_dim: int,
     fp8_scale: torch.Tensor | None = None,
+    token_major: bool = False,
 ) -> torch.Tensor:
     dtype = torch.float8_e4m3fn if fp8_scale is not None else image.dtype
-    return head_major(image, text.shape[1] + image.shape[1], head_dim, dtype)
+    return qk_output(image, text.shape[1] + image.shape[1], head_dim, dtype, token_major)
 
 
-def head_major(
-    like: torch.Tensor, tokens: int, head_dim: int, dtype: torch.dtype | None = None
+def qk_output(
+    like: torch.Tensor, tokens: int, head_dim: int, dtype: torch.dtype, token_major: bool
 ) -> torch.Tensor:
+    """The op's (batch, tokens, heads, head_dim) output, stored head-major or token-major."""
     batch, heads = like.shape[0], like.shape[-1] // head_dim
-    strides = (heads * tokens * head_dim, head_dim, tokens * head_dim, 1)
-    return like.new_empty_strided((batch, tokens, heads, head_dim), strides, dtype=dtype or like.dtype)
+    if token_major:
+        strides = (tokens * heads * head_dim, heads * head_dim, head_dim, 1)
+    else:
+        strides = (heads * tokens * head_dim, head_dim, tokens * head_dim, 1)
+    return like.new_empty_strided((batch, tokens, heads, head_dim), strides, dtype=dtype)
 
 
 if triton is not None:
@@ -128,10 +139,11 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         GROUP_HEADS: tl.constexpr,
         FP8: tl.constexpr,
+        TOKEN_MAJOR: tl.constexpr,
     ):
         """One program per (batch, token, group of heads): the heads' rows loaded whole, normed, rotated in
-        pairs (``x * cos + stack(-odd, even) * sin``, as ``apply_rotary_emb``), written head-major; with
-        ``FP8``, the rounded result scaled and rounded again to e4m3."""
+        pairs (``x * cos + stack(-odd, even) * sin``, as ``apply_rotary_emb``), written head-major (or
+        token-major); with ``FP8``, the rounded result scaled and rounded again to e4m3."""
         row = tl.program_id(0)
         batch = row // tokens
         token = row % tokens
@@ -155,7 +167,10 @@ if triton is not None:
         if FP8:
             scaled = out.to(tl.float32) * tl.load(fp8_scale_ptr)
             out = tl.clamp(scaled, -448.0, 448.0).to(out_ptr.dtype.element_ty)  # e4m3's range
-        tl.store(out_ptr + (batch * heads + head) * tokens * HEAD_DIM + angle, out)
+        if TOKEN_MAJOR:
+            tl.store(out_ptr + (row * heads + head) * HEAD_DIM + dim, out)
+        else:
+            tl.store(out_ptr + (batch * heads + head) * tokens * HEAD_DIM + angle, out)
 
 
 def group_heads(heads: int) -> int:
@@ -176,10 +191,12 @@ def _triton_qk_norm_rope(
     eps: float,
     head_dim: int,
     fp8_scale: torch.Tensor | None,
+    token_major: bool,
 ) -> torch.Tensor:
     text_tokens = text.shape[1]
     tokens = text_tokens + image.shape[1]
-    out = head_major(image, tokens, head_dim, torch.float8_e4m3fn if fp8_scale is not None else None)
+    dtype = torch.float8_e4m3fn if fp8_scale is not None else image.dtype
+    out = qk_output(image, tokens, head_dim, dtype, token_major)
     heads = out.shape[2]
     if text_tokens == 0:  # the kernel never reads it; any pointer of the right type will do
         text, text_weight = image, image_weight
@@ -207,6 +224,7 @@ def _triton_qk_norm_rope(
         HEAD_DIM=head_dim,
         GROUP_HEADS=group,
         FP8=fp8_scale is not None,
+        TOKEN_MAJOR=token_major,
     )
     return out
 
@@ -218,13 +236,15 @@ def normed_rotated(
     which: str,
     rope: Any,
     fp8_scale: torch.Tensor | None = None,
+    token_major: bool = False,
 ) -> torch.Tensor:
     """``qk_norm_rope`` for the query (``which`` "q") or key ("k") of ``attn``, text tokens first."""
     image_norm, text_norm = qk_norms(attn, which, text is not None)
     text = image[:, :0] if text is None else text
     cos, sin = rope
+    weights = (text_norm.weight, image_norm.weight)
     return qk_norm_rope(
-        text, text_norm.weight, image, image_norm.weight, cos, sin, image_norm.eps, attn.head_dim, fp8_scale
+        text, weights[0], image, weights[1], cos, sin, image_norm.eps, attn.head_dim, fp8_scale, token_major
     )
 
 
@@ -243,6 +263,8 @@ def joined(text: torch.Tensor | None, image: torch.Tensor) -> torch.Tensor:
 
 class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     """diffusers' FLUX processor with ``qk_norm_rope`` in place of its norms, concatenation and rotation."""
+
+    token_major = True  # the query and key's layout (``attend``); head-major, as before, is a benchmark's
 
     def __call__(
         self,
@@ -274,9 +296,13 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
 
     def attend(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> torch.Tensor:
-        """Attention over the (text, image) projections, text first: (batch, tokens, heads x head_dim)."""
-        q = normed_rotated(attn, *query, "q", rope)
-        k = normed_rotated(attn, *key, "k", rope)
+        """Attention over the (text, image) projections, text first: (batch, tokens, heads x head_dim).
+
+        The query and key are written token-major, as the value already is: cuDNN's attention writes its
+        output in the query's layout, so the output projection reads it without a copy (head-major, each
+        layer copied its 28 MB output once: 57 copies a step)."""
+        q = normed_rotated(attn, *query, "q", rope, token_major=self.token_major)
+        k = normed_rotated(attn, *key, "k", rope, token_major=self.token_major)
         v = joined(*value).unflatten(-1, (-1, attn.head_dim))
         out = dispatch_attention_fn(
             q, k, v, backend=self._attention_backend, parallel_config=self._parallel_config
