@@ -79,6 +79,8 @@
 #   modtabu2 stock Ulysses-2, then Ulysses-2 on diffusers' runtime with and without the precompute
 #   tokmaj   the fused query/key kernel token-major (the default since lease 48) against head-major: its check at
 #            FLUX's shapes, then compiled bf16 both ways, profiled, against eager's image; stock first
+#   confirm  modtabb4's whole-stack runs (lossless, batches of up to 4, c=20 at 28 and 50 steps), then bf16 `fast`
+#            with the query/key token-major; stock first
 #   diag     the card's clock and power sampled throughout (smi.csv): a GEMM and the attention sustained for a
 #            while (bench.sustained), compiled bf16 profiled (kernels, idle gaps), then the precomputed
 #            modulation against the per-step one on true CFG, two images a job, tables in chunks
@@ -410,6 +412,11 @@ lane_tokmaj() {  # the query and key token-major: cuDNN's output needs no copy b
   python3 -m bench.qk_rope_check --output-file "$1/qk_rope_check.json"
   python3 -m bench.pipeline --variants compiled-head-major-qk,compiled --repeats 3 --reference all --profile \
     --output-file "$1/tokmaj.json"
+}
+
+lane_confirm() {  # the lossless serving targets on another card, then `fast` with the token-major query/key
+  lane_modtabb4 "$1"
+  python3 -m bench.pipeline --variants cache-fast --repeats 2 --output-file "$1/fast.json"
 }
 
 lane_diag() {  # where the lossless image's time goes, and whether the card holds its clock
