@@ -34,7 +34,6 @@ from bench.fidelity import Capture, capture, difference, weights_fingerprint
 from bench.profiling import kernel_seconds
 from bench.random_flux import build_flux1_dev
 from bench.whole import compile_whole
-from bench.wide_rows import wide_rows
 from shared.schemas import GenerationParams
 from worker.engine import FluxEngine, internal_params
 from worker.optimizations.epilogues import apply_gemm_epilogues
@@ -67,7 +66,6 @@ class Variant:
     whole: str | None = None  # compile the whole transformer as one graph with this mode ("default", ...)
     epilogues: bool = False
     inductor: dict[str, Any] = field(default_factory=dict)  # torch._inductor.config while it compiles
-    wide_rows: int | None = None  # bench.wide_rows: rows of up to this many elements reduced in registers
     fp8_mlp: bool = False  # worker.optimizations.fp8_mlp's kernels for the fp8 MLPs' GELU + quantization
     # --attention-fp8 with its e4m3 output dequantized before the double blocks' fp8 output projections
     fp8_attention_dequant: bool = False
@@ -124,11 +122,16 @@ VARIANTS: dict[str, Variant] = {
     "fp8-compiled-no-graphs": Variant({**FP8, **COMPILED, "cuda_graphs": False}),
     # the regional compile as it was before the GEMM epilogues became its default (lease 22)
     "compiled-no-epilogues": Variant({**COMPILED, "gemm_epilogues": False}),
-    "compiled-wide-rows": Variant(COMPILED, wide_rows=16384),
-    "fp8-compiled-wide-rows": Variant({**FP8, **COMPILED}, wide_rows=16384),
+    "compiled-wide-rows": Variant({**COMPILED, "one_pass_rows": 16384}),
+    "fp8-compiled-wide-rows": Variant({**FP8, **COMPILED, "one_pass_rows": 16384}),
     # 4,096: the blocks' LayerNorms (3,072) in one pass, fp8's MLP rows (12,288, 15,360) as inductor has them
-    "compiled-wide-rows-4k": Variant(COMPILED, wide_rows=4096),
-    "fp8-compiled-wide-rows-4k": Variant({**FP8, **COMPILED}, wide_rows=4096),
+    "compiled-wide-rows-4k": Variant({**COMPILED, "one_pass_rows": 4096}),
+    "fp8-compiled-wide-rows-4k": Variant({**FP8, **COMPILED, "one_pass_rows": 4096}),
+    # inductor's own 1,024-element one-pass rows, as before --one-pass-rows (4,096) became the default
+    "compiled-inductor-rows": Variant({**COMPILED, "one_pass_rows": 0}),
+    "fp8-compiled-fp8-attention-inductor-rows": Variant(
+        {**FP8, **COMPILED, "attention_fp8": True, "one_pass_rows": 0}
+    ),
     # fp8 with the MLPs' GELU + per-row quantization as Fluxgate's kernels (worker.optimizations.fp8_mlp)
     "fp8-compiled-mlp-kernel": Variant({**FP8, **COMPILED}, fp8_mlp=True),
     # --attention-fp8: FLUX.1's attention in fp8 through cuDNN (worker.optimizations.fp8_attention)
@@ -300,7 +303,6 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "whole": variant.whole,
         "epilogues": variant.epilogues,
         "inductor": variant.inductor,
-        "wide_rows": variant.wide_rows,
         "fp8_mlp": variant.fp8_mlp,
         "fp8_attention_dequant": variant.fp8_attention_dequant,
         "head_major_qk": variant.head_major_qk,
@@ -309,7 +311,7 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
     if any(changes.values()):
         result["bench_changes"] = changes
     inductor = torch._inductor.config.patch(variant.inductor)
-    with inductor, sdpa_first(args.sdpa_first), wide_rows(variant.wide_rows):
+    with inductor, sdpa_first(args.sdpa_first):
         result.update(run_prepared(variant, args, references, overrides, options))
     return result
 

@@ -46,7 +46,7 @@
 #            compile without them, bf16 and fp8, against eager's image; stock first. Run it alone on the machine
 #   speedcache  the cache-dit presets (fast, medium, ultra; fp8 + fast) on the compiled defaults
 #   widerows  the compiled defaults with inductor's one-pass row reductions widened to 16,384 elements
-#            (bench.wide_rows), bf16 and fp8, profiled, against eager's image
+#            (--one-pass-rows 16384), bf16 and fp8, profiled, against eager's image
 #   fp8mlp   the fp8 MLP quantization kernels: their check at FLUX's shapes (bench.fp8_mlp_check), then fp8
 #            compiled without and with them, with inductor's one-pass rows up to 4,096 (bf16 too), profiled,
 #            and fp8 + cache `fast`
@@ -79,6 +79,8 @@
 #   modtabu2 stock Ulysses-2, then Ulysses-2 on diffusers' runtime with and without the precompute
 #   tokmaj   the fused query/key kernel token-major (the default since lease 48) against head-major: its check at
 #            FLUX's shapes, then compiled bf16 both ways, profiled, against eager's image; stock first
+#   rows     inductor's one-pass rows at 4,096 (--one-pass-rows, the default) against its own 1,024: compiled bf16
+#            and fp8 + fp8 attention, profiled, against eager's image; stock first. Alone on the machine
 #   confirm  modtabb4's whole-stack runs (lossless, batches of up to 4, c=20 at 28 and 50 steps), then bf16 `fast`
 #            with the query/key token-major; stock first
 #   diag     the card's clock and power sampled throughout (smi.csv): a GEMM and the attention sustained for a
@@ -412,6 +414,12 @@ lane_tokmaj() {  # the query and key token-major: cuDNN's output needs no copy b
   python3 -m bench.qk_rope_check --output-file "$1/qk_rope_check.json"
   python3 -m bench.pipeline --variants compiled-head-major-qk,compiled --repeats 3 --reference all --profile \
     --output-file "$1/tokmaj.json"
+}
+
+lane_rows() {  # the LayerNorms' 3,072-wide rows in one pass
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.pipeline --variants compiled-inductor-rows,compiled,fp8-compiled-fp8-attention-inductor-rows,fp8-compiled-fp8-attention \
+    --repeats 3 --reference all --profile --output-file "$1/rows.json"
 }
 
 lane_confirm() {  # the lossless serving targets on another card, then `fast` with the token-major query/key

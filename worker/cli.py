@@ -87,6 +87,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="project FLUX.1's adaLN modulation at every step instead of once per job for all steps",
     )
+    add(
+        "--one-pass-rows",
+        type=int,
+        help="with --compile, inductor reduces rows of up to this many elements in one pass "
+        "(default 4096; 0: inductor's 1,024)",
+    )
     add("--compile-cache-dir", help="persistent torch compile cache (survives restarts)")
     add("--quantize", choices=["none", "fp8"], help="fp8 transformer blocks (GPU compute capability >= 8.9)")
     add(

@@ -25,6 +25,7 @@ from worker.optimizations.modulation import ModulationTables, Schedule, apply_mo
 from worker.optimizations.offload import OffloadConfig, apply_offload
 from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
+from worker.optimizations.rows import one_pass_rows
 from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
 from worker.options import EngineOptions
 from worker.parallel import (
@@ -236,6 +237,8 @@ class FluxEngine:
         self.graphs: StepGraphs | None = None
         # --precompute-modulation's tables, by the transformer module (the pipeline's, the replica) they serve
         self.modulation: dict[int, ModulationTables] = {}
+        # --one-pass-rows under --compile: inductor's row limit while a call may compile (0: inductor's own)
+        self.row_limit = 0
 
     @classmethod
     def load(cls, model_path: str, options: EngineOptions, cache: CacheFactory | None = None) -> FluxEngine:
@@ -283,6 +286,7 @@ class FluxEngine:
             engine.precompute_modulation()  # before compile: the compiled blocks trace the tabled layers
         if options.compile:
             compile_for_speed(pipeline, options, layout, offloaded)
+            engine.row_limit = options.one_pass_rows
             if options.cuda_graphs and step_graphs_apply(device, layout, offloaded):
                 engine.graphs = apply_step_graphs(pipeline.transformer, device, GraphConfig())
         return engine
@@ -345,7 +349,7 @@ class FluxEngine:
 
     def _run(self, transformer: Any, cache: CacheRunner | None, kwargs: dict[str, Any]) -> GenerationOutput:
         """One pipeline call with ``transformer`` in place; its modulation rows checked after it."""
-        with torch.inference_mode(), running_on(self.pipeline, transformer):
+        with torch.inference_mode(), running_on(self.pipeline, transformer), one_pass_rows(self.row_limit):
             images = to_pil(self.pipeline(**kwargs).images)
         if isinstance(transformer, Schedule):
             transformer.verify()

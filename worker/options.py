@@ -62,6 +62,9 @@ class EngineOptions(BaseSettings):
     # A resident FLUX.1 transformer's adaLN modulation projected once per job for all steps
     # (worker.optimizations.modulation): 6.5 GB of weight reads a step fewer.
     precompute_modulation: bool = True
+    # With --compile, inductor reduces rows of up to this many elements in one pass from registers
+    # (worker.optimizations.rows): FLUX.1's 3,072-wide LayerNorms; 0 keeps inductor's 1,024.
+    one_pass_rows: int = Field(default=4096, ge=0, le=65536)
     compile_cache_dir: str | None = None
     quantize: Literal["none", "fp8"] = "none"
     # FLUX.1's attention in fp8 through cuDNN (worker.optimizations.fp8_attention): lossy, so opt-in;
