@@ -127,6 +127,9 @@ VARIANTS: dict[str, Variant] = {
     # 4,096: the blocks' LayerNorms (3,072) in one pass, fp8's MLP rows (12,288, 15,360) as inductor has them
     "compiled-wide-rows-4k": Variant({**COMPILED, "one_pass_rows": 4096}),
     "fp8-compiled-wide-rows-4k": Variant({**FP8, **COMPILED, "one_pass_rows": 4096}),
+    # diffusers' fused query/key/value projections (one GEMM each for the image's and the text's q, k and v;
+    # a copy of their weights: +4 GB, for the timing only)
+    "compiled-fused-qkv": Variant(COMPILED, fuse_qkv=True),
     # inductor's own 1,024-element one-pass rows, as before --one-pass-rows (4,096) became the default
     "compiled-inductor-rows": Variant({**COMPILED, "one_pass_rows": 0}),
     "fp8-compiled-fp8-attention-inductor-rows": Variant(

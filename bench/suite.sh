@@ -81,6 +81,8 @@
 #            FLUX's shapes, then compiled bf16 both ways, profiled, against eager's image; stock first
 #   rows     inductor's one-pass rows at 4,096 (--one-pass-rows, the default) against its own 1,024: compiled bf16
 #            and fp8 + fp8 attention, profiled, against eager's image; stock first. Alone on the machine
+#   fusedqkv compiled bf16 with diffusers' fused q/k/v projections (one GEMM for each stream's q, k and v) against
+#            without, profiled, against eager's image; stock first. Alone on the machine
 #   confirm  modtabb4's whole-stack runs (lossless, batches of up to 4, c=20 at 28 and 50 steps), then bf16 `fast`
 #            with the query/key token-major; stock first
 #   diag     the card's clock and power sampled throughout (smi.csv): a GEMM and the attention sustained for a
@@ -420,6 +422,12 @@ lane_rows() {  # the LayerNorms' 3,072-wide rows in one pass
   (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
   python3 -m bench.pipeline --variants compiled-inductor-rows,compiled,fp8-compiled-fp8-attention-inductor-rows,fp8-compiled-fp8-attention \
     --repeats 3 --reference all --profile --output-file "$1/rows.json"
+}
+
+lane_fusedqkv() {  # the q, k and v projections as one GEMM per stream
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.pipeline --variants compiled,compiled-fused-qkv --repeats 3 --reference all --profile \
+    --output-file "$1/fusedqkv.json"
 }
 
 lane_confirm() {  # the lossless serving targets on another card, then `fast` with the token-major query/key
