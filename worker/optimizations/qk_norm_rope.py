@@ -242,9 +242,17 @@ def normed_rotated(
     image_norm, text_norm = qk_norms(attn, which, text is not None)
     text = image[:, :0] if text is None else text
     cos, sin = rope
-    weights = (text_norm.weight, image_norm.weight)
     return qk_norm_rope(
-        text, weights[0], image, weights[1], cos, sin, image_norm.eps, attn.head_dim, fp8_scale, token_major
+        text,
+        text_norm.weight,
+        image,
+        image_norm.weight,
+        cos,
+        sin,
+        image_norm.eps,
+        attn.head_dim,
+        fp8_scale,
+        token_major,
     )
 
 

@@ -3,9 +3,9 @@
 Inductor turns a reduction along a row into a "persistent" kernel (the row loaded once, reduced and then
 normalised or scaled from registers) only up to 1,024 elements; longer rows loop over memory twice. FLUX.1's
 adaLN LayerNorms reduce rows of 3,072 (the hidden size), 114 of them a step with the residual adds and
-modulation fused around them: on an H100 these kernels run at 1-1.5 TB/s where one pass reaches the memory's
-rate (docs/performance.md, leases 26-27: the compiled bf16 image 0.9% faster with the limit raised). At 4,096
-the fp8 path's 12,288- and 15,360-wide quantization rows stay as they were (lease 26: wider made them slower).
+modulation fused around them. On an H100 the limit at 4,096 takes 0.045 s of elementwise kernels off a bf16
+image, 0.4% of it, and 2.0% off fp8 with fp8 attention (docs/performance.md, lease 50). At 4,096 the fp8
+path's 12,288- and 15,360-wide quantization rows stay as they were (lease 26: wider made them slower).
 
 The limit is inductor's ``InductorChoices`` hook, which is thread-local: ``one_pass_rows`` installs it around
 the calls that may compile (the engine's pipeline calls, warm-up included). A no-op post-grad pass carries the
@@ -24,8 +24,6 @@ from torch._inductor.choices import InductorChoices
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
-
-ONE_PASS_ROWS = 4096  # the engine's default limit (EngineOptions.one_pass_rows); inductor's own is 1,024
 
 
 class OnePassRows(InductorChoices):
