@@ -69,7 +69,7 @@ class Variant:
     fp8_mlp: bool = False  # worker.optimizations.fp8_mlp's kernels for the fp8 MLPs' GELU + quantization
     # --attention-fp8 with its e4m3 output dequantized before the double blocks' fp8 output projections
     fp8_attention_dequant: bool = False
-    head_major_qk: bool = False  # the fused query/key kernel writing head-major (its layout before lease 48)
+    head_major_qk: bool = False  # the fused query/key kernel writing head-major (its layout before lease 49)
 
     @property
     def fp8(self) -> bool:
@@ -154,7 +154,7 @@ VARIANTS: dict[str, Variant] = {
         {**FP8, **COMPILED, "attention_fp8": True, "precompute_modulation": False}
     ),
     "cache-fast-per-step-modulation": Variant({**COMPILED, "precompute_modulation": False}, "fast"),
-    # the fused query/key kernel writing head-major, as before lease 48 (the attention's output then copied
+    # the fused query/key kernel writing head-major, as before lease 49 (the attention's output then copied
     # to token-major before its projection, 57 copies a step)
     "compiled-head-major-qk": Variant(COMPILED, head_major_qk=True),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
@@ -260,11 +260,8 @@ def reference_capture(
     pipe: Any, device: torch.device, params: GenerationParams, references: dict[Any, Capture]
 ) -> Capture:
     """The bf16 eager image of this build, generated once per process and per (weights, shape)."""
-    key = (
-        weights_fingerprint(pipe.transformer),
-        *(params.width, params.height, params.num_inference_steps, params.num_images),
-        *(params.negative_prompt, params.true_cfg_scale),
-    )
+    job = (params.num_inference_steps, params.num_images, params.negative_prompt, params.true_cfg_scale)
+    key = (weights_fingerprint(pipe.transformer), params.width, params.height, job)
     if key not in references:
         pipe.set_progress_bar_config(disable=True)
         references[key] = capture(FluxEngine(pipe, device), params)
