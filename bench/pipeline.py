@@ -36,10 +36,10 @@ from bench.random_flux import build_flux1_dev
 from bench.whole import compile_whole
 from shared.schemas import GenerationParams
 from worker.engine import FluxEngine, internal_params
+from worker.optimizations import qk_norm_rope as qk_module
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.fp8_attention_processor import Fp8FluxAttnProcessor
 from worker.optimizations.fp8_mlp import apply_fp8_mlp_epilogues
-from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import DType, EngineOptions
 
@@ -70,6 +70,7 @@ class Variant:
     # --attention-fp8 with its e4m3 output dequantized before the double blocks' fp8 output projections
     fp8_attention_dequant: bool = False
     head_major_qk: bool = False  # the fused query/key kernel writing head-major (its layout before lease 49)
+    qk_tokens: int = 1  # tokens a program of the fused query/key kernel (qk_norm_rope.TOKENS_PER_PROGRAM)
 
     @property
     def fp8(self) -> bool:
@@ -157,6 +158,9 @@ VARIANTS: dict[str, Variant] = {
     # the fused query/key kernel writing head-major, as before lease 49 (the attention's output then copied
     # to token-major before its projection, 57 copies a step)
     "compiled-head-major-qk": Variant(COMPILED, head_major_qk=True),
+    # the fused query/key kernel with 2 or 4 tokens a program (more bytes in flight; not yet measured)
+    "compiled-qk-tokens-2": Variant(COMPILED, qk_tokens=2),
+    "compiled-qk-tokens-4": Variant(COMPILED, qk_tokens=4),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
     "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }
@@ -285,7 +289,7 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
                 module.processor.project_e4m3 = False
     if variant.head_major_qk:  # before the first call traces the processors
         for module in pipe.transformer.modules():
-            if isinstance(getattr(module, "processor", None), FusedQKFluxAttnProcessor):
+            if isinstance(getattr(module, "processor", None), qk_module.FusedQKFluxAttnProcessor):
                 module.processor.token_major = False
     if variant.whole is not None:
         compile_whole(pipe.transformer, variant.whole)
@@ -306,13 +310,18 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "fp8_mlp": variant.fp8_mlp,
         "fp8_attention_dequant": variant.fp8_attention_dequant,
         "head_major_qk": variant.head_major_qk,
+        "qk_tokens": variant.qk_tokens if variant.qk_tokens != 1 else None,
         "sdpa_first": args.sdpa_first,
     }
     if any(changes.values()):
         result["bench_changes"] = changes
     inductor = torch._inductor.config.patch(variant.inductor)
-    with inductor, sdpa_first(args.sdpa_first):
-        result.update(run_prepared(variant, args, references, overrides, options))
+    qk_module.TOKENS_PER_PROGRAM = variant.qk_tokens  # read at each call of the kernel: set for every variant
+    try:
+        with inductor, sdpa_first(args.sdpa_first):
+            result.update(run_prepared(variant, args, references, overrides, options))
+    finally:
+        qk_module.TOKENS_PER_PROGRAM = 1
     return result
 
 

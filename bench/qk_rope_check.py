@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from bench.attention_probe import report, time_ms
+from worker.optimizations import qk_norm_rope as qk_module
 from worker.optimizations.qk_norm_rope import qk_norm_rope, reference
 
 HEADS, HEAD_DIM = 24, 128
@@ -39,7 +40,7 @@ def case(text_tokens: int, image_tokens: int) -> dict[str, Any]:
         HEAD_DIM,
     )
     expected, got = reference(*args), qk_norm_rope(*args)
-    token_major = (*args, None, True)  # the layout the bf16 processor asks for since lease 48
+    token_major = (*args, None, True)  # the layout the bf16 processor asks for since lease 49
     compiled = torch.compile(reference, fullgraph=True)
     difference = (got.float() - expected.float()).abs()
     times = {
@@ -60,7 +61,46 @@ def case(text_tokens: int, image_tokens: int) -> dict[str, Any]:
         **{name: round(ms, 4) for name, ms in times.items()},
         "triton_tb_s": round(moved / times["triton_ms"] / 1e9, 2),
         "triton_token_major_tb_s": round(moved / times["triton_token_major_ms"] / 1e9, 2),
+        "tokens_per_program": tokens_per_program(token_major, moved),
     }
+
+
+def tokens_per_program(args: tuple[Any, ...], moved: int) -> dict[str, Any]:
+    """The token-major kernel with 1, 2, 4 and 8 tokens a program (``TOKENS_PER_PROGRAM``): each form's
+    output against the one-token kernel's, and its time replayed from a CUDA graph (the kernel's alone:
+    ``time_ms`` above includes the op's host time, several times the kernel's)."""
+    forms: dict[str, Any] = {}
+    try:
+        baseline = qk_norm_rope(*args)
+        for tokens in (1, 2, 4, 8):
+            qk_module.TOKENS_PER_PROGRAM = tokens
+            ms = graph_ms(lambda: qk_norm_rope(*args))
+            forms[str(tokens)] = {
+                "equal": bool(torch.equal(qk_norm_rope(*args), baseline)),
+                "ms": round(ms, 4),
+                "tb_s": round(moved / ms / 1e9, 2),
+            }
+    finally:
+        qk_module.TOKENS_PER_PROGRAM = 1
+    return forms
+
+
+def graph_ms(fn: Any, calls: int = 50, replays: int = 5) -> float:
+    """Milliseconds a call of ``fn`` takes on the GPU, ``calls`` of them captured in one CUDA graph."""
+    fn()  # compiles the kernel outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (calls * replays)
 
 
 def main(argv: list[str] | None = None) -> int:

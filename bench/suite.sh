@@ -83,6 +83,8 @@
 #            and fp8 + fp8 attention, profiled, against eager's image; stock first. Alone on the machine
 #   fusedqkv compiled bf16 with diffusers' fused q/k/v projections (one GEMM for each stream's q, k and v) against
 #            without, profiled, against eager's image; stock first. Alone on the machine
+#   qktokens the fused query/key kernel with 1, 2, 4 and 8 tokens a program timed from CUDA graphs
+#            (bench.qk_rope_check), then compiled bf16 with 1 (the default), 2 and 4, profiled; stock first
 #   confirm  modtabb4's whole-stack runs (lossless, batches of up to 4, c=20 at 28 and 50 steps), then bf16 `fast`
 #            with the query/key token-major; stock first
 #   diag     the card's clock and power sampled throughout (smi.csv): a GEMM and the attention sustained for a
@@ -428,6 +430,13 @@ lane_fusedqkv() {  # the q, k and v projections as one GEMM per stream
   (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
   python3 -m bench.pipeline --variants compiled,compiled-fused-qkv --repeats 3 --reference all --profile \
     --output-file "$1/fusedqkv.json"
+}
+
+lane_qktokens() {  # more bytes in flight per program of the query/key kernel
+  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  python3 -m bench.qk_rope_check --output-file "$1/qk_rope_check.json"
+  python3 -m bench.pipeline --variants compiled,compiled-qk-tokens-2,compiled-qk-tokens-4 --repeats 3 \
+    --reference all --profile --output-file "$1/qktokens.json"
 }
 
 lane_confirm() {  # the lossless serving targets on another card, then `fast` with the token-major query/key

@@ -11,6 +11,7 @@ import torch
 
 from bench import pipeline
 from bench.fidelity import Capture, difference
+from worker.optimizations import qk_norm_rope
 
 
 def test_smoke_runs_fp8_variants_and_reports_their_difference_from_bf16(tmp_path: Path) -> None:
@@ -112,3 +113,12 @@ def test_true_cfg_batched_jobs_with_chunked_modulation_tables_match_the_per_step
         assert "error" not in result
         # both against the eager true-CFG image of two: the precompute changes only the GEMMs' rounding
         assert result["difference"]["latents_rel_rms"] < 0.01
+
+
+def test_qk_tokens_variants_set_the_kernels_tokens_per_program_for_their_run_only(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    argv = ["--smoke", "--res", "64", "--steps", "2", "--repeats", "1", "--output-file", str(out)]
+    assert pipeline.main([*argv, "--variants", "compiled-qk-tokens-4"]) == 0
+    result = json.loads(out.read_text())["variants"][0]
+    assert "error" not in result and result["bench_changes"]["qk_tokens"] == 4
+    assert qk_norm_rope.TOKENS_PER_PROGRAM == 1  # back to the measured kernel for what runs next

@@ -172,6 +172,71 @@ if triton is not None:
         else:
             tl.store(out_ptr + (batch * heads + head) * tokens * HEAD_DIM + angle, out)
 
+    @triton.jit
+    def _qk_norm_rope_tokens_kernel(
+        text_ptr,
+        text_weight_ptr,
+        image_ptr,
+        image_weight_ptr,
+        cos_ptr,
+        sin_ptr,
+        fp8_scale_ptr,
+        out_ptr,
+        text_tokens,
+        tokens,
+        heads,
+        eps,
+        text_batch_stride,
+        text_token_stride,
+        image_batch_stride,
+        image_token_stride,
+        HEAD_DIM: tl.constexpr,
+        GROUP_HEADS: tl.constexpr,
+        TOKENS: tl.constexpr,
+        FP8: tl.constexpr,
+        TOKEN_MAJOR: tl.constexpr,
+    ):
+        """``_qk_norm_rope_kernel``'s math for ``TOKENS`` tokens a program (an experiment: more bytes in
+        flight per program; ``TOKENS_PER_PROGRAM``): each token's row from the text or the image part."""
+        batch = tl.program_id(2)
+        token = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)[:, None, None]
+        head = tl.program_id(1) * GROUP_HEADS + tl.arange(0, GROUP_HEADS)[None, :, None]
+        dim = tl.arange(0, HEAD_DIM)[None, None, :]
+        valid = token < tokens
+        text_row = token < text_tokens
+        features = head * HEAD_DIM + dim
+        text_at = text_ptr + batch * text_batch_stride + token * text_token_stride + features
+        image_at = (
+            image_ptr + batch * image_batch_stride + (token - text_tokens) * image_token_stride + features
+        )
+        x = tl.where(
+            text_row,
+            tl.load(text_at, mask=valid & text_row, other=0.0),
+            tl.load(image_at, mask=valid & (token >= text_tokens), other=0.0),
+        ).to(tl.float32)
+        dtype = image_ptr.dtype.element_ty
+        weight = tl.where(text_row, tl.load(text_weight_ptr + dim), tl.load(image_weight_ptr + dim))
+        scale = tl.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
+        x = (x * scale * weight.to(tl.float32)).to(dtype).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x, (TOKENS, GROUP_HEADS, HEAD_DIM // 2, 2)))
+        rotated = tl.reshape(tl.join(-odd, even), (TOKENS, GROUP_HEADS, HEAD_DIM))
+        angle = token * HEAD_DIM + dim
+        cos = tl.load(cos_ptr + angle, mask=valid, other=0.0)
+        out = (x * cos + rotated * tl.load(sin_ptr + angle, mask=valid, other=0.0)).to(dtype)
+        if FP8:
+            scaled = out.to(tl.float32) * tl.load(fp8_scale_ptr)
+            out = tl.clamp(scaled, -448.0, 448.0).to(out_ptr.dtype.element_ty)  # e4m3's range
+        if TOKEN_MAJOR:
+            at = ((batch * tokens + token) * heads + head) * HEAD_DIM + dim
+        else:
+            at = (batch * heads + head) * tokens * HEAD_DIM + angle
+        tl.store(out_ptr + at, out, mask=valid)
+
+
+# Tokens a program of the Triton kernel takes. 1: ``_qk_norm_rope_kernel``, the measured default; more:
+# ``_qk_norm_rope_tokens_kernel``, which the benchmark's ``*-qk-tokens-*`` variants time (not yet measured).
+TOKENS_PER_PROGRAM = 1
+
 
 def group_heads(heads: int) -> int:
     """Heads per program: the largest power of two up to 8 that divides ``heads`` (FLUX.1's 24: 8)."""
@@ -204,7 +269,7 @@ def _triton_qk_norm_rope(
         if part.stride(-1) != 1:
             raise ValueError("qk_norm_rope needs each token's features contiguous")
     group = group_heads(heads)
-    _qk_norm_rope_kernel[(out.shape[0] * tokens, heads // group)](
+    arguments = (
         text,
         text_weight.contiguous(),
         image,
@@ -221,11 +286,18 @@ def _triton_qk_norm_rope(
         text.stride(1),
         image.stride(0),
         image.stride(1),
-        HEAD_DIM=head_dim,
-        GROUP_HEADS=group,
-        FP8=fp8_scale is not None,
-        TOKEN_MAJOR=token_major,
     )
+    flags = {
+        "HEAD_DIM": head_dim,
+        "GROUP_HEADS": group,
+        "FP8": fp8_scale is not None,
+        "TOKEN_MAJOR": token_major,
+    }
+    if TOKENS_PER_PROGRAM == 1:
+        _qk_norm_rope_kernel[(out.shape[0] * tokens, heads // group)](*arguments, **flags)
+    else:
+        grid = (triton.cdiv(tokens, TOKENS_PER_PROGRAM), heads // group, out.shape[0])
+        _qk_norm_rope_tokens_kernel[grid](*arguments, TOKENS=TOKENS_PER_PROGRAM, **flags)
     return out
 
 
