@@ -35,6 +35,28 @@ def time_ms(fn: Callable[[], object], repeats: int = 20) -> float:
     return start.elapsed_time(end) / repeats
 
 
+def graph_ms(fn: Callable[[], Any], calls: int = 20, replays: int = 5) -> tuple[float, Any]:
+    """GPU milliseconds per call with the host out of the way: ``calls`` calls captured, replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            out = fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (calls * replays), out
+
+
 def main() -> None:
     batch, heads, tokens, dim = 1, 24, 4096 + 512, 128
     flops = 4 * batch * heads * tokens * tokens * dim

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.attention_probe import report
+from bench.attention_probe import graph_ms, report
 from worker.optimizations import fp8_attention as fa
 from worker.optimizations import fp8_attention_cudnn as cudnn_graphs
 from worker.optimizations.qk_norm_rope import qk_norm_rope, reference
@@ -41,28 +41,6 @@ def errors(got: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
         "max_abs": round(difference.abs().max().item(), 6),
         "psnr_db": round(10 * math.log10(peak * peak / mse), 2) if mse else float("inf"),
     }
-
-
-def graph_ms(fn: Callable[[], Any], calls: int = 20, replays: int = 5) -> tuple[float, Any]:
-    """GPU milliseconds per call with the host out of the way: ``calls`` calls captured, replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            out = fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (calls * replays), out
 
 
 def probe_output_types(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bench.attention_probe import report, time_ms
+from bench.attention_probe import graph_ms, report, time_ms
 from worker.optimizations import qk_norm_rope as qk_module
 from worker.optimizations.qk_norm_rope import qk_norm_rope, reference
 
@@ -74,7 +74,7 @@ def tokens_per_program(args: tuple[Any, ...], moved: int) -> dict[str, Any]:
         baseline = qk_norm_rope(*args)
         for tokens in (1, 2, 4, 8):
             qk_module.TOKENS_PER_PROGRAM = tokens
-            ms = graph_ms(lambda: qk_norm_rope(*args))
+            ms, _ = graph_ms(lambda: qk_norm_rope(*args), calls=50)
             forms[str(tokens)] = {
                 "equal": bool(torch.equal(qk_norm_rope(*args), baseline)),
                 "ms": round(ms, 4),
@@ -83,24 +83,6 @@ def tokens_per_program(args: tuple[Any, ...], moved: int) -> dict[str, Any]:
     finally:
         qk_module.TOKENS_PER_PROGRAM = 1
     return forms
-
-
-def graph_ms(fn: Any, calls: int = 50, replays: int = 5) -> float:
-    """Milliseconds a call of ``fn`` takes on the GPU, ``calls`` of them captured in one CUDA graph."""
-    fn()  # compiles the kernel outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (calls * replays)
 
 
 def main(argv: list[str] | None = None) -> int:
