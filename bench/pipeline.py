@@ -31,6 +31,7 @@ import torch
 import torch._inductor.config
 
 from bench.fidelity import Capture, capture, difference, weights_fingerprint
+from bench.gemm_check import SETTINGS, blas_setting
 from bench.profiling import kernel_seconds
 from bench.random_flux import build_flux1_dev
 from bench.whole import compile_whole
@@ -71,6 +72,8 @@ class Variant:
     fp8_attention_dequant: bool = False
     head_major_qk: bool = False  # the fused query/key kernel writing head-major (its layout before lease 49)
     qk_tokens: int = 1  # tokens a program of the fused query/key kernel (qk_norm_rope.TOKENS_PER_PROGRAM)
+    # torch's BLAS library and bf16 split-K setting while the variant runs (bench.gemm_check.SETTINGS)
+    blas: str | None = None
 
     @property
     def fp8(self) -> bool:
@@ -161,6 +164,11 @@ VARIANTS: dict[str, Variant] = {
     # the fused query/key kernel with 2 or 4 tokens a program (more bytes in flight; not yet measured)
     "compiled-qk-tokens-2": Variant(COMPILED, qk_tokens=2),
     "compiled-qk-tokens-4": Variant(COMPILED, qk_tokens=4),
+    # cuBLASLt for every GEMM, and its split-K reductions: in fp32 in a kernel of their own (no zeroed
+    # counters before the GEMM), or none
+    "compiled-cublaslt": Variant(COMPILED, blas="cublaslt"),
+    "compiled-fp32-split-k": Variant(COMPILED, blas="cublaslt, fp32 split-K"),
+    "compiled-no-split-k": Variant(COMPILED, blas="cublaslt, no split-K"),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
     "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }
@@ -311,6 +319,7 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "fp8_attention_dequant": variant.fp8_attention_dequant,
         "head_major_qk": variant.head_major_qk,
         "qk_tokens": variant.qk_tokens if variant.qk_tokens != 1 else None,
+        "blas": variant.blas,
         "sdpa_first": args.sdpa_first,
     }
     if any(changes.values()):
@@ -318,11 +327,20 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
     inductor = torch._inductor.config.patch(variant.inductor)
     qk_module.TOKENS_PER_PROGRAM = variant.qk_tokens  # read at each call of the kernel: set for every variant
     try:
-        with inductor, sdpa_first(args.sdpa_first):
+        with inductor, sdpa_first(args.sdpa_first), blas(None if args.smoke else variant.blas):
             result.update(run_prepared(variant, args, references, overrides, options))
     finally:
         qk_module.TOKENS_PER_PROGRAM = 1
     return result
+
+
+def blas(setting: str | None) -> contextlib.AbstractContextManager[None]:
+    """One of ``bench.gemm_check.SETTINGS`` while a variant builds, compiles and runs (its CUDA graphs keep
+    the GEMM kernels chosen at capture). The CPU (``--smoke``) has no cuBLASLt: there it is left out."""
+    if setting is None:
+        return contextlib.nullcontext()
+    library, reduction = SETTINGS[setting]
+    return blas_setting(library, reduction)
 
 
 def sdpa_first(backend: str | None) -> contextlib.AbstractContextManager[None]:

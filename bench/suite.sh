@@ -90,6 +90,10 @@
 #   diag     the card's clock and power sampled throughout (smi.csv): a GEMM and the attention sustained for a
 #            while (bench.sustained), compiled bf16 profiled (kernels, idle gaps), then the precomputed
 #            modulation against the per-step one on true CFG, two images a job, tables in chunks
+#   blas     FLUX's GEMM shapes under each cuBLAS library and split-K setting (bench.gemm_check), then compiled
+#            bf16 with cuBLASLt and its split-K reduced in place (torch's default), in fp32 apart, or not at all,
+#            profiled, against eager's image; stock first. Alone on the machine
+# NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
 OUT=${OUT:?set OUT}
@@ -432,8 +436,19 @@ lane_fusedqkv() {  # the q, k and v projections as one GEMM per stream
     --output-file "$1/fusedqkv.json"
 }
 
+stock() {  # stock diffusers on one GPU, the lease's baseline (unless NO_STOCK=1)
+  [ "${NO_STOCK:-0}" = 1 ] || (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+}
+
+lane_blas() {  # the GEMMs without the zeroed split-K counters before them
+  stock "$1"
+  python3 -m bench.gemm_check --output-file "$1/gemm_check.json"
+  python3 -m bench.pipeline --variants compiled,compiled-no-split-k,compiled-fp32-split-k,compiled-cublaslt \
+    --repeats 3 --reference all --profile --output-file "$1/blas.json"
+}
+
 lane_qktokens() {  # more bytes in flight per program of the query/key kernel
-  (cd .gpu && python3 stock_diffusers_flux1_dev.py) >"$1/stock.log" 2>&1
+  stock "$1"
   python3 -m bench.qk_rope_check --output-file "$1/qk_rope_check.json"
   python3 -m bench.pipeline --variants compiled,compiled-qk-tokens-2,compiled-qk-tokens-4 --repeats 3 \
     --reference all --profile --output-file "$1/qktokens.json"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import pipeline
+from bench import gemm_check, pipeline
 from bench.fidelity import Capture, difference
 from worker.optimizations import qk_norm_rope
 
@@ -122,3 +122,13 @@ def test_qk_tokens_variants_set_the_kernels_tokens_per_program_for_their_run_onl
     result = json.loads(out.read_text())["variants"][0]
     assert "error" not in result and result["bench_changes"]["qk_tokens"] == 4
     assert qk_norm_rope.TOKENS_PER_PROGRAM == 1  # back to the measured kernel for what runs next
+
+
+def test_blas_variants_name_a_gemm_check_setting_and_run_on_the_cpu_without_it(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    argv = ["--smoke", "--res", "64", "--steps", "2", "--repeats", "1", "--output-file", str(out)]
+    assert pipeline.main([*argv, "--variants", "compiled-no-split-k"]) == 0
+    result = json.loads(out.read_text())["variants"][0]
+    assert "error" not in result and result["bench_changes"]["blas"] == "cublaslt, no split-K"
+    for variant in pipeline.VARIANTS.values():
+        assert variant.blas is None or variant.blas in gemm_check.SETTINGS
