@@ -71,7 +71,8 @@ class Variant:
     # --attention-fp8 with its e4m3 output dequantized before the double blocks' fp8 output projections
     fp8_attention_dequant: bool = False
     head_major_qk: bool = False  # the fused query/key kernel writing head-major (its layout before lease 49)
-    qk_tokens: int = 1  # tokens a program of the fused query/key kernel (qk_norm_rope.TOKENS_PER_PROGRAM)
+    qk_tokens: int | None = None  # tokens a program of the fused query/key kernel, None: the worker's
+    # (qk_norm_rope.TOKENS_PER_PROGRAM)
     # torch's BLAS library and bf16 split-K setting while the variant runs (bench.gemm_check.SETTINGS)
     blas: str | None = None
 
@@ -162,8 +163,8 @@ VARIANTS: dict[str, Variant] = {
     # to token-major before its projection, 57 copies a step)
     "compiled-head-major-qk": Variant(COMPILED, head_major_qk=True),
     # the fused query/key kernel with 2 or 4 tokens a program (more bytes in flight; not yet measured)
+    "compiled-qk-tokens-1": Variant(COMPILED, qk_tokens=1),  # the kernel before lease 53
     "compiled-qk-tokens-2": Variant(COMPILED, qk_tokens=2),
-    "compiled-qk-tokens-4": Variant(COMPILED, qk_tokens=4),
     # cuBLASLt for every GEMM, and its split-K reductions: in fp32 in a kernel of their own (no zeroed
     # counters before the GEMM), or none
     "compiled-cublaslt": Variant(COMPILED, blas="cublaslt"),
@@ -318,19 +319,20 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "fp8_mlp": variant.fp8_mlp,
         "fp8_attention_dequant": variant.fp8_attention_dequant,
         "head_major_qk": variant.head_major_qk,
-        "qk_tokens": variant.qk_tokens if variant.qk_tokens != 1 else None,
+        "qk_tokens": variant.qk_tokens,
         "blas": variant.blas,
         "sdpa_first": args.sdpa_first,
     }
     if any(changes.values()):
         result["bench_changes"] = changes
     inductor = torch._inductor.config.patch(variant.inductor)
-    qk_module.TOKENS_PER_PROGRAM = variant.qk_tokens  # read at each call of the kernel: set for every variant
+    worker_tokens = qk_module.TOKENS_PER_PROGRAM  # read at each call of the kernel
+    qk_module.TOKENS_PER_PROGRAM = variant.qk_tokens or worker_tokens
     try:
         with inductor, sdpa_first(args.sdpa_first), blas(None if args.smoke else variant.blas):
             result.update(run_prepared(variant, args, references, overrides, options))
     finally:
-        qk_module.TOKENS_PER_PROGRAM = 1
+        qk_module.TOKENS_PER_PROGRAM = worker_tokens
     return result
 
 

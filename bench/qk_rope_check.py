@@ -70,6 +70,7 @@ def tokens_per_program(args: tuple[Any, ...], moved: int) -> dict[str, Any]:
     output against the one-token kernel's, and its time replayed from a CUDA graph (the kernel's alone:
     ``time_ms`` above includes the op's host time, several times the kernel's)."""
     forms: dict[str, Any] = {}
+    worker_tokens = qk_module.TOKENS_PER_PROGRAM
     try:
         baseline = qk_norm_rope(*args)
         for tokens in (1, 2, 4, 8):
@@ -81,7 +82,7 @@ def tokens_per_program(args: tuple[Any, ...], moved: int) -> dict[str, Any]:
                 "tb_s": round(moved / ms / 1e9, 2),
             }
     finally:
-        qk_module.TOKENS_PER_PROGRAM = 1
+        qk_module.TOKENS_PER_PROGRAM = worker_tokens
     return forms
 
 

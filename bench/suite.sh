@@ -84,7 +84,10 @@
 #   fusedqkv compiled bf16 with diffusers' fused q/k/v projections (one GEMM for each stream's q, k and v) against
 #            without, profiled, against eager's image; stock first. Alone on the machine
 #   qktokens the fused query/key kernel with 1, 2, 4 and 8 tokens a program timed from CUDA graphs
-#            (bench.qk_rope_check), then compiled bf16 with 1 (the default), 2 and 4, profiled; stock first
+#            (bench.qk_rope_check), then compiled bf16 with 4 (the default since lease 53), 1 and 2, profiled;
+#            stock first
+#   tok4     with the query/key kernel's 4 tokens a program: fp8 + fp8 attention against eager's image and bf16
+#            `fast`, then the whole stack lossless at c=20, 50 steps, batches of up to 4; stock first
 #   confirm  modtabb4's whole-stack runs (lossless, batches of up to 4, c=20 at 28 and 50 steps), then bf16 `fast`
 #            with the query/key token-major; stock first
 #   diag     the card's clock and power sampled throughout (smi.csv): a GEMM and the attention sustained for a
@@ -450,8 +453,16 @@ lane_blas() {  # the GEMMs without the zeroed split-K counters before them
 lane_qktokens() {  # more bytes in flight per program of the query/key kernel
   stock "$1"
   python3 -m bench.qk_rope_check --output-file "$1/qk_rope_check.json"
-  python3 -m bench.pipeline --variants compiled,compiled-qk-tokens-2,compiled-qk-tokens-4 --repeats 3 \
+  python3 -m bench.pipeline --variants compiled,compiled-qk-tokens-1,compiled-qk-tokens-2 --repeats 3 \
     --reference all --profile --output-file "$1/qktokens.json"
+}
+
+lane_tok4() {  # the other paths through the query/key kernel, then the serving target it was adopted for
+  stock "$1"
+  python3 -m bench.pipeline --variants fp8-compiled-fp8-attention,cache-fast --repeats 3 \
+    --output-file "$1/tok4.json"
+  python3 -m bench.e2e --out "$1/e2e" --no-stock --only c20-50steps \
+    --worker-flags "--compile --max-batch-size 4" --budget-s $((LANE_TIMEOUT_S - SECONDS - 20))
 }
 
 lane_confirm() {  # the lossless serving targets on another card, then `fast` with the token-major query/key

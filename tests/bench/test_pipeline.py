@@ -118,10 +118,10 @@ def test_true_cfg_batched_jobs_with_chunked_modulation_tables_match_the_per_step
 def test_qk_tokens_variants_set_the_kernels_tokens_per_program_for_their_run_only(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     argv = ["--smoke", "--res", "64", "--steps", "2", "--repeats", "1", "--output-file", str(out)]
-    assert pipeline.main([*argv, "--variants", "compiled-qk-tokens-4"]) == 0
+    assert pipeline.main([*argv, "--variants", "compiled-qk-tokens-1"]) == 0
     result = json.loads(out.read_text())["variants"][0]
-    assert "error" not in result and result["bench_changes"]["qk_tokens"] == 4
-    assert qk_norm_rope.TOKENS_PER_PROGRAM == 1  # back to the measured kernel for what runs next
+    assert "error" not in result and result["bench_changes"]["qk_tokens"] == 1
+    assert qk_norm_rope.TOKENS_PER_PROGRAM == 4  # back to the worker's kernel for what runs next
 
 
 def test_blas_variants_name_a_gemm_check_setting_and_run_on_the_cpu_without_it(tmp_path: Path) -> None:

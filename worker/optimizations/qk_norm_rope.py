@@ -138,66 +138,14 @@ if triton is not None:
         image_token_stride,
         HEAD_DIM: tl.constexpr,
         GROUP_HEADS: tl.constexpr,
-        FP8: tl.constexpr,
-        TOKEN_MAJOR: tl.constexpr,
-    ):
-        """One program per (batch, token, group of heads): the heads' rows loaded whole, normed, rotated in
-        pairs (``x * cos + stack(-odd, even) * sin``, as ``apply_rotary_emb``), written head-major (or
-        token-major); with ``FP8``, the rounded result scaled and rounded again to e4m3."""
-        row = tl.program_id(0)
-        batch = row // tokens
-        token = row % tokens
-        head = tl.program_id(1) * GROUP_HEADS + tl.arange(0, GROUP_HEADS)[:, None]
-        dim = tl.arange(0, HEAD_DIM)[None, :]
-        if token < text_tokens:
-            source = text_ptr + batch * text_batch_stride + token * text_token_stride
-            weight_ptr = text_weight_ptr
-        else:
-            source = image_ptr + batch * image_batch_stride + (token - text_tokens) * image_token_stride
-            weight_ptr = image_weight_ptr
-        dtype = image_ptr.dtype.element_ty
-        x = tl.load(source + head * HEAD_DIM + dim).to(tl.float32)
-        scale = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
-        # torch's RMSNorm scales and weighs in fp32 and rounds once; the rotation then reads that value
-        x = (x * scale * tl.load(weight_ptr + dim).to(tl.float32)).to(dtype).to(tl.float32)
-        even, odd = tl.split(tl.reshape(x, (GROUP_HEADS, HEAD_DIM // 2, 2)))
-        rotated = tl.reshape(tl.join(-odd, even), (GROUP_HEADS, HEAD_DIM))
-        angle = token * HEAD_DIM + dim
-        out = (x * tl.load(cos_ptr + angle) + rotated * tl.load(sin_ptr + angle)).to(dtype)
-        if FP8:
-            scaled = out.to(tl.float32) * tl.load(fp8_scale_ptr)
-            out = tl.clamp(scaled, -448.0, 448.0).to(out_ptr.dtype.element_ty)  # e4m3's range
-        if TOKEN_MAJOR:
-            tl.store(out_ptr + (row * heads + head) * HEAD_DIM + dim, out)
-        else:
-            tl.store(out_ptr + (batch * heads + head) * tokens * HEAD_DIM + angle, out)
-
-    @triton.jit
-    def _qk_norm_rope_tokens_kernel(
-        text_ptr,
-        text_weight_ptr,
-        image_ptr,
-        image_weight_ptr,
-        cos_ptr,
-        sin_ptr,
-        fp8_scale_ptr,
-        out_ptr,
-        text_tokens,
-        tokens,
-        heads,
-        eps,
-        text_batch_stride,
-        text_token_stride,
-        image_batch_stride,
-        image_token_stride,
-        HEAD_DIM: tl.constexpr,
-        GROUP_HEADS: tl.constexpr,
         TOKENS: tl.constexpr,
         FP8: tl.constexpr,
         TOKEN_MAJOR: tl.constexpr,
     ):
-        """``_qk_norm_rope_kernel``'s math for ``TOKENS`` tokens a program (an experiment: more bytes in
-        flight per program; ``TOKENS_PER_PROGRAM``): each token's row from the text or the image part."""
+        """One program per (batch, ``TOKENS`` tokens, group of heads): each token's heads loaded whole from
+        the text or the image part, normed, rotated in pairs (``x * cos + stack(-odd, even) * sin``, as
+        ``apply_rotary_emb``), written head-major (or token-major); with ``FP8``, the rounded result scaled
+        and rounded again to e4m3."""
         batch = tl.program_id(2)
         token = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)[:, None, None]
         head = tl.program_id(1) * GROUP_HEADS + tl.arange(0, GROUP_HEADS)[None, :, None]
@@ -233,9 +181,9 @@ if triton is not None:
         tl.store(out_ptr + at, out, mask=valid)
 
 
-# Tokens a program of the Triton kernel takes. 1: ``_qk_norm_rope_kernel``, the measured default; more:
-# ``_qk_norm_rope_tokens_kernel``, which the benchmark's ``*-qk-tokens-*`` variants time (not yet measured).
-TOKENS_PER_PROGRAM = 1
+# Tokens a program of the Triton kernel takes (a power of two). Four: 0.069 s an image against 0.081 s with
+# one (lease 53, docs/performance.md); the benchmark's ``*-qk-tokens-*`` variants set others.
+TOKENS_PER_PROGRAM = 4
 
 
 def group_heads(heads: int) -> int:
@@ -293,11 +241,8 @@ def _triton_qk_norm_rope(
         "FP8": fp8_scale is not None,
         "TOKEN_MAJOR": token_major,
     }
-    if TOKENS_PER_PROGRAM == 1:
-        _qk_norm_rope_kernel[(out.shape[0] * tokens, heads // group)](*arguments, **flags)
-    else:
-        grid = (triton.cdiv(tokens, TOKENS_PER_PROGRAM), heads // group, out.shape[0])
-        _qk_norm_rope_tokens_kernel[grid](*arguments, TOKENS=TOKENS_PER_PROGRAM, **flags)
+    grid = (triton.cdiv(tokens, TOKENS_PER_PROGRAM), heads // group, out.shape[0])
+    _qk_norm_rope_kernel[grid](*arguments, TOKENS=TOKENS_PER_PROGRAM, **flags)
     return out
 
 
