@@ -8,12 +8,18 @@ default) allows all of them, ``(False, True)`` split-K reduced in fp32 in a sepa
 transformer's GEMM shapes (one GPU, and Ulysses-2's half sequence) is timed from a replayed CUDA graph
 under each setting, with the kernels one call launches (the chosen kernel's name and whether a memset
 precedes it) and its output against the default's.
+
+Lease 53: every setting picks the same kernels and the memsets stay (they come with cuBLAS's cooperative
+"nvjet" kernels, whatever the reduction). ``--settings`` narrows the table; the workspace cuBLAS gets is
+an environment variable read once a process (``CUBLASLT_WORKSPACE_SIZE``, ``CUBLAS_WORKSPACE_CONFIG``):
+the result names them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -124,12 +130,16 @@ def measure(shape: Shape, reference: torch.Tensor | None) -> dict[str, Any]:
     return result
 
 
-def check(sequence_parallel: int) -> dict[str, Any]:
+WORKSPACE_ENV = ("CUBLASLT_WORKSPACE_SIZE", "CUBLAS_WORKSPACE_CONFIG")
+
+
+def check(sequence_parallel: int, settings: list[str]) -> dict[str, Any]:
     table: dict[str, Any] = {}
     references: dict[str, torch.Tensor] = {}
     for shape in shapes(sequence_parallel):
         rows: dict[str, Any] = {}
-        for setting, (library, reduction) in SETTINGS.items():
+        for setting in settings:
+            library, reduction = SETTINGS[setting]
             try:
                 with blas_setting(library, reduction):
                     out = operation(shape)()
@@ -139,7 +149,7 @@ def check(sequence_parallel: int) -> dict[str, Any]:
                 rows[setting] = {"error": str(error)[:200]}
         table[shape.name] = {"tokens": shape.tokens, "inputs": shape.inputs, "outputs": shape.outputs, **rows}
     totals: dict[str, float] = {}
-    for setting in SETTINGS:  # GPU milliseconds of the step's GEMMs under each setting
+    for setting in settings:  # GPU milliseconds of the step's GEMMs under each setting
         per_shape = [(table[s.name][setting].get("ms"), s.calls) for s in shapes(sequence_parallel)]
         if all(ms is not None for ms, _ in per_shape):
             totals[setting] = round(sum(ms * calls for ms, calls in per_shape), 2)
@@ -149,14 +159,19 @@ def check(sequence_parallel: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-file", default=None)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
     args = parser.parse_args(argv)
+    settings = args.settings.split(",")
+    if unknown := [name for name in settings if name not in SETTINGS]:
+        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "one_gpu": check(1),
-        "ulysses_2": check(2),
+        "workspace_env": {name: os.environ.get(name) for name in WORKSPACE_ENV},
+        "one_gpu": check(1, settings),
+        "ulysses_2": check(2, settings),
     }
     report(result, args.output_file)
     return 0

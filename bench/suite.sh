@@ -86,6 +86,9 @@
 #   qktokens the fused query/key kernel with 1, 2, 4 and 8 tokens a program timed from CUDA graphs
 #            (bench.qk_rope_check), then compiled bf16 with 4 (the default since lease 53), 1 and 2, profiled;
 #            stock first
+#   workspace  cuBLAS/cuBLASLt with no workspace (CUBLASLT_WORKSPACE_SIZE=0, CUBLAS_WORKSPACE_CONFIG=:0:0): FLUX's
+#            GEMM shapes (bench.gemm_check, its default setting) with and without, then compiled bf16 with and
+#            without, profiled, against eager's image; stock first
 #   tok4     with the query/key kernel's 4 tokens a program: fp8 + fp8 attention against eager's image and bf16
 #            `fast`, then the whole stack lossless at c=20, 50 steps, batches of up to 4; stock first
 #   confirm  modtabb4's whole-stack runs (lossless, batches of up to 4, c=20 at 28 and 50 steps), then bf16 `fast`
@@ -455,6 +458,17 @@ lane_qktokens() {  # more bytes in flight per program of the query/key kernel
   python3 -m bench.qk_rope_check --output-file "$1/qk_rope_check.json"
   python3 -m bench.pipeline --variants compiled,compiled-qk-tokens-1,compiled-qk-tokens-2 --repeats 3 \
     --reference all --profile --output-file "$1/qktokens.json"
+}
+
+lane_workspace() {  # do the memsets before cuBLAS's cooperative kernels clear its workspace?
+  stock "$1"
+  local none="CUBLASLT_WORKSPACE_SIZE=0 CUBLAS_WORKSPACE_CONFIG=:0:0"
+  python3 -m bench.gemm_check --settings "cublas (default)" --output-file "$1/gemm_default.json"
+  env $none python3 -m bench.gemm_check --settings "cublas (default)" --output-file "$1/gemm_no_workspace.json"
+  python3 -m bench.pipeline --variants compiled --repeats 3 --reference all --profile \
+    --output-file "$1/compiled.json"
+  env $none python3 -m bench.pipeline --variants compiled --repeats 3 --reference all --profile \
+    --output-file "$1/no_workspace.json"
 }
 
 lane_tok4() {  # the other paths through the query/key kernel, then the serving target it was adopted for
