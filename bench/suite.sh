@@ -89,6 +89,8 @@
 #   workspace  cuBLAS/cuBLASLt with no workspace (CUBLASLT_WORKSPACE_SIZE=0, CUBLAS_WORKSPACE_CONFIG=:0:0): FLUX's
 #            GEMM shapes (bench.gemm_check, its default setting) with and without, then compiled bf16 with and
 #            without, profiled, against eager's image; stock first
+#   fastprof bf16 `fast` (Cache-DiT, 11 of 28 steps computed, no CUDA graphs) and compiled bf16, both profiled:
+#            where the cached image's time goes; stock first
 #   tok4     with the query/key kernel's 4 tokens a program: fp8 + fp8 attention against eager's image and bf16
 #            `fast`, then the whole stack lossless at c=20, 50 steps, batches of up to 4; stock first
 #   confirm  modtabb4's whole-stack runs (lossless, batches of up to 4, c=20 at 28 and 50 steps), then bf16 `fast`
@@ -469,6 +471,11 @@ lane_workspace() {  # do the memsets before cuBLAS's cooperative kernels clear i
     --output-file "$1/compiled.json"
   env $none python3 -m bench.pipeline --variants compiled --repeats 3 --reference all --profile \
     --output-file "$1/no_workspace.json"
+}
+
+lane_fastprof() {  # is the cached image, whose computed steps run without the CUDA graphs, host-bound?
+  stock "$1"
+  python3 -m bench.pipeline --variants cache-fast,compiled --repeats 2 --profile --output-file "$1/fastprof.json"
 }
 
 lane_tok4() {  # the other paths through the query/key kernel, then the serving target it was adopted for
