@@ -91,6 +91,8 @@
 #            without, profiled, against eager's image; stock first
 #   fastprof bf16 `fast` (Cache-DiT, 11 of 28 steps computed, no CUDA graphs) and compiled bf16, both profiled:
 #            where the cached image's time goes; stock first
+#   u2qk     stock Ulysses-2 (torchrun), then Ulysses-2 on diffusers' runtime as the worker runs it, and with the
+#            fused query/key kernel (--qk-rope: four tokens a program since lease 53)
 #   tok4     with the query/key kernel's 4 tokens a program: fp8 + fp8 attention against eager's image and bf16
 #            `fast`, then the whole stack lossless at c=20, 50 steps, batches of up to 4; stock first
 #   confirm  modtabb4's whole-stack runs (lossless, batches of up to 4, c=20 at 28 and 50 steps), then bf16 `fast`
@@ -476,6 +478,13 @@ lane_workspace() {  # do the memsets before cuBLAS's cooperative kernels clear i
 lane_fastprof() {  # is the cached image, whose computed steps run without the CUDA graphs, host-bound?
   stock "$1"
   python3 -m bench.pipeline --variants cache-fast,compiled --repeats 2 --profile --output-file "$1/fastprof.json"
+}
+
+lane_u2qk() {  # the fused query/key kernel in a group on diffusers' runtime (its exchange is synchronous there)
+  torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
+  $P --output-file "$1/u2.json"
+  $P --qk-rope --output-file "$1/u2_qk.json"
 }
 
 lane_tok4() {  # the other paths through the query/key kernel, then the serving target it was adopted for
