@@ -213,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graphs (the worker's flag)")
     parser.add_argument(
+        "--no-fused-qk-norm-rope",
+        action="store_true",
+        help="inductor's query/key norm + rotary, not the fused kernel (the worker's flag)",
+    )
+    parser.add_argument(
         "--no-precompute-modulation",
         action="store_true",
         help="project the modulation at every step (the worker's flag)",
@@ -250,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         compile=args.compile,
         gemm_epilogues=not args.no_epilogues,
         cuda_graphs=not args.no_cuda_graphs,
+        fused_qk_norm_rope=not args.no_fused_qk_norm_rope,
         precompute_modulation=not args.no_precompute_modulation,
         device="cpu" if args.smoke else "cuda",
         warmup_resolutions=",".join(f"{size}x{size}" for size in sizes),
@@ -272,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "epilogues": not args.no_epilogues,
         "qk_rope": args.qk_rope,
         "cuda_graphs": not args.no_cuda_graphs,
+        "fused_qk_norm_rope": not args.no_fused_qk_norm_rope,
         "precompute_modulation": not args.no_precompute_modulation,
         "quantize": args.quantize,
         "steps": args.steps,

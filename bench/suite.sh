@@ -93,6 +93,8 @@
 #            where the cached image's time goes; stock first
 #   u2qk     stock Ulysses-2 (torchrun), then Ulysses-2 on diffusers' runtime as the worker runs it, and with the
 #            fused query/key kernel (--qk-rope: four tokens a program since lease 53)
+#   u2qk2    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 (the fused query/key kernel in the group since
+#            lease 57) and the same with --no-fused-qk-norm-rope
 #   tok4     with the query/key kernel's 4 tokens a program: fp8 + fp8 attention against eager's image and bf16
 #            `fast`, then the whole stack lossless at c=20, 50 steps, batches of up to 4; stock first
 #   confirm  modtabb4's whole-stack runs (lossless, batches of up to 4, c=20 at 28 and 50 steps), then bf16 `fast`
@@ -485,6 +487,13 @@ lane_u2qk() {  # the fused query/key kernel in a group on diffusers' runtime (it
   local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
   $P --output-file "$1/u2.json"
   $P --qk-rope --output-file "$1/u2_qk.json"
+}
+
+lane_u2qk2() {  # the group's default with the fused query/key kernel, against without it
+  torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
+  $P --output-file "$1/u2.json"
+  $P --no-fused-qk-norm-rope --output-file "$1/u2_inductor_qk.json"
 }
 
 lane_tok4() {  # the other paths through the query/key kernel, then the serving target it was adopted for

@@ -212,6 +212,22 @@ def compile_for_speed(
         log.info("VAE decoder compiled")
 
 
+def group_fuses_qk(options: EngineOptions, layout: ParallelLayout, offloaded: set[str]) -> bool:
+    """The fused query/key processor in a compiled Ulysses group on diffusers' runtime, whose exchange runs
+    in the processor's attention dispatch: Ulysses-2 2.302 s an image against 2.341 s (2xH200, lease 57,
+    docs/performance.md). cache-dit's runtime patches or wraps the processor (async Ulysses), Ring was not
+    measured with it, and fp8 attention has a processor of its own (one GPU)."""
+    return (
+        options.compile
+        and options.fused_qk_norm_rope
+        and not options.attention_fp8
+        and layout.runtime == "diffusers"
+        and layout.ring == 1
+        and layout.dit_tp == 1
+        and "transformer" not in offloaded
+    )
+
+
 def step_graphs_apply(device: torch.device, layout: ParallelLayout, offloaded: set[str]) -> bool:
     """CUDA graphs hold a resident transformer on CUDA: an offloaded one streams its weights under host
     control. A sequence-parallel group's ranks capture its exchanges too (Ulysses-2 18% and cache-dit's
@@ -269,6 +285,9 @@ class FluxEngine:
         layout = parallel_layout(options)
         replica = None
         if layout.sp > 1:  # once per process, with its attention backend, before the cache and compile
+            if group_fuses_qk(options, layout, offloaded):  # before the layout configures the processors
+                changed = apply_fused_qk_norm_rope(pipeline.transformer)
+                log.info("fused query/key norm + rotary in the group: %d attention modules", changed)
             replica = replicated_transformer(pipeline.transformer)
             apply_sequence_parallel(pipeline, layout, options.attention_backend, device)
         if layout.tp > 1:

@@ -41,10 +41,16 @@ def prepared(options: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
         ({}, False),  # measured with the compiled blocks only
         ({"compile": True, "fused_qk_norm_rope": False}, False),
         ({"compile": True, "dit_cpu_offload": True}, False),
-        ({"compile": True, "num_gpus": 2}, False),  # a group's Ulysses keeps cache-dit's processor
+        # a Ulysses group on diffusers' runtime (its exchange runs in the processor's dispatch)
+        ({"compile": True, "num_gpus": 2}, True),
+        ({"num_gpus": 2}, False),
+        ({"compile": True, "num_gpus": 2, "sp_runtime": "cache-dit"}, False),  # cache-dit's own processors
+        ({"compile": True, "num_gpus": 2, "ulysses_async": True}, False),
+        ({"compile": True, "num_gpus": 2, "ring_degree": 2}, False),  # not measured with Ring
+        ({"compile": True, "num_gpus": 2, "fused_qk_norm_rope": False}, False),
     ],
 )
-def test_engine_fuses_query_key_norm_and_rotary_when_it_compiles_a_resident_one_gpu_transformer(
+def test_engine_fuses_query_key_norm_and_rotary_when_it_compiles_a_resident_transformer_or_ulysses_group(
     options: dict[str, Any], applied: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pipe = prepared(options, monkeypatch)
