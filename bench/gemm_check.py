@@ -1,18 +1,19 @@
 """FLUX.1-dev's GEMMs under each cuBLAS reduction setting (``python -m bench.gemm_check``), one GPU.
 
-A compiled lossless step runs ~400 memsets, most just before its large GEMMs (lease 48's profile): the
-zeroed counters of cuBLASLt's in-place split-K reduction. torch picks the reduction schemes cuBLASLt may
-use from ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction``: ``(True, True)`` (the
-default) allows all of them, ``(False, True)`` split-K reduced in fp32 in a separate kernel,
+A compiled lossless step runs ~400 memsets, most just before its large GEMMs (lease 48's profile). Were
+they the zeroed counters of cuBLASLt's in-place split-K reduction? torch picks the reduction schemes
+cuBLASLt may use from ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction``: ``(True, True)``
+(the default) allows all of them, ``(False, True)`` split-K reduced in fp32 in a separate kernel,
 ``(False, False)`` no split-K (the cuBLASLt backend only: the cuBLAS one refuses it). Each of the
 transformer's GEMM shapes (one GPU, and Ulysses-2's half sequence) is timed from a replayed CUDA graph
 under each setting, with the kernels one call launches (the chosen kernel's name and whether a memset
 precedes it) and its output against the default's.
 
-Lease 53: every setting picks the same kernels and the memsets stay (they come with cuBLAS's cooperative
-"nvjet" kernels, whatever the reduction). ``--settings`` narrows the table; the workspace cuBLAS gets is
-an environment variable read once a process (``CUBLASLT_WORKSPACE_SIZE``, ``CUBLAS_WORKSPACE_CONFIG``):
-the result names them.
+Lease 53: no. Every setting picks the same kernels and the memsets stay (they come with cuBLAS's
+cooperative "nvjet" kernels, whatever the reduction; without a workspace, lease 55, cuBLAS picks
+stream-scheduled forms of them and no memset, and the image is no faster). ``--settings`` narrows the
+table; the workspace cuBLAS gets is an environment variable read once a process
+(``CUBLASLT_WORKSPACE_SIZE``, ``CUBLAS_WORKSPACE_CONFIG``): the result names them.
 """
 
 from __future__ import annotations

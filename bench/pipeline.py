@@ -162,11 +162,11 @@ VARIANTS: dict[str, Variant] = {
     # the fused query/key kernel writing head-major, as before lease 49 (the attention's output then copied
     # to token-major before its projection, 57 copies a step)
     "compiled-head-major-qk": Variant(COMPILED, head_major_qk=True),
-    # the fused query/key kernel with 2 or 4 tokens a program (more bytes in flight; not yet measured)
+    # the fused query/key kernel with 1 or 2 tokens a program (the worker's takes 4 since lease 53)
     "compiled-qk-tokens-1": Variant(COMPILED, qk_tokens=1),  # the kernel before lease 53
     "compiled-qk-tokens-2": Variant(COMPILED, qk_tokens=2),
-    # cuBLASLt for every GEMM, and its split-K reductions: in fp32 in a kernel of their own (no zeroed
-    # counters before the GEMM), or none
+    # cuBLASLt for every GEMM, and its split-K reductions in fp32 in a kernel of their own, or none (lease 53:
+    # the same kernels and memsets as the default; not adopted)
     "compiled-cublaslt": Variant(COMPILED, blas="cublaslt"),
     "compiled-fp32-split-k": Variant(COMPILED, blas="cublaslt, fp32 split-K"),
     "compiled-no-split-k": Variant(COMPILED, blas="cublaslt, no split-K"),

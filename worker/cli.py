@@ -64,7 +64,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         dest="fused_qk_norm_rope",
         action="store_false",
         default=None,
-        help="with --compile, keep diffusers' query/key norm and rotary embedding (not the fused kernel)",
+        help="with --compile, keep diffusers' query/key norm and rotary embedding (not the fused kernel, "
+        "which runs on one GPU and in Ulysses groups on diffusers' runtime)",
     )
     add(
         "--no-compile-vae",

@@ -11,9 +11,9 @@ It rounds where eager rounds (``torch.nn.RMSNorm``'s weighted result, then the r
 so it gives the processor's output up to fp32 summation order. On CUDA it is a Triton kernel; elsewhere
 the op runs the same math in PyTorch. ``apply_fused_qk_norm_rope`` sets a processor that calls it; the
 compiled engine does so on one GPU (``worker.engine.compile_for_speed``; measured in docs/performance.md,
-lease 25). Set before a sequence-parallel layout (``bench.parallel --qk-rope``), the processor runs the
-layout's exchange through diffusers' dispatch, synchronously: it replaces the processor cache-dit's async
-Ulysses patches.
+lease 25) and in Ulysses groups on diffusers' runtime (``worker.engine.group_fuses_qk``, lease 57). Set
+before a sequence-parallel layout, the processor runs the layout's exchange through diffusers' dispatch,
+synchronously: on cache-dit's runtime it would replace the processor async Ulysses patches.
 """
 
 from __future__ import annotations
