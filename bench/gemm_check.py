@@ -116,7 +116,8 @@ def launched(fn: Callable[[], torch.Tensor]) -> list[str]:
     return ["Memset" if "memset" in event.name.lower() else event.name[:100] for event in events]
 
 
-def measure(shape: Shape, reference: torch.Tensor | None) -> dict[str, Any]:
+def measure(shape: Shape, reference: torch.Tensor | None) -> tuple[dict[str, Any], torch.Tensor]:
+    """The shape's time and launched kernels under the current setting, and its output."""
     fn = operation(shape)
     ms, out = graph_ms(fn, calls=20)
     flops = 2 * shape.tokens * shape.inputs * shape.outputs
@@ -128,7 +129,7 @@ def measure(shape: Shape, reference: torch.Tensor | None) -> dict[str, Any]:
     if reference is not None:
         difference = (out.float() - reference.float()).abs()
         result["max_abs_diff_vs_default"] = difference.max().item()
-    return result
+    return result, out
 
 
 WORKSPACE_ENV = ("CUBLASLT_WORKSPACE_SIZE", "CUBLAS_WORKSPACE_CONFIG")
@@ -143,8 +144,7 @@ def check(sequence_parallel: int, settings: list[str]) -> dict[str, Any]:
             library, reduction = SETTINGS[setting]
             try:
                 with blas_setting(library, reduction):
-                    out = operation(shape)()
-                    rows[setting] = measure(shape, references.get(shape.name))
+                    rows[setting], out = measure(shape, references.get(shape.name))
                 references.setdefault(shape.name, out)
             except RuntimeError as error:  # a setting this torch or this shape refuses
                 rows[setting] = {"error": str(error)[:200]}

@@ -11,7 +11,6 @@ power or thermal limit lowering the clock) decides which rates a 28-step image c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import time
@@ -19,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from bench.attention_probe import report as report_result
 
 # the clock-event reasons' field has its newer name first; older drivers know only the second
 QUERIES = (
@@ -97,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     report["attention_24x4608x128"] = windows(
         lambda: attention(q, k, v), 4 * 24 * 4608**2 * 128, args.seconds
     )
-    print("RESULT", json.dumps(report))
-    if args.output_file:
-        with open(args.output_file, "w") as handle:
-            json.dump(report, handle, indent=1)
+    report_result(report, args.output_file)
     return 0
 
 

@@ -184,16 +184,10 @@ def compile_for_speed(
     pipeline: Any, options: EngineOptions, layout: ParallelLayout, offloaded: set[str]
 ) -> None:
     """``--compile``: the transformer's blocks compiled regionally, with what was measured faster beside
-    them (docs/performance.md): the fused query/key norm + rotary processor and the GEMM epilogues on a
-    resident, unsharded transformer, and the VAE's decoder compiled when it is resident and whole."""
+    them (docs/performance.md): the GEMM epilogues on a resident, unsharded transformer, and the VAE's
+    decoder compiled when it is resident and whole (the fused query/key processor is set earlier:
+    ``set_fused_attention``)."""
     resident = "transformer" not in offloaded and layout.dit_tp == 1
-    if options.fused_qk_norm_rope and resident and layout.sp == 1:
-        # processors set before the compile traces them; a group's sequence layout keeps its own
-        apply = apply_fp8_attention if options.attention_fp8 else apply_fused_qk_norm_rope
-        changed = apply(pipeline.transformer)
-        log.info("fused query/key norm + rotary: %d attention modules", changed)
-        if options.attention_fp8:
-            log.info("fp8 attention (cuDNN): %d attention modules", changed)
     config = CompileConfig(
         mode=options.compile_mode,
         cache_dir=options.compile_cache_dir,
@@ -212,20 +206,25 @@ def compile_for_speed(
         log.info("VAE decoder compiled")
 
 
-def group_fuses_qk(options: EngineOptions, layout: ParallelLayout, offloaded: set[str]) -> bool:
-    """The fused query/key processor in a compiled Ulysses group on diffusers' runtime, whose exchange runs
-    in the processor's attention dispatch: Ulysses-2 2.302 s an image against 2.341 s (2xH200, lease 57,
-    docs/performance.md). cache-dit's runtime patches or wraps the processor (async Ulysses), Ring was not
-    measured with it, and fp8 attention has a processor of its own (one GPU)."""
-    return (
-        options.compile
-        and options.fused_qk_norm_rope
-        and not options.attention_fp8
-        and layout.runtime == "diffusers"
-        and layout.ring == 1
-        and layout.dit_tp == 1
-        and "transformer" not in offloaded
-    )
+def fuses_qk(options: EngineOptions, layout: ParallelLayout, offloaded: set[str]) -> bool:
+    """``--compile`` runs the fused query/key processor on a resident, unsharded transformer: on one GPU, and
+    in a Ulysses group on diffusers' runtime, whose exchange runs in the processor's attention dispatch
+    (Ulysses-2 2.302 s an image against 2.341 s: 2xH200, lease 57, docs/performance.md). cache-dit's
+    runtime patches or wraps the processor (async Ulysses), and Ring was not measured with it."""
+    resident = "transformer" not in offloaded and layout.dit_tp == 1
+    if not (options.compile and options.fused_qk_norm_rope and resident):
+        return False
+    return layout.sp == 1 or (layout.runtime == "diffusers" and layout.ring == 1)
+
+
+def set_fused_attention(pipeline: Any, options: EngineOptions) -> None:
+    """The fused query/key processor (or ``--attention-fp8``'s, one GPU only), set before a sequence layout
+    configures the processors and before the compile traces them."""
+    apply = apply_fp8_attention if options.attention_fp8 else apply_fused_qk_norm_rope
+    changed = apply(pipeline.transformer)
+    log.info("fused query/key norm + rotary: %d attention modules", changed)
+    if options.attention_fp8:
+        log.info("fp8 attention (cuDNN): %d attention modules", changed)
 
 
 def step_graphs_apply(device: torch.device, layout: ParallelLayout, offloaded: set[str]) -> bool:
@@ -283,11 +282,10 @@ class FluxEngine:
         """Apply the load-time options to a built pipeline (the GPU benchmark builds its own)."""
         offloaded = prepare_pipeline(pipeline, options, device)
         layout = parallel_layout(options)
+        if fuses_qk(options, layout, offloaded):
+            set_fused_attention(pipeline, options)
         replica = None
         if layout.sp > 1:  # once per process, with its attention backend, before the cache and compile
-            if group_fuses_qk(options, layout, offloaded):  # before the layout configures the processors
-                changed = apply_fused_qk_norm_rope(pipeline.transformer)
-                log.info("fused query/key norm + rotary in the group: %d attention modules", changed)
             replica = replicated_transformer(pipeline.transformer)
             apply_sequence_parallel(pipeline, layout, options.attention_backend, device)
         if layout.tp > 1:

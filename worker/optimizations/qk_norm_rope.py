@@ -10,10 +10,10 @@ weight, rotated, and written straight into the (batch, heads, tokens, head_dim) 
 It rounds where eager rounds (``torch.nn.RMSNorm``'s weighted result, then the rotation's fp32 result),
 so it gives the processor's output up to fp32 summation order. On CUDA it is a Triton kernel; elsewhere
 the op runs the same math in PyTorch. ``apply_fused_qk_norm_rope`` sets a processor that calls it; the
-compiled engine does so on one GPU (``worker.engine.compile_for_speed``; measured in docs/performance.md,
-lease 25) and in Ulysses groups on diffusers' runtime (``worker.engine.group_fuses_qk``, lease 57). Set
-before a sequence-parallel layout, the processor runs the layout's exchange through diffusers' dispatch,
-synchronously: on cache-dit's runtime it would replace the processor async Ulysses patches.
+compiled engine does so on one GPU (measured in docs/performance.md, lease 25) and in Ulysses groups on
+diffusers' runtime (lease 57; ``worker.engine.fuses_qk``). Set before a sequence-parallel layout, the
+processor runs the layout's exchange through diffusers' dispatch, synchronously: on cache-dit's runtime it
+would replace the processor async Ulysses patches.
 """
 
 from __future__ import annotations
@@ -217,7 +217,8 @@ def _triton_qk_norm_rope(
         if part.stride(-1) != 1:
             raise ValueError("qk_norm_rope needs each token's features contiguous")
     group = group_heads(heads)
-    arguments = (
+    grid = (triton.cdiv(tokens, TOKENS_PER_PROGRAM), heads // group, out.shape[0])
+    _qk_norm_rope_kernel[grid](
         text,
         text_weight.contiguous(),
         image,
@@ -234,15 +235,12 @@ def _triton_qk_norm_rope(
         text.stride(1),
         image.stride(0),
         image.stride(1),
+        HEAD_DIM=head_dim,
+        GROUP_HEADS=group,
+        TOKENS=TOKENS_PER_PROGRAM,
+        FP8=fp8_scale is not None,
+        TOKEN_MAJOR=token_major,
     )
-    flags = {
-        "HEAD_DIM": head_dim,
-        "GROUP_HEADS": group,
-        "FP8": fp8_scale is not None,
-        "TOKEN_MAJOR": token_major,
-    }
-    grid = (triton.cdiv(tokens, TOKENS_PER_PROGRAM), heads // group, out.shape[0])
-    _qk_norm_rope_kernel[grid](*arguments, TOKENS=TOKENS_PER_PROGRAM, **flags)
     return out
 
 
