@@ -38,6 +38,7 @@ from bench.whole import compile_whole
 from shared.schemas import GenerationParams
 from worker.engine import FluxEngine, internal_params
 from worker.optimizations import qk_norm_rope as qk_module
+from worker.optimizations.cache_graphs import SETTINGS_ATTRIBUTE
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.fp8_attention_processor import Fp8FluxAttnProcessor
 from worker.optimizations.fp8_mlp import apply_fp8_mlp_epilogues
@@ -101,6 +102,8 @@ VARIANTS: dict[str, Variant] = {
     "cache-medium": Variant(COMPILED, "medium"),
     "cache-fast": Variant(COMPILED, "fast"),
     "cache-ultra": Variant(COMPILED, "ultra"),
+    # Cache-DiT's block runs without their CUDA graphs (worker.optimizations.cache_graphs; before lease 59)
+    "cache-fast-no-graphs": Variant({**COMPILED, "cuda_graphs": False}, "fast"),
     # --quantize fp8: per-row scales, the repeated blocks' linears minus their modulation linears
     "fp8": Variant(FP8),
     "fp8-compiled": Variant({**FP8, **COMPILED}),
@@ -399,6 +402,9 @@ def run_prepared(
     if engine.graphs is not None:
         graphs = engine.graphs
         result["cuda_graphs"] = {"captured": len(graphs.captured), "refused": len(graphs.refused)}
+    block_graphs = getattr(pipe.transformer, SETTINGS_ATTRIBUTE, None)
+    if block_graphs is not None:
+        result["cache_block_graphs"] = block_graphs.counts()
     if args.profile:
         result["kernel_seconds"] = kernel_seconds(lambda: engine.generate(params, lambda step, total: None))
     if not options.any_offload and variant.cache is None and not args.smoke:

@@ -154,7 +154,26 @@ def idle_gaps(device: Sequence[Span], host: Sequence[Span], largest: int = 10) -
         "idle_s": round(sum(length for length, _, _ in gaps) / 1e6, 6),
         "by_length": {label: {"gaps": int(n), "s": round(s / 1e6, 6)} for label, (n, s) in by_length.items()},
         "largest": report_gaps,
+        "by_neighbours": gaps_by_neighbours(gaps, largest),
     }
+
+
+def gaps_by_neighbours(
+    gaps: list[tuple[float, Span, Span]], count: int, shortest_us: float = 10.0
+) -> list[dict[str, Any]]:
+    """The gaps of ``shortest_us`` or more grouped by the kernels on either side (names cut to 60
+    characters), the ``count`` groups with the most idle time first: where a replayed step still waits."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for length, before, after in gaps:
+        if length >= shortest_us:
+            group = groups.setdefault((before.name[:60], after.name[:60]), [0, 0.0])
+            group[0] += 1
+            group[1] += length
+    heaviest = sorted(groups.items(), key=lambda item: item[1][1], reverse=True)[:count]
+    return [
+        {"after": after, "before": before, "gaps": int(n), "s": round(total / 1e6, 6)}
+        for (after, before), (n, total) in heaviest
+    ]
 
 
 def _heaviest(listed: list[tuple[float, int, str]], count: int) -> list[dict[str, Any]]:

@@ -105,6 +105,10 @@
 #   blas     FLUX's GEMM shapes under each cuBLAS library and split-K setting (bench.gemm_check), then compiled
 #            bf16 with cuBLASLt and its split-K reduced in place (torch's default), in fp32 apart, or not at all,
 #            profiled, against eager's image; stock first. Alone on the machine
+#   cachegraphs  Cache-DiT's block runs replayed as CUDA graphs (the default since lease 59): bf16 `fast` with and
+#            without them, then compiled bf16, all profiled (idle gaps by neighbouring kernels), against eager's
+#            image; stock first
+#   cachepresets  the other presets with the block graphs: `medium`, `ultra`, fp8 + fp8 attention + `fast`
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
@@ -480,6 +484,17 @@ lane_workspace() {  # do the memsets before cuBLAS's cooperative kernels clear i
 lane_fastprof() {  # is the cached image, whose computed steps run without the CUDA graphs, host-bound?
   stock "$1"
   python3 -m bench.pipeline --variants cache-fast,compiled --repeats 2 --profile --output-file "$1/fastprof.json"
+}
+
+lane_cachegraphs() {  # do Cache-DiT's computed steps, replayed as graphs, still wait on the host?
+  stock "$1"
+  python3 -m bench.pipeline --variants cache-fast,cache-fast-no-graphs,compiled --repeats 3 --reference all \
+    --profile --output-file "$1/cachegraphs.json"
+}
+
+lane_cachepresets() {  # the other presets on the block graphs
+  python3 -m bench.pipeline --variants cache-medium,cache-ultra,fp8-cache-fast-fp8-attention --repeats 3 \
+    --reference all --output-file "$1/cachepresets.json"
 }
 
 lane_u2qk() {  # the fused query/key kernel in a group on diffusers' runtime (its exchange is synchronous there)

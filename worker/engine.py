@@ -17,7 +17,7 @@ from PIL import Image
 from shared.schemas import GenerationParams
 from worker.optimizations.attention import apply_attention_backend
 from worker.optimizations.compile import CompileConfig, apply_regional_compile
-from worker.optimizations.cuda_graphs import GraphConfig, StepGraphs, apply_step_graphs
+from worker.optimizations.cuda_graphs import CudaRecorder, GraphConfig, StepGraphs, apply_step_graphs
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.fp8_attention import check_fp8_attention_supported
 from worker.optimizations.fp8_attention_processor import apply_fp8_attention
@@ -235,6 +235,13 @@ def step_graphs_apply(device: torch.device, layout: ParallelLayout, offloaded: s
     return device.type == "cuda" and "transformer" not in offloaded and layout.dit_tp == 1
 
 
+def cache_block_graphs_apply(layout: ParallelLayout) -> bool:
+    """Where step graphs apply, Cache-DiT's block runs are graphs too (worker.optimizations.cache_graphs),
+    on one GPU: a group's cache-dit runtime splits the sequence inside the first block, not measured
+    under graphs."""
+    return layout.sp == 1
+
+
 class FluxEngine:
     """A warm FLUX pipeline with its load-time optimisations applied."""
 
@@ -305,7 +312,12 @@ class FluxEngine:
             compile_for_speed(pipeline, options, layout, offloaded)
             engine.row_limit = options.one_pass_rows
             if options.cuda_graphs and step_graphs_apply(device, layout, offloaded):
-                engine.graphs = apply_step_graphs(pipeline.transformer, device, GraphConfig())
+                recorder = CudaRecorder(device)  # one memory pool for all of the engine's graphs
+                engine.graphs = apply_step_graphs(pipeline.transformer, device, GraphConfig(), recorder)
+                if cache is not None and cache_block_graphs_apply(layout):
+                    from worker.optimizations.cache_graphs import apply_cache_block_graphs
+
+                    apply_cache_block_graphs(pipeline.transformer, recorder, device, GraphConfig())
         return engine
 
     def precompute_modulation(self) -> None:

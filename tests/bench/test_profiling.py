@@ -62,6 +62,18 @@ def test_idle_gaps_are_the_intervals_no_kernel_covers_with_what_the_host_was_doi
     assert (first["after"], first["before"]) == ("triton_poi_norm", "gemm_b")
     assert first["host"] == ["cudaStreamSynchronize", "aten::item", "generate"]  # innermost first
     assert [gap["us"] for gap in idle["largest"]] == [300, 20, 5]
+    assert idle["by_neighbours"] == [  # gaps of 10 us or more, by the kernels on either side
+        {"after": "triton_poi_norm", "before": "gemm_b", "gaps": 1, "s": pytest.approx(300e-6)},
+        {"after": "gemm_b", "before": "gemm_c", "gaps": 1, "s": pytest.approx(20e-6)},
+    ]
+
+
+def test_gaps_with_the_same_neighbours_add_up() -> None:
+    device = [Span(0, 10, "gemm"), Span(30, 40, "norm"), Span(55, 65, "gemm"), Span(85, 95, "norm")]
+    assert idle_gaps(device, [])["by_neighbours"] == [
+        {"after": "gemm", "before": "norm", "gaps": 2, "s": pytest.approx(40e-6)},
+        {"after": "norm", "before": "gemm", "gaps": 1, "s": pytest.approx(15e-6)},
+    ]
 
 
 def test_idle_gaps_of_no_kernels_are_empty() -> None:

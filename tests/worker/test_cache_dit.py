@@ -121,7 +121,8 @@ def test_booleans_accept_the_usual_words(raw: str, expected: bool) -> None:
     [
         ({"FLUXGATE_CACHE_DIT_RDT": "abc"}, "FLUXGATE_CACHE_DIT_RDT must be a number, got 'abc'"),
         ({"FLUXGATE_CACHE_DIT_RDT": "nan"}, "FLUXGATE_CACHE_DIT_RDT must be a finite number >= 0, got nan"),
-        ({"SGLANG_CACHE_DIT_FN": "-1"}, "SGLANG_CACHE_DIT_FN must be an integer >= 0, got -1"),
+        ({"SGLANG_CACHE_DIT_FN": "0"}, "SGLANG_CACHE_DIT_FN must be an integer >= 1, got 0"),
+        ({"SGLANG_CACHE_DIT_BN": "-1"}, "SGLANG_CACHE_DIT_BN must be an integer >= 0, got -1"),
         ({"SGLANG_CACHE_DIT_WARMUP": "1.5"}, "SGLANG_CACHE_DIT_WARMUP must be an integer, got '1.5'"),
         ({"FLUXGATE_CACHE_DIT_MC": "-2"}, "FLUXGATE_CACHE_DIT_MC must be an integer >= -1 (-1: no limit)"),
         ({"FLUXGATE_CACHE_DIT_TS_ORDER": "0"}, "FLUXGATE_CACHE_DIT_TS_ORDER must be an integer >= 1"),

@@ -8,15 +8,14 @@ forward once on the input buffers, and each replay runs it again on them, writin
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._pytree import tree_leaves
 
 from tests.support import generation_params
+from tests.worker.graph_support import FailingRecorder, RerunRecorder
 from worker.cli import add_worker_arguments, engine_options
 from worker.engine import FluxEngine, step_graphs_apply
 from worker.optimizations.cache_dit import CacheDitConfig, apply_cache_dit
@@ -26,35 +25,6 @@ from worker.parallel import ParallelLayout
 from worker.tiny_model import build_tiny_pipeline
 
 CPU = torch.device("cpu")
-
-
-class RerunRecorder:
-    """A CUDA graph's semantics on the CPU: replays recompute from the same buffers into the same outputs."""
-
-    def __init__(self) -> None:
-        self.captures = 0
-        self.replays = 0
-
-    def capture(self, run: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-        self.captures += 1
-        outputs = run()
-
-        def replay() -> None:
-            self.replays += 1
-            fresh = run()
-            for static, new in zip(tree_leaves(outputs), tree_leaves(fresh), strict=True):
-                static.copy_(new)
-
-        return replay, outputs
-
-
-class FailingRecorder:
-    def __init__(self) -> None:
-        self.captures = 0
-
-    def capture(self, run: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-        self.captures += 1
-        raise RuntimeError("operation not permitted when stream is capturing")
 
 
 class Scale(torch.nn.Module):

@@ -81,7 +81,9 @@ class CacheDitConfig:
     scm_policy: str = "dynamic"  # mask-0 steps: "dynamic" (threshold decides) or "static" (always cached)
 
     def __post_init__(self) -> None:
-        for name in ("fn", "bn", "warmup"):
+        # cache-dit asserts Fn >= 1 at a call's first step (cache_contexts/cache_manager.py:524)
+        _require(self.fn >= 1, "fn", "must be an integer >= 1", self.fn)
+        for name in ("bn", "warmup"):
             _require(getattr(self, name) >= 0, name, "must be an integer >= 0", getattr(self, name))
         _require(math.isfinite(self.rdt) and self.rdt >= 0, "rdt", "must be a finite number >= 0", self.rdt)
         _require(self.mc >= -1, "mc", "must be an integer >= -1 (-1: no limit)", self.mc)

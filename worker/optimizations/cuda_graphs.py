@@ -117,37 +117,31 @@ def signature(leaves: list[Any], device: torch.device) -> tuple[Hashable, ...] |
     return tuple(parts)
 
 
-class StepGraphs:
-    """Stands in for ``module`` where the pipeline calls it: each call replays its signature's graph,
-    captured at the signature's first call. Attributes are the module's (config, dtype, cache_context)."""
+class GraphedCalls:
+    """Replays ``run``'s calls as CUDA graphs: each signature's graph is captured at its first call,
+    and each later call copies its tensors into the graph's input buffers and replays it."""
 
     def __init__(
-        self, module: torch.nn.Module, recorder: Recorder, device: torch.device, config: GraphConfig
+        self, run: Callable[..., Any], recorder: Recorder, device: torch.device, config: GraphConfig
     ) -> None:
-        # names the transformer does not have: the rest are its own (``__getattr__``)
-        self.module = module
+        self._run = run
         self._recorder = recorder
         self._device = device
         self._max_graphs = config.max_graphs
         self.captured: OrderedDict[Key, CapturedCall] = OrderedDict()
         self.refused: set[Key] = set()  # signatures whose capture failed: eager from then on
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "module":  # not set yet (copy, pickle): never recurse
-            raise AttributeError(name)
-        return getattr(self.module, name)
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
         parts = signature(leaves, self._device) if not torch.is_grad_enabled() else None
         key = None if parts is None else (spec, parts)
         if key is None or key in self.refused:
-            return self.module(*args, **kwargs)
+            return self._run(*args, **kwargs)
         call = self.captured.get(key)
         if call is None:
             call = self._capture(key, leaves, spec)
             if call is None:
-                return self.module(*args, **kwargs)
+                return self._run(*args, **kwargs)
         self.captured.move_to_end(key)
         return call(leaves)
 
@@ -162,8 +156,8 @@ class StepGraphs:
         arguments = [leaf if buffer is None else buffer for leaf, buffer in zip(leaves, buffers, strict=True)]
         args, kwargs = tree_unflatten(arguments, spec)
         try:
-            replay, outputs = self._recorder.capture(lambda: self.module(*args, **kwargs))
-        except Exception:  # the forward did something a graph cannot hold; it still runs eagerly
+            replay, outputs = self._recorder.capture(lambda: self._run(*args, **kwargs))
+        except Exception:  # the call did something a graph cannot hold; it still runs eagerly
             log.warning("CUDA graph capture failed; this signature runs eagerly", exc_info=True)
             self.refused.add(key)
             return None
@@ -175,8 +169,27 @@ class StepGraphs:
         return call
 
 
-def apply_step_graphs(module: torch.nn.Module, device: torch.device, config: GraphConfig) -> StepGraphs:
-    """``module``'s calls replayed as CUDA graphs on ``device`` (see the module docstring for where)."""
+class StepGraphs(GraphedCalls):
+    """Stands in for ``module`` where the pipeline calls it: each call replays its signature's graph,
+    captured at the signature's first call. Attributes are the module's (config, dtype, cache_context)."""
+
+    def __init__(
+        self, module: torch.nn.Module, recorder: Recorder, device: torch.device, config: GraphConfig
+    ) -> None:
+        super().__init__(module, recorder, device, config)
+        self.module = module  # the names above are the graphs'; the rest are the module's (``__getattr__``)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "module":  # not set yet (copy, pickle): never recurse
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+
+def apply_step_graphs(
+    module: torch.nn.Module, device: torch.device, config: GraphConfig, recorder: Recorder | None = None
+) -> StepGraphs:
+    """``module``'s calls replayed as CUDA graphs on ``device`` (see the module docstring for where);
+    ``recorder``: one whose memory pool other graphs of the engine share."""
     if device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
-    return StepGraphs(module, CudaRecorder(device), device, config)
+    return StepGraphs(module, recorder or CudaRecorder(device), device, config)
