@@ -110,7 +110,7 @@
 #            image; stock first
 #   cachepresets  the other presets with the block graphs: `medium`, `ultra`, fp8 + fp8 attention + `fast`
 #   idle     with the noise drawn on a thread and the images copied contiguous: bf16 `fast` and compiled bf16
-#            profiled against eager's image, then `medium`, `ultra` and fp8 + fp8 attention + `fast`; stock first
+#            profiled against eager's image; stock first
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
@@ -496,6 +496,7 @@ lane_cachegraphs() {  # do Cache-DiT's computed steps, replayed as graphs, still
 }
 
 lane_cachepresets() {  # the other presets on the block graphs
+  stock "$1"
   python3 -m bench.pipeline --variants cache-medium,cache-ultra,fp8-cache-fast-fp8-attention --repeats 3 \
     --reference all --output-file "$1/cachepresets.json"
 }
@@ -504,7 +505,6 @@ lane_idle() {  # the host's waits at a call's start (the noise) and end (the ima
   stock "$1"
   python3 -m bench.pipeline --variants cache-fast,compiled --repeats 3 --reference all --profile \
     --output-file "$1/idle.json"
-  lane_cachepresets "$1"
 }
 
 lane_serve50() {  # the serving target the engine's idle time decides
