@@ -402,6 +402,8 @@ def run_prepared(
     if engine.graphs is not None:
         graphs = engine.graphs
         result["cuda_graphs"] = {"captured": len(graphs.captured), "refused": len(graphs.refused)}
+    if engine.encoder_graphs:
+        result["encoder_graphs"] = {name: len(g.captured) for name, g in engine.encoder_graphs.items()}
     block_graphs = getattr(pipe.transformer, SETTINGS_ATTRIBUTE, None)
     if block_graphs is not None:
         result["cache_block_graphs"] = block_graphs.counts()

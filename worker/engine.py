@@ -43,6 +43,7 @@ from worker.types import GenerationOutput, StepCallback
 log = logging.getLogger("fluxgate.engine")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # FLUX.1's CLIP and T5
 
 
 class CacheRunner(Protocol):
@@ -171,15 +172,22 @@ def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device
 @contextlib.contextmanager
 def running_on(pipeline: Any, transformer: Any) -> Iterator[None]:
     """Run ``pipeline`` with ``transformer`` in place of its own for the duration."""
-    own = pipeline.transformer
-    if transformer is own:
+    with running_with(pipeline, {"transformer": transformer}):
         yield
-        return
-    pipeline.transformer = transformer
+
+
+@contextlib.contextmanager
+def running_with(pipeline: Any, components: dict[str, Any]) -> Iterator[None]:
+    """Run ``pipeline`` with ``components`` (name: stand-in) in place of its own for the duration."""
+    own = {name: getattr(pipeline, name) for name in components}
+    swapped = {name: part for name, part in components.items() if part is not own[name]}
+    for name, part in swapped.items():
+        setattr(pipeline, name, part)
     try:
         yield
     finally:
-        pipeline.transformer = own
+        for name in swapped:
+            setattr(pipeline, name, own[name])
 
 
 def compile_for_speed(
@@ -237,6 +245,16 @@ def step_graphs_apply(device: torch.device, layout: ParallelLayout, offloaded: s
     return device.type == "cuda" and "transformer" not in offloaded and layout.dit_tp == 1
 
 
+def encoder_graphs_apply(
+    device: torch.device, name: str, encoder: Any, offloaded: set[str], sharded: str | None
+) -> bool:
+    """FLUX.1's CLIP and T5 calls are CUDA graphs where the encoder is resident on CUDA and whole: at a
+    call's start the GPU otherwise waits on their eager launches (~10 ms an image, lease 60's profiles).
+    FLUX.2's Mistral, called for its hidden states, is not measured so."""
+    graphable = type(encoder).__name__ in ("CLIPTextModel", "T5EncoderModel")
+    return graphable and device.type == "cuda" and name not in offloaded and name != sharded
+
+
 def cache_block_graphs_apply(layout: ParallelLayout) -> bool:
     """Where step graphs apply, Cache-DiT's block runs are graphs too (worker.optimizations.cache_graphs),
     on one GPU: a group's cache-dit runtime splits the sequence inside the first block, not measured
@@ -259,6 +277,7 @@ class FluxEngine:
         self.replica_cache: CacheRunner | None = None
         # --compile's CUDA graphs of the transformer, for calls without cache hooks
         self.graphs: StepGraphs | None = None
+        self.encoder_graphs: dict[str, StepGraphs] = {}  # --compile's, by the pipeline's component name
         # --precompute-modulation's tables, by the transformer module (the pipeline's, the replica) they serve
         self.modulation: dict[int, ModulationTables] = {}
         # --one-pass-rows under --compile: inductor's row limit while a call may compile (0: inductor's own)
@@ -313,14 +332,27 @@ class FluxEngine:
         if options.compile:
             compile_for_speed(pipeline, options, layout, offloaded)
             engine.row_limit = options.one_pass_rows
-            if options.cuda_graphs and step_graphs_apply(device, layout, offloaded):
-                recorder = CudaRecorder(device)  # one memory pool for all of the engine's graphs
-                engine.graphs = apply_step_graphs(pipeline.transformer, device, GraphConfig(), recorder)
-                if cache is not None and cache_block_graphs_apply(layout):
-                    from worker.optimizations.cache_graphs import apply_cache_block_graphs
-
-                    apply_cache_block_graphs(pipeline.transformer, recorder, device, GraphConfig())
+            if options.cuda_graphs and device.type == "cuda":
+                engine.apply_graphs(options, offloaded, cache is not None)
         return engine
+
+    def apply_graphs(self, options: EngineOptions, offloaded: set[str], caching: bool) -> None:
+        """``--compile``'s CUDA graphs where they apply, all in one memory pool (their outputs are copies):
+        the transformer's steps, Cache-DiT's block runs and the text encoders' calls."""
+        recorder = CudaRecorder(self.device)
+        transformer = self.pipeline.transformer
+        if step_graphs_apply(self.device, self.layout, offloaded):
+            self.graphs = apply_step_graphs(transformer, self.device, GraphConfig(), recorder)
+            if caching and cache_block_graphs_apply(self.layout):
+                from worker.optimizations.cache_graphs import apply_cache_block_graphs
+
+                apply_cache_block_graphs(transformer, recorder, self.device, GraphConfig())
+        sharded = sharded_text_encoder(self.pipeline) if options.tp_size > 1 else None
+        for name in TEXT_ENCODERS:
+            encoder: Any = getattr(self.pipeline, name, None)
+            if encoder_graphs_apply(self.device, name, encoder, offloaded, sharded):
+                self.encoder_graphs[name] = apply_step_graphs(encoder, self.device, GraphConfig(), recorder)
+        log.info("text encoders replayed as CUDA graphs: %s", ", ".join(self.encoder_graphs) or "none")
 
     def precompute_modulation(self) -> None:
         """Each job's adaLN modulation projected for all its steps at once (worker.optimizations.modulation),
@@ -382,7 +414,7 @@ class FluxEngine:
         """One pipeline call with ``transformer`` in place; its modulation rows checked after it."""
         with (
             torch.inference_mode(),
-            running_on(self.pipeline, transformer),
+            running_with(self.pipeline, {"transformer": transformer, **self.encoder_graphs}),
             one_pass_rows(self.row_limit),
             noise_drawn_ahead(self.pipeline, kwargs),
         ):

@@ -17,7 +17,7 @@ import torch
 from tests.support import generation_params
 from tests.worker.graph_support import FailingRecorder, RerunRecorder
 from worker.cli import add_worker_arguments, engine_options
-from worker.engine import FluxEngine, step_graphs_apply
+from worker.engine import FluxEngine, encoder_graphs_apply, step_graphs_apply
 from worker.optimizations.cache_dit import CacheDitConfig, apply_cache_dit
 from worker.optimizations.cuda_graphs import GraphConfig, StepGraphs, apply_step_graphs, on_device
 from worker.options import EngineOptions
@@ -220,3 +220,45 @@ def test_a_batch_replays_its_own_graph() -> None:
     engine.generate_batch(jobs, lambda step, total: None)
     image(engine, steps=2)
     assert recorder.captures == 2 and recorder.replays == 4  # batch of two, then one image
+
+
+# --- the text encoders ----------------------------------------------------------------------------
+
+
+def test_text_encoder_calls_replay_their_graphs_and_draw_the_same_image() -> None:
+    engine, _ = engine_with_graphs({})
+    plain, _ = engine_with_graphs({})
+    plain.graphs = None
+    recorder = RerunRecorder()
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(engine.pipeline, name)
+        engine.encoder_graphs[name] = StepGraphs(encoder, recorder, CPU, GraphConfig())
+    assert np.array_equal(image(engine), image(plain))
+    assert recorder.captures == 2 and recorder.replays == 2  # CLIP and T5, once a call
+    image(engine, steps=2)
+    assert recorder.captures == 2 and recorder.replays == 4
+    assert type(engine.pipeline.text_encoder).__name__ == "CLIPTextModel"  # put back after each call
+
+
+@pytest.mark.parametrize(
+    ("device", "name", "offloaded", "sharded", "applies"),
+    [
+        ("cuda", "text_encoder", set(), None, True),
+        ("cuda", "text_encoder_2", set(), None, True),
+        ("cpu", "text_encoder_2", set(), None, False),
+        ("cuda", "text_encoder_2", {"text_encoder_2"}, None, False),  # streamed from the CPU
+        ("cuda", "text_encoder_2", set(), "text_encoder_2", False),  # --tp-size shards it
+        ("cuda", "text_encoder", set(), "text_encoder_2", True),
+    ],
+)
+def test_encoder_graphs_apply_to_flux1_encoders_resident_on_cuda_and_whole(
+    device: str, name: str, offloaded: set[str], sharded: str | None, applies: bool
+) -> None:
+    pipe: Any = build_tiny_pipeline("flux1", seed=0)
+    encoder = getattr(pipe, name)
+    assert encoder_graphs_apply(torch.device(device), name, encoder, offloaded, sharded) is applies
+
+
+def test_flux2s_mistral_is_not_graphed() -> None:
+    pipe: Any = build_tiny_pipeline("flux2", seed=0)
+    assert not encoder_graphs_apply(torch.device("cuda"), "text_encoder", pipe.text_encoder, set(), None)

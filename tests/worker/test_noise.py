@@ -54,7 +54,9 @@ def test_noise_drawn_ahead_gives_the_pipelines_images(
     assert torch.equal(generate(pipe, kwargs, ahead=True), expected)
     unused = [torch.Generator("cpu").manual_seed(seed).get_state() for seed in seeds]
     # the thread drew with copies, and the pipeline took its noise instead of drawing
-    assert all(torch.equal(g.get_state(), state) for g, state in zip(kwargs["generator"], unused, strict=True))
+    assert all(
+        torch.equal(g.get_state(), state) for g, state in zip(kwargs["generator"], unused, strict=True)
+    )
     assert "prepare_latents" not in vars(pipe)  # the class's method again
 
 
