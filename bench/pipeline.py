@@ -39,6 +39,7 @@ from shared.schemas import GenerationParams
 from worker.engine import FluxEngine, internal_params
 from worker.optimizations import qk_norm_rope as qk_module
 from worker.optimizations.cache_graphs import SETTINGS_ATTRIBUTE
+from worker.optimizations.cuda_graphs import GraphedCalls
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.fp8_attention_processor import Fp8FluxAttnProcessor
 from worker.optimizations.fp8_mlp import apply_fp8_mlp_epilogues
@@ -404,6 +405,9 @@ def run_prepared(
         result["cuda_graphs"] = {"captured": len(graphs.captured), "refused": len(graphs.refused)}
     if engine.encoder_graphs:
         result["encoder_graphs"] = {name: len(g.captured) for name, g in engine.encoder_graphs.items()}
+    projections = [t.graphs for t in engine.modulation.values() if isinstance(t.graphs, GraphedCalls)]
+    if projections:
+        result["modulation_graphs"] = sum(len(g.captured) for g in projections)
     block_graphs = getattr(pipe.transformer, SETTINGS_ATTRIBUTE, None)
     if block_graphs is not None:
         result["cache_block_graphs"] = block_graphs.counts()

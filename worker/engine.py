@@ -18,7 +18,13 @@ from shared.schemas import GenerationParams
 from worker.noise import noise_drawn_ahead
 from worker.optimizations.attention import apply_attention_backend
 from worker.optimizations.compile import CompileConfig, apply_regional_compile
-from worker.optimizations.cuda_graphs import CudaRecorder, GraphConfig, StepGraphs, apply_step_graphs
+from worker.optimizations.cuda_graphs import (
+    CudaRecorder,
+    GraphConfig,
+    GraphedCalls,
+    StepGraphs,
+    apply_step_graphs,
+)
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.fp8_attention import check_fp8_attention_supported
 from worker.optimizations.fp8_attention_processor import apply_fp8_attention
@@ -338,7 +344,7 @@ class FluxEngine:
 
     def apply_graphs(self, options: EngineOptions, offloaded: set[str], caching: bool) -> None:
         """``--compile``'s CUDA graphs where they apply, all in one memory pool (their outputs are copies):
-        the transformer's steps, Cache-DiT's block runs and the text encoders' calls."""
+        the transformer's steps, Cache-DiT's block runs, the modulation projection, the text encoders."""
         recorder = CudaRecorder(self.device)
         transformer = self.pipeline.transformer
         if step_graphs_apply(self.device, self.layout, offloaded):
@@ -347,6 +353,8 @@ class FluxEngine:
                 from worker.optimizations.cache_graphs import apply_cache_block_graphs
 
                 apply_cache_block_graphs(transformer, recorder, self.device, GraphConfig())
+            for tables in self.modulation.values():  # each job's modulation projection
+                tables.graphs = GraphedCalls(tables.project_eagerly, recorder, self.device, GraphConfig())
         sharded = sharded_text_encoder(self.pipeline) if options.tp_size > 1 else None
         for name in TEXT_ENCODERS:
             encoder: Any = getattr(self.pipeline, name, None)

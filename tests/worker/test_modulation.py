@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from tests.support import generation_params
-from tests.worker.test_cuda_graphs import RerunRecorder
+from tests.worker.graph_support import RerunRecorder
 from tests.worker.transformer_support import inputs, relative_rms, tiny_transformer
 from worker.cli import add_worker_arguments, engine_options
 from worker.engine import FluxEngine
-from worker.optimizations.cuda_graphs import GraphConfig, StepGraphs
+from worker.optimizations.cuda_graphs import GraphConfig, GraphedCalls, StepGraphs
 from worker.optimizations.modulation import (
     Schedule,
     TabledLinear,
@@ -83,6 +83,16 @@ def test_modulation_layers_project_once_per_job_not_per_step(monkeypatch: pytest
     transformer = tables.transformer
     blocks = 2 * len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
     assert len(tables.layers) == blocks + 1 and transformer.transformer_blocks  # and norm_out
+
+
+def test_the_projection_replayed_as_a_graph_gives_the_same_image() -> None:
+    graphed, plain = engine(True), engine(True)
+    (tables,) = graphed.modulation.values()
+    recorder = RerunRecorder()
+    tables.graphs = GraphedCalls(tables.project_eagerly, recorder, CPU, GraphConfig())
+    assert np.array_equal(pixels(graphed), pixels(plain))
+    pixels(graphed, prompt="another prompt")  # the same shapes: the graph captured for the first job
+    assert recorder.captures == 1 and recorder.replays == 2
 
 
 def test_a_table_over_its_byte_cap_projects_its_steps_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ otherwise get another step's modulation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -87,6 +88,9 @@ class ModulationTables:
     layers: list[TabledLinear]
     rows: ModulationRows
     table_bytes: int = TABLE_BYTES
+    # ``project`` replayed as CUDA graphs (set by the engine under --compile): launched from Python, its
+    # 154 kernels left the GPU waiting 2-23 ms at each job's first step (lease 61's profiles)
+    graphs: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def schedule(self, inner: Any, scheduler: Any) -> Schedule:
         """``inner`` (the transformer or its CUDA graphs) for one pipeline call, whose steps are the
@@ -95,6 +99,12 @@ class ModulationTables:
 
     def project(self, embedding: torch.Tensor) -> torch.Tensor:
         """Every layer's ``linear(silu(embedding))`` side by side: one GEMM per layer for all rows."""
+        if self.graphs is not None:
+            return self.graphs(embedding)
+        return self.project_eagerly(embedding)
+
+    def project_eagerly(self, embedding: torch.Tensor) -> torch.Tensor:
+        """``project`` launched from Python."""
         activated = F.silu(embedding)
         table = torch.empty(
             embedding.shape[0], self.rows.width, dtype=embedding.dtype, device=embedding.device
