@@ -111,6 +111,8 @@
 #   cachepresets  the other presets with the block graphs: `medium`, `ultra`, fp8 + fp8 attention + `fast`
 #   idle     with the noise drawn on a thread and the images copied contiguous: bf16 `fast` and compiled bf16
 #            profiled against eager's image; stock first
+#   u2now    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 as it is now (graphs of the encoders and the
+#            modulation projection, the noise drawn on a thread): issue 10's figure on the lease's cards
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
@@ -525,6 +527,11 @@ lane_u2qk2() {  # the group's default with the fused query/key kernel, against w
   local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
   $P --output-file "$1/u2.json"
   $P --no-fused-qk-norm-rope --output-file "$1/u2_inductor_qk.json"
+}
+
+lane_u2now() {  # the group's image with this session's engine
+  torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3 --output-file "$1/u2.json"
 }
 
 lane_tok4() {  # the other paths through the query/key kernel, then the serving target it was adopted for
