@@ -89,7 +89,7 @@ class ModulationTables:
     rows: ModulationRows
     table_bytes: int = TABLE_BYTES
     # ``project`` replayed as CUDA graphs (set by the engine under --compile): launched from Python, its
-    # 154 kernels left the GPU waiting 2-23 ms at each job's first step (lease 61's profiles)
+    # 154 kernels left the GPU waiting 2.7-18 ms at each job's first step (lease 61's profiles)
     graphs: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def schedule(self, inner: Any, scheduler: Any) -> Schedule:
