@@ -40,7 +40,7 @@ from worker.engine import FluxEngine, internal_params
 from worker.optimizations import qk_norm_rope as qk_module
 from worker.optimizations.cache_graphs import SETTINGS_ATTRIBUTE
 from worker.optimizations.cuda_graphs import GraphedCalls
-from worker.optimizations.epilogues import apply_gemm_epilogues
+from worker.optimizations.epilogues import EpilogueSingleBlock, apply_gemm_epilogues
 from worker.optimizations.fp8_attention_processor import Fp8FluxAttnProcessor
 from worker.optimizations.fp8_mlp import apply_fp8_mlp_epilogues
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
@@ -77,6 +77,8 @@ class Variant:
     # (qk_norm_rope.TOKENS_PER_PROGRAM)
     # torch's BLAS library and bf16 split-K setting while the variant runs (bench.gemm_check.SETTINGS)
     blas: str | None = None
+    # the single blocks' proj_out: its second GEMM adds into the first's output (epilogues.accumulate_mm)
+    accumulate: bool = False
 
     @property
     def fp8(self) -> bool:
@@ -103,6 +105,8 @@ VARIANTS: dict[str, Variant] = {
     "cache-medium": Variant(COMPILED, "medium"),
     "cache-fast": Variant(COMPILED, "fast"),
     "cache-ultra": Variant(COMPILED, "ultra"),
+    "compiled-accumulate": Variant(COMPILED, accumulate=True),
+    "cache-fast-accumulate": Variant(COMPILED, "fast", accumulate=True),
     # Cache-DiT's block runs without their CUDA graphs (worker.optimizations.cache_graphs; before lease 59)
     "cache-fast-no-graphs": Variant({**COMPILED, "cuda_graphs": False}, "fast"),
     # --quantize fp8: per-row scales, the repeated blocks' linears minus their modulation linears
@@ -304,6 +308,11 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
         for module in pipe.transformer.modules():
             if isinstance(getattr(module, "processor", None), qk_module.FusedQKFluxAttnProcessor):
                 module.processor.token_major = False
+    if variant.accumulate:  # before the first call traces the blocks
+        singles = [m for m in pipe.transformer.modules() if isinstance(m, EpilogueSingleBlock)]
+        for module in singles:
+            module.accumulate = True
+        print(f"single blocks accumulating proj_out's partial sums in the GEMM: {len(singles)}")
     if variant.whole is not None:
         compile_whole(pipe.transformer, variant.whole)
     return engine
@@ -323,6 +332,7 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "fp8_mlp": variant.fp8_mlp,
         "fp8_attention_dequant": variant.fp8_attention_dequant,
         "head_major_qk": variant.head_major_qk,
+        "accumulate": variant.accumulate,
         "qk_tokens": variant.qk_tokens,
         "blas": variant.blas,
         "sdpa_first": args.sdpa_first,

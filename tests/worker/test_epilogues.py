@@ -10,11 +10,17 @@ import pytest
 import torch
 from diffusers.models.activations import GELU
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+from torch._inductor.utils import run_and_get_code
 
 from worker import engine as engine_module
 from worker.cli import add_worker_arguments, engine_options
 from worker.optimizations.cache_dit import CacheDitConfig, apply_cache_dit
-from worker.optimizations.epilogues import EpilogueGELU, EpilogueSingleBlock, apply_gemm_epilogues
+from worker.optimizations.epilogues import (
+    EpilogueGELU,
+    EpilogueSingleBlock,
+    apply_gemm_epilogues,
+    split_projection,
+)
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import EngineOptions
 from worker.tiny_model import build_tiny_pipeline
@@ -170,3 +176,29 @@ def test_layers_swapped_in_after_the_epilogues_are_called_as_they_are() -> None:
         feed_forward.proj = Adapter(feed_forward.proj)
     expected = expected_model(**inputs(torch.float32))[0]
     assert relative_rms(model(**inputs(torch.float32))[0], expected) < 1e-5
+
+
+def test_accumulated_projection_gives_the_split_one() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16 + 64, 16)
+    attention, mlp = torch.randn(2, 5, 16), torch.randn(2, 5, 64)
+    with torch.inference_mode():
+        split = split_projection(linear, attention, mlp)
+        accumulated = split_projection(linear, attention, mlp, accumulate=True)
+        expected = linear(torch.cat([attention, mlp], dim=-1))
+    assert accumulated.shape == expected.shape
+    torch.testing.assert_close(accumulated, expected)
+    torch.testing.assert_close(accumulated, split)
+
+
+def test_compiled_accumulation_adds_into_the_first_gemms_output_without_a_copy() -> None:
+    linear = torch.nn.Linear(16 + 64, 16)
+    attention, mlp = torch.randn(1, 8, 16), torch.randn(1, 8, 64)
+    compiled = torch.compile(lambda a, m: split_projection(linear, a, m, accumulate=True))
+    with torch.inference_mode():
+        output, (code, *_) = run_and_get_code(compiled, attention, mlp)
+        torch.testing.assert_close(output, linear(torch.cat([attention, mlp], dim=-1)))
+    call = next(line for line in code.splitlines() if "fluxgate.accumulate_mm" in line and "(" in line)
+    mm_output = next(line for line in code.splitlines() if "extern_kernels.mm(" in line).split("out=")[1]
+    assert call.strip().startswith("torch.ops.fluxgate.accumulate_mm.default(" + mm_output.rstrip(")"))
+    assert "clone" not in code
