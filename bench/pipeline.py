@@ -77,8 +77,9 @@ class Variant:
     # (qk_norm_rope.TOKENS_PER_PROGRAM)
     # torch's BLAS library and bf16 split-K setting while the variant runs (bench.gemm_check.SETTINGS)
     blas: str | None = None
-    # the single blocks' proj_out: its second GEMM adds into the first's output (epilogues.accumulate_mm)
-    accumulate: bool = False
+    # the single blocks' proj_out: its second GEMM adds into the first's output (epilogues.accumulate_mm,
+    # the worker's since lease 64) or the gating kernel adds both; None: the worker's
+    accumulate: bool | None = None
 
     @property
     def fp8(self) -> bool:
@@ -105,8 +106,9 @@ VARIANTS: dict[str, Variant] = {
     "cache-medium": Variant(COMPILED, "medium"),
     "cache-fast": Variant(COMPILED, "fast"),
     "cache-ultra": Variant(COMPILED, "ultra"),
-    "compiled-accumulate": Variant(COMPILED, accumulate=True),
-    "cache-fast-accumulate": Variant(COMPILED, "fast", accumulate=True),
+    # proj_out's partial sums both added by the gating kernel (the worker's until lease 64)
+    "compiled-no-accumulate": Variant(COMPILED, accumulate=False),
+    "cache-fast-no-accumulate": Variant(COMPILED, "fast", accumulate=False),
     # Cache-DiT's block runs without their CUDA graphs (worker.optimizations.cache_graphs; before lease 59)
     "cache-fast-no-graphs": Variant({**COMPILED, "cuda_graphs": False}, "fast"),
     # --quantize fp8: per-row scales, the repeated blocks' linears minus their modulation linears
@@ -308,11 +310,11 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
         for module in pipe.transformer.modules():
             if isinstance(getattr(module, "processor", None), qk_module.FusedQKFluxAttnProcessor):
                 module.processor.token_major = False
-    if variant.accumulate:  # before the first call traces the blocks
+    if variant.accumulate is not None:  # before the first call traces the blocks
         singles = [m for m in pipe.transformer.modules() if isinstance(m, EpilogueSingleBlock)]
         for module in singles:
-            module.accumulate = True
-        print(f"single blocks accumulating proj_out's partial sums in the GEMM: {len(singles)}")
+            module.accumulate = variant.accumulate
+        print(f"single blocks with accumulate={variant.accumulate}: {len(singles)}")
     if variant.whole is not None:
         compile_whole(pipe.transformer, variant.whole)
     return engine

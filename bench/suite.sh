@@ -113,8 +113,8 @@
 #            profiled against eager's image; stock first
 #   u2now    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 as it is now (graphs of the encoders and the
 #            modulation projection, the noise drawn on a thread): issue 10's figure on the lease's cards
-#   accum    the single blocks' proj_out partial sums added in the second GEMM (compiled-accumulate) against the
-#            default, lossless and `fast`, against eager's image; stock first
+#   accum    the single blocks' proj_out partial sums added in the second GEMM (the default since lease 64) against
+#            both added by the gating kernel (-no-accumulate), lossless and `fast`, against eager's image; stock first
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
@@ -533,7 +533,7 @@ lane_u2qk2() {  # the group's default with the fused query/key kernel, against w
 
 lane_accum() {  # one partial sum fewer read by the single blocks' gating kernel
   stock "$1"
-  python3 -m bench.pipeline --variants compiled-accumulate,compiled,cache-fast-accumulate,cache-fast --repeats 3 \
+  python3 -m bench.pipeline --variants compiled,compiled-no-accumulate,cache-fast,cache-fast-no-accumulate --repeats 3 \
     --reference all --output-file "$1/accum.json"
 }
 
