@@ -77,6 +77,8 @@ class Variant:
     # (qk_norm_rope.TOKENS_PER_PROGRAM)
     # torch's BLAS library and bf16 split-K setting while the variant runs (bench.gemm_check.SETTINGS)
     blas: str | None = None
+    # the double blocks' value projections writing the joint value in place (worker.optimizations.joint_value)
+    joint_value: bool = False
     # the single blocks' proj_out: its second GEMM adds into the first's output (epilogues.accumulate_mm,
     # the worker's since lease 64) or the gating kernel adds both; None: the worker's
     accumulate: bool | None = None
@@ -106,6 +108,9 @@ VARIANTS: dict[str, Variant] = {
     "cache-medium": Variant(COMPILED, "medium"),
     "cache-fast": Variant(COMPILED, "fast"),
     "cache-ultra": Variant(COMPILED, "ultra"),
+    # the double blocks' joint attention value written in place by its projections (prepared, not measured)
+    "compiled-joint-value": Variant(COMPILED, joint_value=True),
+    "cache-fast-joint-value": Variant(COMPILED, "fast", joint_value=True),
     # proj_out's partial sums both added by the gating kernel (the worker's until lease 64)
     "compiled-no-accumulate": Variant(COMPILED, accumulate=False),
     "cache-fast-no-accumulate": Variant(COMPILED, "fast", accumulate=False),
@@ -310,6 +315,10 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
         for module in pipe.transformer.modules():
             if isinstance(getattr(module, "processor", None), qk_module.FusedQKFluxAttnProcessor):
                 module.processor.token_major = False
+    if variant.joint_value:  # before the first call traces the processors
+        for module in pipe.transformer.modules():
+            if type(getattr(module, "processor", None)) is qk_module.FusedQKFluxAttnProcessor:
+                module.processor.joint_value = True
     if variant.accumulate is not None:  # before the first call traces the blocks
         singles = [m for m in pipe.transformer.modules() if isinstance(m, EpilogueSingleBlock)]
         for module in singles:
@@ -335,6 +344,7 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "fp8_attention_dequant": variant.fp8_attention_dequant,
         "head_major_qk": variant.head_major_qk,
         "accumulate": variant.accumulate,
+        "joint_value": variant.joint_value,
         "qk_tokens": variant.qk_tokens,
         "blas": variant.blas,
         "sdpa_first": args.sdpa_first,

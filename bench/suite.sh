@@ -115,6 +115,8 @@
 #            modulation projection, the noise drawn on a thread): issue 10's figure on the lease's cards
 #   accum    the single blocks' proj_out partial sums added in the second GEMM (the default since lease 64) against
 #            both added by the gating kernel (-no-accumulate), lossless and `fast`, against eager's image; stock first
+#   jointv   the double blocks' joint value written in place by its projections (compiled-joint-value) against the
+#            default, lossless and `fast`, against eager's image; stock first
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
@@ -535,6 +537,12 @@ lane_accum() {  # one partial sum fewer read by the single blocks' gating kernel
   stock "$1"
   python3 -m bench.pipeline --variants compiled,compiled-no-accumulate,cache-fast,cache-fast-no-accumulate --repeats 3 \
     --reference all --output-file "$1/accum.json"
+}
+
+lane_jointv() {  # no concatenation of the double blocks' value projections
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled-joint-value,compiled,cache-fast-joint-value,cache-fast --repeats 3 \
+    --reference all --output-file "$1/jointv.json"
 }
 
 lane_u2now() {  # the group's image with this session's engine

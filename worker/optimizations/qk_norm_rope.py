@@ -27,6 +27,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from worker.optimizations.fp8_attention import E4M3_MAX
+from worker.optimizations.joint_value import joint_value, writes_in_place
 
 try:  # shipped with CUDA builds of torch; absent from CPU-only installs
     import triton
@@ -288,6 +289,7 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     """diffusers' FLUX processor with ``qk_norm_rope`` in place of its norms, concatenation and rotation."""
 
     token_major = True  # the query and key's layout (``attend``); head-major, as before, is a benchmark's
+    joint_value = False  # the value projections write the joint value in place (a benchmark's, not measured)
 
     def __call__(
         self,
@@ -301,14 +303,8 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
             return super().__call__(
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
-        query, key, value, text_query, text_key, text_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        if attn.added_kv_proj_dim is None:
-            text_query = text_key = text_value = None
-        hidden_states = self.attend(
-            attn, (text_query, query), (text_key, key), (text_value, value), image_rotary_emb
-        )
+        query, key, value = self._projections(attn, hidden_states, encoder_hidden_states)
+        hidden_states = self.attend(attn, query, key, value, image_rotary_emb)
         if encoder_hidden_states is None:
             return hidden_states
         text_tokens = encoder_hidden_states.shape[1]
@@ -317,6 +313,22 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         )
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+    def _projections(self, attn: Any, hidden_states: torch.Tensor, text: Any) -> tuple[Parts, Parts, Parts]:
+        """The query, key and value projections, each as (text tokens, image tokens); with ``joint_value``
+        the value comes whole, as its "image" part (``joined`` takes it as it is)."""
+        text_value: Any = getattr(attn, "add_v_proj", None)
+        joint = (
+            self.joint_value and text is not None and text_value is not None and not attn.fused_projections
+        )
+        if joint and writes_in_place(attn.to_v) and writes_in_place(text_value):
+            value = joint_value(text, hidden_states, text_value, attn.to_v)
+            query = (attn.add_q_proj(text), attn.to_q(hidden_states))
+            return query, (attn.add_k_proj(text), attn.to_k(hidden_states)), (None, value)
+        q, k, v, text_q, text_k, text_v = _get_qkv_projections(attn, hidden_states, text)
+        if attn.added_kv_proj_dim is None:
+            text_q = text_k = text_v = None
+        return (text_q, q), (text_k, k), (text_v, v)
 
     def attend(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> torch.Tensor:
         """Attention over the (text, image) projections, text first: (batch, tokens, heads x head_dim).
