@@ -176,13 +176,6 @@ def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device
 
 
 @contextlib.contextmanager
-def running_on(pipeline: Any, transformer: Any) -> Iterator[None]:
-    """Run ``pipeline`` with ``transformer`` in place of its own for the duration."""
-    with running_with(pipeline, {"transformer": transformer}):
-        yield
-
-
-@contextlib.contextmanager
 def running_with(pipeline: Any, components: dict[str, Any]) -> Iterator[None]:
     """Run ``pipeline`` with ``components`` (name: stand-in) in place of its own for the duration."""
     own = {name: getattr(pipeline, name) for name in components}
@@ -329,7 +322,7 @@ class FluxEngine:
         engine = cls(pipeline, device, cache(pipeline) if cache else None)
         if replica is not None:
             engine.replica = replica
-            with running_on(pipeline, replica):
+            with running_with(pipeline, {"transformer": replica}):
                 engine.replica_cache = cache(pipeline) if cache else None
         engine.offloaded = offloaded
         engine.layout = layout
@@ -345,21 +338,21 @@ class FluxEngine:
     def apply_graphs(self, options: EngineOptions, offloaded: set[str], caching: bool) -> None:
         """``--compile``'s CUDA graphs where they apply, all in one memory pool (their outputs are copies):
         the transformer's steps, Cache-DiT's block runs, the modulation projection, the text encoders."""
-        recorder = CudaRecorder(self.device)
+        recorder, config = CudaRecorder(self.device), GraphConfig()
         transformer = self.pipeline.transformer
         if step_graphs_apply(self.device, self.layout, offloaded):
-            self.graphs = apply_step_graphs(transformer, self.device, GraphConfig(), recorder)
+            self.graphs = apply_step_graphs(transformer, self.device, config, recorder)
             if caching and cache_block_graphs_apply(self.layout):
                 from worker.optimizations.cache_graphs import apply_cache_block_graphs
 
-                apply_cache_block_graphs(transformer, recorder, self.device, GraphConfig())
+                apply_cache_block_graphs(transformer, recorder, self.device, config)
             for tables in self.modulation.values():  # each job's modulation projection
-                tables.graphs = GraphedCalls(tables.project_eagerly, recorder, self.device, GraphConfig())
+                tables.graphs = GraphedCalls(tables.project_eagerly, recorder, self.device, config)
         sharded = sharded_text_encoder(self.pipeline) if options.tp_size > 1 else None
         for name in TEXT_ENCODERS:
             encoder: Any = getattr(self.pipeline, name, None)
             if encoder_graphs_apply(self.device, name, encoder, offloaded, sharded):
-                self.encoder_graphs[name] = apply_step_graphs(encoder, self.device, GraphConfig(), recorder)
+                self.encoder_graphs[name] = apply_step_graphs(encoder, self.device, config, recorder)
         log.info("text encoders replayed as CUDA graphs: %s", ", ".join(self.encoder_graphs) or "none")
 
     def precompute_modulation(self) -> None:

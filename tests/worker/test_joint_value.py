@@ -9,7 +9,8 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from worker.optimizations import qk_norm_rope as qk_module
-from worker.optimizations.joint_value import joint_value, writes_in_place
+from worker.optimizations.epilogues import plain_linear
+from worker.optimizations.joint_value import joint_value
 from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor, apply_fused_qk_norm_rope
 
 from .transformer_support import inputs, tiny_transformer
@@ -45,10 +46,10 @@ def test_compiled_projections_write_their_rows_of_one_buffer_without_a_copy() ->
 
 def test_only_plain_biased_linears_write_in_place() -> None:
     linear = torch.nn.Linear(4, 4)
-    assert writes_in_place(linear)
-    assert not writes_in_place(torch.nn.Linear(4, 4, bias=False))
+    assert plain_linear(linear)
+    assert not plain_linear(torch.nn.Linear(4, 4, bias=False))
     linear.register_forward_hook(lambda *args: None)
-    assert not writes_in_place(linear)
+    assert not plain_linear(linear)
 
 
 @torch.no_grad()

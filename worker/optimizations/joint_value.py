@@ -7,14 +7,14 @@ its rows of one (batch, text + image tokens, features) buffer itself (``fluxgate
 ``out=`` into the slice), and inductor keeps the writes in place (tested), so no concatenation is left.
 
 The same GEMMs with the same bias epilogue: the values are the concatenation's. Used only for plain
-``nn.Linear`` projections (fp8 or sharded weights, hooks: the processor concatenates as before).
+``nn.Linear`` projections (``epilogues.plain_linear``; fp8 or sharded weights, hooks: the processor
+concatenates as before).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 @torch.library.custom_op("fluxgate::linear_into", mutates_args=("out",))
@@ -27,15 +27,6 @@ def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
 @linear_into.register_fake
 def _(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     return None
-
-
-def writes_in_place(linear: nn.Module) -> bool:
-    """A biased ``nn.Linear`` with plain weights and nothing hooked: its GEMM can write into a slice."""
-    if type(linear) is not nn.Linear or linear.bias is None:
-        return False
-    if linear._forward_hooks or linear._forward_pre_hooks or "forward" in vars(linear):
-        return False
-    return not is_traceable_wrapper_subclass(linear.weight)
 
 
 def joint_value(

@@ -26,8 +26,9 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
+from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.fp8_attention import E4M3_MAX
-from worker.optimizations.joint_value import joint_value, writes_in_place
+from worker.optimizations.joint_value import joint_value
 
 try:  # shipped with CUDA builds of torch; absent from CPU-only installs
     import triton
@@ -321,7 +322,7 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         joint = (
             self.joint_value and text is not None and text_value is not None and not attn.fused_projections
         )
-        if joint and writes_in_place(attn.to_v) and writes_in_place(text_value):
+        if joint and plain_linear(attn.to_v) and plain_linear(text_value):
             value = joint_value(text, hidden_states, text_value, attn.to_v)
             query = (attn.add_q_proj(text), attn.to_q(hidden_states))
             return query, (attn.add_k_proj(text), attn.to_k(hidden_states)), (None, value)
