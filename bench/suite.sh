@@ -117,6 +117,8 @@
 #            both added by the gating kernel (-no-accumulate), lossless and `fast`, against eager's image; stock first
 #   jointv   the double blocks' joint value written in place by its projections (compiled-joint-value) against the
 #            default, lossless and `fast`, against eager's image; stock first
+#   xchg     Ulysses' all-to-all alone (bench.exchange) under NCCL's defaults and four settings, then stock
+#            Ulysses-2 (torchrun) and the worker's Ulysses-2, profiled: where a group's time goes now
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
@@ -543,6 +545,18 @@ lane_jointv() {  # no concatenation of the double blocks' value projections
   stock "$1"
   python3 -m bench.pipeline --variants compiled-joint-value,compiled,cache-fast-joint-value,cache-fast --repeats 3 \
     --reference all --output-file "$1/jointv.json"
+}
+
+lane_xchg() {  # Ulysses' exchange alone under NCCL's settings, then stock Ulysses-2 and ours, profiled
+  local X="torchrun --nproc-per-node 2 --master-port 29621 -m bench.exchange"
+  $X --output-file "$1/x_default.json"
+  NCCL_MIN_P2P_NCHANNELS=16 $X --label min-p2p-16 --output-file "$1/x_p2p16.json"
+  NCCL_MIN_P2P_NCHANNELS=32 $X --label min-p2p-32 --output-file "$1/x_p2p32.json"
+  NCCL_P2P_NVL_CHUNKSIZE=2097152 $X --label nvl-chunk-2m --output-file "$1/x_chunk2m.json"
+  NCCL_P2P_USE_CUDA_MEMCPY=1 $X --label cuda-memcpy --output-file "$1/x_memcpy.json"
+  torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3 --profile \
+    --output-file "$1/u2.json"
 }
 
 lane_u2now() {  # the group's image with this session's engine
