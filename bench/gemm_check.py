@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -157,16 +158,49 @@ def check(sequence_parallel: int, settings: list[str]) -> dict[str, Any]:
     return {"shapes": table, "step_gemm_ms": totals}
 
 
+def epilogue_cost(sequence_parallel: int) -> dict[str, Any]:
+    """Each biased (or GELU) shape timed with its epilogue and as a plain ``mm`` of the same size, under the
+    default setting: what a step's GEMMs would save if their biases were added by the elementwise kernels
+    that read their outputs anyway (the query/key kernel, the output projection's bias, a gating kernel)."""
+    table: dict[str, Any] = {}
+    saved = 0.0
+    for shape in shapes(sequence_parallel):
+        if shape.op == "mm":
+            continue
+        with_epilogue = graph_ms(operation(shape), calls=20)[0]
+        plain = graph_ms(operation(dataclasses.replace(shape, op="mm")), calls=20)[0]
+        table[shape.name] = {
+            "epilogue_ms": round(with_epilogue, 4),
+            "mm_ms": round(plain, 4),
+            "calls": shape.calls,
+        }
+        saved += (with_epilogue - plain) * shape.calls
+    return {"shapes": table, "step_ms_saved_without_epilogues": round(saved, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-file", default=None)
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
+    parser.add_argument(
+        "--epilogue-cost", action="store_true", help="only time each biased shape against a plain mm"
+    )
     args = parser.parse_args(argv)
     settings = args.settings.split(",")
     if unknown := [name for name in settings if name not in SETTINGS]:
         parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
+    if args.epilogue_cost:
+        report(
+            {
+                "device": torch.cuda.get_device_name(),
+                "one_gpu": epilogue_cost(1),
+                "ulysses_2": epilogue_cost(2),
+            },
+            args.output_file,
+        )
+        return 0
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -117,6 +117,8 @@
 #            both added by the gating kernel (-no-accumulate), lossless and `fast`, against eager's image; stock first
 #   jointv   the double blocks' joint value written in place by its projections (compiled-joint-value) against the
 #            default, lossless and `fast`, against eager's image; stock first
+#   biascost each biased GEMM shape against a plain mm of its size (bench.gemm_check --epilogue-cost), then
+#            compiled bf16 and `fast` profiled (which GEMMs carry an epilogue; the decode's kernels). No stock
 #   xchg     Ulysses' all-to-all alone (bench.exchange) under NCCL's defaults and four settings, then stock
 #            Ulysses-2 (torchrun) and the worker's Ulysses-2, profiled: where a group's time goes now
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
@@ -545,6 +547,11 @@ lane_jointv() {  # no concatenation of the double blocks' value projections
   stock "$1"
   python3 -m bench.pipeline --variants compiled-joint-value,compiled,cache-fast-joint-value,cache-fast --repeats 3 \
     --reference all --output-file "$1/jointv.json"
+}
+
+lane_biascost() {  # what the GEMMs' bias epilogues cost, and which of a step's GEMMs carry one (a diagnosis)
+  python3 -m bench.gemm_check --epilogue-cost --output-file "$1/epilogue_cost.json"
+  python3 -m bench.pipeline --variants compiled,cache-fast --repeats 1 --profile --output-file "$1/prof.json"
 }
 
 lane_xchg() {  # Ulysses' exchange alone under NCCL's settings, then stock Ulysses-2 and ours, profiled
