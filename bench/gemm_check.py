@@ -181,12 +181,14 @@ def epilogue_cost(sequence_parallel: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-file", default=None)
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
+    parser.add_argument(
+        "--settings", default=";".join(SETTINGS), help="names of SETTINGS, separated by semicolons"
+    )
     parser.add_argument(
         "--epilogue-cost", action="store_true", help="only time each biased shape against a plain mm"
     )
     args = parser.parse_args(argv)
-    settings = args.settings.split(",")
+    settings = args.settings.split(";")  # the names hold commas
     if unknown := [name for name in settings if name not in SETTINGS]:
         parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     if not torch.cuda.is_available():

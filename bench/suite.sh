@@ -111,6 +111,8 @@
 #   cachepresets  the other presets with the block graphs: `medium`, `ultra`, fp8 + fp8 attention + `fast`
 #   idle     with the noise drawn on a thread and the images copied contiguous: bf16 `fast` and compiled bf16
 #            profiled against eager's image; stock first
+#   u2pack   stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with the query, key and value in one
+#            all-to-all (--packed-exchange) and as diffusers sends them (three), both profiled
 #   u2now    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 as it is now (graphs of the encoders and the
 #            modulation projection, the noise drawn on a thread): issue 10's figure on the lease's cards
 #   accum    the single blocks' proj_out partial sums added in the second GEMM (the default since lease 64) against
@@ -119,7 +121,10 @@
 #            default, lossless and `fast`, against eager's image; stock first
 #   biascost each biased GEMM shape against a plain mm of its size (bench.gemm_check --epilogue-cost), then
 #            compiled bf16 and `fast` profiled (which GEMMs carry an epilogue; the decode's kernels). No stock
-#   xchg     Ulysses' all-to-all alone (bench.exchange) under NCCL's defaults and four settings, then stock
+#   settled  the pipeline's execution-device lookups answered once (worker.optimizations.settled_devices),
+#            their host time on this machine's CPU (bench.host_lookups), the GEMMs' bias epilogues' cost,
+#            then `fast` and lossless profiled (the call's host gaps), against eager's image; stock first
+#   xchg     Ulysses' all-to-all alone (bench.exchange) under NCCL's defaults and three settings, then stock
 #            Ulysses-2 (torchrun) and the worker's Ulysses-2, profiled: where a group's time goes now
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
@@ -554,16 +559,30 @@ lane_biascost() {  # what the GEMMs' bias epilogues cost, and which of a step's 
   python3 -m bench.pipeline --variants compiled,cache-fast --repeats 1 --profile --output-file "$1/prof.json"
 }
 
+lane_settled() {  # diffusers' device lookups answered once (settle_devices): `fast` and lossless, profiled; stock first
+  stock "$1"
+  python3 -m bench.host_lookups >"$1/host_lookups.json"
+  python3 -m bench.gemm_check --epilogue-cost --output-file "$1/epilogue_cost.json"
+  python3 -m bench.pipeline --variants cache-fast,compiled --repeats 3 --reference all --profile \
+    --output-file "$1/settled.json"
+}
+
 lane_xchg() {  # Ulysses' exchange alone under NCCL's settings, then stock Ulysses-2 and ours, profiled
   local X="torchrun --nproc-per-node 2 --master-port 29621 -m bench.exchange"
   $X --output-file "$1/x_default.json"
   NCCL_MIN_P2P_NCHANNELS=16 $X --label min-p2p-16 --output-file "$1/x_p2p16.json"
   NCCL_MIN_P2P_NCHANNELS=32 $X --label min-p2p-32 --output-file "$1/x_p2p32.json"
   NCCL_P2P_NVL_CHUNKSIZE=2097152 $X --label nvl-chunk-2m --output-file "$1/x_chunk2m.json"
-  NCCL_P2P_USE_CUDA_MEMCPY=1 $X --label cuda-memcpy --output-file "$1/x_memcpy.json"
   torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
   python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3 --profile \
     --output-file "$1/u2.json"
+}
+
+lane_u2pack() {  # Ulysses' query, key and value in one exchange against diffusers' three; stock Ulysses-2 first
+  torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3 --profile"
+  $P --packed-exchange --output-file "$1/u2_packed.json"
+  $P --output-file "$1/u2.json"
 }
 
 lane_u2now() {  # the group's image with this session's engine

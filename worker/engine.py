@@ -33,6 +33,7 @@ from worker.optimizations.offload import OffloadConfig, apply_offload
 from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
 from worker.optimizations.rows import one_pass_rows
+from worker.optimizations.settled_devices import settle_devices
 from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
 from worker.options import EngineOptions
 from worker.parallel import (
@@ -333,6 +334,9 @@ class FluxEngine:
             engine.row_limit = options.one_pass_rows
             if options.cuda_graphs and device.type == "cuda":
                 engine.apply_graphs(options, offloaded, cache is not None)
+        # placed, hooked and wrapped for good: diffusers' device lookups answered from here on
+        stand_ins = [engine.graphs, engine.replica, *engine.encoder_graphs.values()]
+        settle_devices(pipeline, [part for part in stand_ins if part is not None])
         return engine
 
     def apply_graphs(self, options: EngineOptions, offloaded: set[str], caching: bool) -> None:

@@ -27,3 +27,15 @@ def test_shapes_cover_a_steps_gemms_and_halve_the_sequence_under_ulysses_2() -> 
     assert [s.tokens for s in two] == [s.tokens // 2 for s in one]
     flops = sum(2 * s.tokens * s.inputs * s.outputs * s.calls for s in one)
     assert 50e12 < flops < 60e12  # FLUX.1-dev's linear layers at 1024x1024, one step, without the adaLN
+
+
+def test_gemm_check_accepts_its_default_settings_whose_names_hold_commas(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        gemm_check.main([])  # on this CPU it stops at the GPU check, past the settings
+    error = capsys.readouterr().err
+    assert "needs a CUDA GPU" in error and "unknown settings" not in error
+    with pytest.raises(SystemExit):
+        gemm_check.main(["--settings", "cublaslt;nonsense"])
+    assert "unknown settings ['nonsense']" in capsys.readouterr().err

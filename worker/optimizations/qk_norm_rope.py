@@ -29,6 +29,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.fp8_attention import E4M3_MAX
 from worker.optimizations.joint_value import joint_value
+from worker.optimizations.ulysses import packed_exchange_applies, packed_ulysses_attention
 
 try:  # shipped with CUDA builds of torch; absent from CPU-only installs
     import triton
@@ -291,6 +292,8 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
 
     token_major = True  # the query and key's layout (``attend``); head-major, as before, is a benchmark's
     joint_value = False  # the value projections write the joint value in place (a benchmark's, not measured)
+    # Ulysses groups: query, key and value in one exchange (``worker.optimizations.ulysses``; a benchmark's)
+    packed_exchange = False
 
     def __call__(
         self,
@@ -340,9 +343,17 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         q = normed_rotated(attn, *query, "q", rope, token_major=self.token_major)
         k = normed_rotated(attn, *key, "k", rope, token_major=self.token_major)
         v = joined(*value).unflatten(-1, (-1, attn.head_dim))
-        out = dispatch_attention_fn(
-            q, k, v, backend=self._attention_backend, parallel_config=self._parallel_config
-        )
+        backend = self._attention_backend
+        if self.packed_exchange and packed_exchange_applies(self._parallel_config, None):
+            out = packed_ulysses_attention(
+                q,
+                k,
+                v,
+                self._parallel_config,
+                lambda q, k, v: dispatch_attention_fn(q, k, v, backend=backend),
+            )
+        else:
+            out = dispatch_attention_fn(q, k, v, backend=backend, parallel_config=self._parallel_config)
         return out.flatten(2, 3).to(q.dtype)
 
 
