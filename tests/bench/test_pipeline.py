@@ -132,4 +132,3 @@ def test_blas_variants_name_a_gemm_check_setting_and_run_on_the_cpu_without_it(t
     assert "error" not in result and result["bench_changes"]["blas"] == "cublaslt, no split-K"
     for variant in pipeline.VARIANTS.values():
         assert variant.blas is None or variant.blas in gemm_check.SETTINGS
-
