@@ -91,9 +91,10 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
         inductor_config.reorder_for_compute_comm_overlap = True
     device = torch.device("cpu") if model.smoke else torch.device("cuda", torch.cuda.current_device())
     pipeline = build_random_pipeline(model.smoke)
-    if os.environ.get("BENCH_PACKED_EXCHANGE") == "1":
-        # Ulysses' query, key and value in one exchange (the fused processor's: --compile or --qk-rope)
-        FusedQKFluxAttnProcessor.packed_exchange = True
+    if os.environ.get("BENCH_UNPACKED_EXCHANGE") == "1":
+        # Ulysses' query, key and value in three exchanges, as diffusers sends them (the fused processor
+        # packs them into one by default)
+        FusedQKFluxAttnProcessor.packed_exchange = False
     if os.environ.get("BENCH_QK_ROPE") == "1":
         # The fused query/key norm + rotary processor, set before the sequence layout gives each processor
         # its parallel config (the exchange then runs in diffusers' dispatch, synchronously).
@@ -199,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--overlap", action="store_true", help="inductor's compute/communication reordering")
     parser.add_argument(
-        "--packed-exchange", action="store_true", help="Ulysses' query, key and value in one all-to-all"
+        "--unpacked-exchange",
+        action="store_true",
+        help="Ulysses' query, key and value in three all-to-alls, as diffusers sends them",
     )
     parser.add_argument(
         "--skip-guards",
@@ -244,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ulysses_async:
             parser.error("--qk-rope replaces the attention processor that --ulysses-async patches")
         os.environ["BENCH_QK_ROPE"] = "1"
-    if args.packed_exchange:
-        os.environ["BENCH_PACKED_EXCHANGE"] = "1"
+    if args.unpacked_exchange:
+        os.environ["BENCH_UNPACKED_EXCHANGE"] = "1"
     if args.whole:
         if args.compile:
             parser.error("--whole replaces --compile's regional compile: pass one of them")
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "whole": args.whole,
         "epilogues": not args.no_epilogues,
         "qk_rope": args.qk_rope,
-        "packed_exchange": args.packed_exchange,
+        "packed_exchange": not args.unpacked_exchange,
         "cuda_graphs": not args.no_cuda_graphs,
         "fused_qk_norm_rope": not args.no_fused_qk_norm_rope,
         "precompute_modulation": not args.no_precompute_modulation,

@@ -112,7 +112,7 @@
 #   idle     with the noise drawn on a thread and the images copied contiguous: bf16 `fast` and compiled bf16
 #            profiled against eager's image; stock first
 #   u2pack   stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with the query, key and value in one
-#            all-to-all (--packed-exchange) and as diffusers sends them (three), both profiled
+#            all-to-all (the default since lease 68) and as diffusers sends them (three), both profiled
 #   u2now    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 as it is now (graphs of the encoders and the
 #            modulation projection, the noise drawn on a thread): issue 10's figure on the lease's cards
 #   accum    the single blocks' proj_out partial sums added in the second GEMM (the default since lease 64) against
@@ -124,6 +124,7 @@
 #   settled  the pipeline's execution-device lookups answered once (worker.optimizations.settled_devices),
 #            their host time on this machine's CPU (bench.host_lookups), the GEMMs' bias epilogues' cost,
 #            then `fast` and lossless profiled (the call's host gaps), against eager's image; stock first
+#   confirm  `fast` and lossless as the worker runs them, with the joint value's `fast` beside; stock first
 #   xchg     Ulysses' all-to-all alone (bench.exchange) under NCCL's defaults and three settings, then stock
 #            Ulysses-2 (torchrun) and the worker's Ulysses-2, profiled: where a group's time goes now
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
@@ -567,6 +568,12 @@ lane_settled() {  # diffusers' device lookups answered once (settle_devices): `f
     --output-file "$1/settled.json"
 }
 
+lane_confirm() {  # `fast` and lossless as the worker runs them, the joint value's `fast` beside; stock first
+  stock "$1"
+  python3 -m bench.pipeline --variants cache-fast,cache-fast-joint-value,compiled --repeats 3 --reference all \
+    --output-file "$1/confirm.json"
+}
+
 lane_xchg() {  # Ulysses' exchange alone under NCCL's settings, then stock Ulysses-2 and ours, profiled
   local X="torchrun --nproc-per-node 2 --master-port 29621 -m bench.exchange"
   $X --output-file "$1/x_default.json"
@@ -581,8 +588,8 @@ lane_xchg() {  # Ulysses' exchange alone under NCCL's settings, then stock Ulyss
 lane_u2pack() {  # Ulysses' query, key and value in one exchange against diffusers' three; stock Ulysses-2 first
   torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
   local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3 --profile"
-  $P --packed-exchange --output-file "$1/u2_packed.json"
-  $P --output-file "$1/u2.json"
+  $P --output-file "$1/u2_packed.json"
+  $P --unpacked-exchange --output-file "$1/u2.json"
 }
 
 lane_u2now() {  # the group's image with this session's engine

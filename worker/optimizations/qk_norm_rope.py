@@ -12,8 +12,9 @@ so it gives the processor's output up to fp32 summation order. On CUDA it is a T
 the op runs the same math in PyTorch. ``apply_fused_qk_norm_rope`` sets a processor that calls it; the
 compiled engine does so on one GPU (measured in docs/performance.md, lease 25) and in Ulysses groups on
 diffusers' runtime (lease 57; ``worker.engine.fuses_qk``). Set before a sequence-parallel layout, the
-processor runs the layout's exchange through diffusers' dispatch, synchronously: on cache-dit's runtime it
-would replace the processor async Ulysses patches.
+processor runs the layout's exchange synchronously: under Ulysses alone its own, with the query, key and
+value in one all-to-all (``worker.optimizations.ulysses``), otherwise diffusers' dispatch. On cache-dit's
+runtime it would replace the processor async Ulysses patches.
 """
 
 from __future__ import annotations
@@ -292,8 +293,9 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
 
     token_major = True  # the query and key's layout (``attend``); head-major, as before, is a benchmark's
     joint_value = False  # the value projections write the joint value in place (a benchmark's, not measured)
-    # Ulysses groups: query, key and value in one exchange (``worker.optimizations.ulysses``; a benchmark's)
-    packed_exchange = False
+    # Ulysses groups: query, key and value in one exchange (``worker.optimizations.ulysses``): 1% off a
+    # Ulysses-2 image on 2xH200, the same image (2.232 against 2.255 s, lease 68, docs/performance.md)
+    packed_exchange = True
 
     def __call__(
         self,

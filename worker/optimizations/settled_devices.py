@@ -6,7 +6,7 @@ the VAE before the decode. Each answer walks every submodule of the components i
 offload hooks: FLUX.1-dev's four models hold 2,135 modules, and the walks take 8 + 4 ms a call on this
 2-core machine (``bench.host_lookups``, the architecture built on the meta device). It is host time the GPU
 waits through: an H100's profile of one image shows it idle 2.9-4.8 ms before the first text encoder and
-1.4-2.5 ms before the second (lease 65, docs/performance.md).
+1.4-2.5 ms before the second (lease 66, docs/performance.md).
 
 A worker's components neither move nor gain hooks once its engine is built (placement, offload hooks,
 sequence parallelism and compile all come first), so ``settle_devices`` takes each answer then and keeps

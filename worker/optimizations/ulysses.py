@@ -3,7 +3,7 @@
 diffusers' Ulysses (``TemplatedUlyssesAttention``, models/attention_dispatch.py) sends the query, the key
 and the value in three all-to-alls, then the attention's output back in a fourth. On 2xH100 one exchange
 of a 1024x1024 image's half sequence (14.2 MB, 24 heads x 128) takes 60-63 us, and three tensors in one call
-112 us, 37 us a tensor (``bench.exchange``, lease 66, docs/performance.md): NCCL moves small messages below
+112 us, 37 us a tensor (``bench.exchange``, lease 67, docs/performance.md): NCCL moves small messages below
 its link rate, and no NCCL setting tried changed that. Packing the three tensors into one exchange saves
 ~74 us a block, 0.12 s an image of Ulysses-2's ~2.2-2.4 s, for three copies out of the received buffer
 (~10 us each) that diffusers' layout did not need.
