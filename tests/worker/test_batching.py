@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -307,3 +308,30 @@ def test_a_multi_gpu_group_refuses_batching_at_start() -> None:
     with pytest.raises(SystemExit, match="--max-batch-size 4 is for one-GPU workers"):
         worker_options("--num-gpus", "2", "--max-batch-size", "4")
     assert worker_options("--num-gpus", "2").max_batch_size == 1
+
+
+class StorageWaitingForAll(LocalStorage):
+    """Holds each upload until ``expected`` uploads have started: only side-by-side uploads get through."""
+
+    def __init__(self, root: Path, expected: int) -> None:
+        super().__init__(root, "http://h", b"k")
+        self.barrier = threading.Barrier(expected, timeout=10)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError as error:
+            raise StorageError("the uploads ran one after another") from error
+        super().put(key, data, content_type)
+
+
+def test_a_batchs_jobs_end_side_by_side(redis_client: redis.Redis, tmp_path: Path) -> None:
+    storage = StorageWaitingForAll(tmp_path / "files", expected=3)
+    runtime = WorkerRuntime(
+        JobStore(redis_client), storage, FakeBatchEngine(), "w1", 3, model="flux-tiny", max_batch_size=4
+    )
+    jobs = submit(runtime, 3)
+    assert run_job(jobs[0], 1, runtime) == "succeeded,succeeded,succeeded"
+    for job_id in jobs:
+        done = record(runtime, job_id)
+        assert done.images is not None and storage.read(done.images[0].key) is not None
