@@ -113,6 +113,8 @@
 #            profiled against eager's image; stock first
 #   u2pack   stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with the query, key and value in one
 #            all-to-all (the default since lease 68) and as diffusers sends them (three), both profiled
+#   u2overlap stock Ulysses-2 (torchrun), then the worker's Ulysses-2 (one exchange for q, k, v) as it is
+#            and with inductor's compute/communication reordering (--overlap: the exchange beside the MLP)
 #   u2now    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 as it is now (graphs of the encoders and the
 #            modulation projection, the noise drawn on a thread): issue 10's figure on the lease's cards
 #   accum    the single blocks' proj_out partial sums added in the second GEMM (the default since lease 64) against
@@ -590,6 +592,13 @@ lane_u2pack() {  # Ulysses' query, key and value in one exchange against diffuse
   local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3 --profile"
   $P --output-file "$1/u2_packed.json"
   $P --unpacked-exchange --output-file "$1/u2.json"
+}
+
+lane_u2overlap() {  # the packed exchange with inductor's compute/communication reordering; stock Ulysses-2 first
+  torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
+  $P --output-file "$1/u2.json"
+  $P --overlap --profile --output-file "$1/u2_overlap.json"
 }
 
 lane_u2now() {  # the group's image with this session's engine
