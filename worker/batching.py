@@ -9,8 +9,9 @@ Each job keeps its own attempt, events, progress, cancel, upload and end, exactl
   call stops at once, before the decode;
 - a pipeline error fails every job still in the batch with the code a single job would get;
 - each image is uploaded and its job ended on its own, so one failed upload fails only that job. The
-  jobs end side by side, one thread each: their encodings (Pillow releases the GIL) and uploads overlap,
-  so the next batch waits for the slowest job's ending instead of the sum of them.
+  jobs end side by side, one thread each, so their uploads overlap, and so do PNG encodings (zlib
+  releases the GIL: four 1024x1024 PNGs in 0.29 s instead of 0.49-0.56 s on this 2-core machine; Pillow
+  13's JPEG encoder keeps it, 32 ms either way). The next claim waits for the slowest ending, not the sum.
 """
 
 from __future__ import annotations
