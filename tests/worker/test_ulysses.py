@@ -20,8 +20,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def rank_main(rank: int, world: int, port: int, batch: int, out_dir: str) -> None:
-    """One rank: its shard of the same random query/key/value through both Ulysses paths."""
+def rank_main(rank: int, world: int, port: int, batches: list[int], out_dir: str) -> None:
+    """One rank: its shard of the same random query/key/value through both Ulysses paths, per batch size."""
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
     from diffusers.models._modeling_parallel import ParallelConfig
@@ -39,30 +39,36 @@ def rank_main(rank: int, world: int, port: int, batch: int, out_dir: str) -> Non
         config = ParallelConfig(context_parallel_config=layout)
         generator = torch.Generator().manual_seed(0)
         tokens, heads, head_dim = 8 * world, 2 * world, 16
-        whole = [torch.randn(batch, tokens, heads, head_dim, generator=generator) for _ in range(3)]
         shard = slice(rank * tokens // world, (rank + 1) * tokens // world)
-        query, key, value = (part[:, shard].contiguous() for part in whole)
-        diffusers_out = dispatch_attention_fn(query, key, value, parallel_config=config)
-        packed_out = packed_ulysses_attention(
-            query, key, value, config, lambda q, k, v: dispatch_attention_fn(q, k, v)
-        )
-        full = dispatch_attention_fn(*whole)[:, shard]
-        torch.save(
-            {"diffusers": diffusers_out, "packed": packed_out, "full": full}, Path(out_dir) / f"rank{rank}.pt"
-        )
+        results = {}
+        for batch in batches:
+            whole = [torch.randn(batch, tokens, heads, head_dim, generator=generator) for _ in range(3)]
+            query, key, value = (part[:, shard].contiguous() for part in whole)
+            results[batch] = {
+                "diffusers": dispatch_attention_fn(query, key, value, parallel_config=config),
+                "packed": packed_ulysses_attention(
+                    query, key, value, config, lambda q, k, v: dispatch_attention_fn(q, k, v)
+                ),
+                "full": dispatch_attention_fn(*whole)[:, shard],
+            }
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("world", "batch"), [(2, 1), (2, 2), (3, 1)])
-def test_the_packed_exchange_gives_diffusers_ulysses_output(tmp_path: Path, world: int, batch: int) -> None:
+@pytest.mark.parametrize(("world", "batches"), [(2, [1, 2]), (3, [1])])
+def test_the_packed_exchange_gives_diffusers_ulysses_output(
+    tmp_path: Path, world: int, batches: list[int]
+) -> None:
     mp.start_processes(
-        rank_main, args=(world, free_port(), batch, str(tmp_path)), nprocs=world, start_method="spawn"
+        rank_main, args=(world, free_port(), batches, str(tmp_path)), nprocs=world, start_method="spawn"
     )
     for rank in range(world):
-        result: dict[str, Any] = torch.load(tmp_path / f"rank{rank}.pt")
-        assert torch.equal(result["packed"], result["diffusers"])  # the same attention on the same tokens
-        torch.testing.assert_close(result["packed"], result["full"])
+        results: dict[int, dict[str, Any]] = torch.load(tmp_path / f"rank{rank}.pt")
+        assert sorted(results) == batches
+        for result in results.values():
+            assert torch.equal(result["packed"], result["diffusers"])  # the same attention, the same tokens
+            torch.testing.assert_close(result["packed"], result["full"])
 
 
 def test_the_packed_exchange_applies_to_ulysses_alone_without_a_mask() -> None:
