@@ -226,9 +226,10 @@ def compile_for_speed(
 
 def fuses_qk(options: EngineOptions, layout: ParallelLayout, offloaded: set[str]) -> bool:
     """``--compile`` runs the fused query/key processor on a resident, unsharded transformer: on one GPU, and
-    in a Ulysses group on diffusers' runtime, whose exchange runs in the processor's attention dispatch
-    (Ulysses-2 2.302 s an image against 2.341 s: 2xH200, lease 57, docs/performance.md). cache-dit's
-    runtime patches or wraps the processor (async Ulysses), and Ring was not measured with it."""
+    in a Ulysses group on diffusers' runtime (Ulysses-2 2.302 s an image against 2.341 s: 2xH200, lease 57,
+    docs/performance.md), where the processor runs the exchange itself, the query, key and value in one
+    all-to-all (2.232 against 2.255 s, lease 68). cache-dit's runtime patches or wraps the processor (async
+    Ulysses), and Ring was not measured with it."""
     resident = "transformer" not in offloaded and layout.dit_tp == 1
     if not (options.compile and options.fused_qk_norm_rope and resident):
         return False
