@@ -97,7 +97,8 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
         FusedQKFluxAttnProcessor.packed_exchange = False
     if os.environ.get("BENCH_QK_ROPE") == "1":
         # The fused query/key norm + rotary processor, set before the sequence layout gives each processor
-        # its parallel config (the exchange then runs in diffusers' dispatch, synchronously).
+        # its parallel config (under Ulysses alone it then runs the packed exchange itself, unless
+        # --unpacked-exchange: diffusers' dispatch, synchronously).
         apply_fused_qk_norm_rope(pipeline.transformer)
     engine = FluxEngine.from_pipeline(pipeline, options, device, model.cache_factory(os.environ))
     whole = os.environ.get("BENCH_WHOLE_COMPILE")

@@ -108,7 +108,7 @@ VARIANTS: dict[str, Variant] = {
     "cache-medium": Variant(COMPILED, "medium"),
     "cache-fast": Variant(COMPILED, "fast"),
     "cache-ultra": Variant(COMPILED, "ultra"),
-    # the double blocks' joint attention value written in place by its projections (prepared, not measured)
+    # the double blocks' joint attention value written in place by its projections (lease 65: no gain)
     "compiled-joint-value": Variant(COMPILED, joint_value=True),
     "cache-fast-joint-value": Variant(COMPILED, "fast", joint_value=True),
     # proj_out's partial sums both added by the gating kernel (the worker's until lease 64)
