@@ -292,9 +292,8 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     """diffusers' FLUX processor with ``qk_norm_rope`` in place of its norms, concatenation and rotation."""
 
     token_major = True  # the query and key's layout (``attend``); head-major, as before, is a benchmark's
-    joint_value = (
-        False  # the value projections write the joint value in place (a benchmark's; lease 65: no gain)
-    )
+    # the value projections write the joint value in place (a benchmark's; lease 65: no gain)
+    joint_value = False
     # Ulysses groups: query, key and value in one exchange (``worker.optimizations.ulysses``): 1% off a
     # Ulysses-2 image on 2xH200, the same image (2.232 against 2.255 s, lease 68, docs/performance.md)
     packed_exchange = True
