@@ -67,6 +67,13 @@
 #   fp8attnfast  fp8 + cache `fast` without and with fp8 attention
 #   u2ring2  stock Ulysses-2, then in one lease Ulysses-2 as the worker runs it (async, split decode), Ring-2 and
 #            Ulysses-2 on diffusers' runtime (compiled whole, cuDNN), all with the steps' CUDA graphs
+#   graphs   stock one GPU, then compiled bf16 and fp8 with and without the steps' CUDA graphs, profiled. Alone
+#            on the machine
+#   graphsu2 stock Ulysses-2 (torchrun), then Ulysses-2 (async, split decode) with and without the CUDA graphs,
+#            Ring-2 with them, and sync Ulysses-2 with the fused query/key kernel
+#   ring2d   stock Ulysses-2 (torchrun), then Ring-2 on diffusers' runtime, with and without the CUDA graphs
+#   e2egraphs the whole stack with --compile's CUDA graphs: fp8 at c=20, 50 steps (stock beside), then bf16 at
+#            c=1 and c=20, 28 steps
 #   modtab   the adaLN modulation precomputed per job (the default) against projected at every step: compiled
 #            bf16, fp8 + fp8 attention, cache `fast`; then the whole stack fp8 + fp8 attention (c=20, 50 steps).
 #            Stock first. Alone on the machine
@@ -97,8 +104,8 @@
 #            lease 57) and the same with --no-fused-qk-norm-rope
 #   tok4     with the query/key kernel's 4 tokens a program: fp8 + fp8 attention against eager's image and bf16
 #            `fast`, then the whole stack lossless at c=20, 50 steps, batches of up to 4; stock first
-#   confirm  modtabb4's whole-stack runs (lossless, batches of up to 4, c=20 at 28 and 50 steps), then bf16 `fast`
-#            with the query/key token-major; stock first
+#   confirm49 modtabb4's whole-stack runs (lossless, batches of up to 4, c=20 at 28 and 50 steps), then bf16
+#            `fast` with the query/key token-major; stock first (lease 49's `confirm`)
 #   diag     the card's clock and power sampled throughout (smi.csv): a GEMM and the attention sustained for a
 #            while (bench.sustained), compiled bf16 profiled (kernels, idle gaps), then the precomputed
 #            modulation against the per-step one on true CFG, two images a job, tables in chunks
@@ -126,7 +133,8 @@
 #   settled  the pipeline's execution-device lookups answered once (worker.optimizations.settled_devices),
 #            their host time on this machine's CPU (bench.host_lookups), the GEMMs' bias epilogues' cost,
 #            then `fast` and lossless profiled (the call's host gaps), against eager's image; stock first
-#   confirm  `fast` and lossless as the worker runs them, with the joint value's `fast` beside; stock first
+#   confirm  `fast` and lossless as the worker runs them, profiled (the call's end with the image copied into
+#            page-locked memory); stock first
 #   xchg     Ulysses' all-to-all alone (bench.exchange) under NCCL's defaults and three settings, then stock
 #            Ulysses-2 (torchrun) and the worker's Ulysses-2, profiled: where a group's time goes now
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
@@ -570,9 +578,9 @@ lane_settled() {  # diffusers' device lookups answered once (settle_devices): `f
     --output-file "$1/settled.json"
 }
 
-lane_confirm() {  # `fast` and lossless as the worker runs them, the joint value's `fast` beside; stock first
+lane_confirm() {  # `fast` and lossless as the worker runs them, profiled; stock first
   stock "$1"
-  python3 -m bench.pipeline --variants cache-fast,cache-fast-joint-value,compiled --repeats 3 --reference all \
+  python3 -m bench.pipeline --variants cache-fast,compiled --repeats 3 --reference all --profile \
     --output-file "$1/confirm.json"
 }
 
@@ -614,7 +622,7 @@ lane_tok4() {  # the other paths through the query/key kernel, then the serving 
     --worker-flags "--compile --max-batch-size 4" --budget-s $((LANE_TIMEOUT_S - SECONDS - 20))
 }
 
-lane_confirm() {  # the lossless serving targets on another card, then `fast` with the token-major query/key
+lane_confirm49() {  # the lossless serving targets on another card, then `fast` with the token-major query/key
   lane_modtabb4 "$1"
   python3 -m bench.pipeline --variants cache-fast --repeats 2 --output-file "$1/fast.json"
 }
