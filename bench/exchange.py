@@ -14,6 +14,15 @@ replayed from a CUDA graph as the worker replays its steps:
   no longer than the GEMM, the exchange hides; if it takes the sum, overlapping gains nothing (NCCL's
   kernels and the GEMM share the SMs).
 
+Then the whole round trip of the worker's Ulysses attention with an attention that costs nothing (the
+query's values as its output), each way it can exchange:
+
+* ``nccl-packed``: query, key and value in one all-to-all, the output back in another, with the copies
+  around them (``worker.optimizations.ulysses``, the default);
+* ``symmetric``: the same bytes through symmetric memory, copied by the copy engines, one barrier each way
+  (``worker.optimizations.symmetric_exchange``), checked to give the packed path's output to the bit;
+* ``gemm+symmetric``: the GEMM beside it on a side stream: how much of it hides when the copies take no SMs.
+
 NCCL's environment (``NCCL_*``) is read once a process: the lane runs the script once per setting, and
 the result names the settings it ran under.
 """
@@ -23,12 +32,15 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from bench.attention_probe import graph_ms, report
+from worker.optimizations.symmetric_exchange import symmetric_ulysses_attention
+from worker.optimizations.ulysses import packed_ulysses_attention
 
 TOKENS, HEADS, HEAD_DIM = (4096 + 512) // 2, 24, 128
 HIDDEN, MLP = 3072, 12288
@@ -78,8 +90,70 @@ def measure(calls: int) -> dict[str, Any]:
         "gemm": gemm,
         "gemm+one": overlapped(gemm, exchange(one, one_out), side),
     }
+    cases.update(round_trips(device, gemm, side))
     timings = {name: graph_ms(fn, calls=calls)[0] * 1000 for name, fn in cases.items()}
-    return summarise(timings, one.numel() * one.element_size() / 1e6)
+    return {
+        **summarise(timings, one.numel() * one.element_size() / 1e6),
+        "symmetric_equals_packed": symmetric_equals_packed(device),
+    }
+
+
+def ulysses_config() -> Any:
+    """The parts of diffusers' parallel config the exchanges read: the group and its Ulysses degree."""
+    group = dist.group.WORLD
+    mesh = SimpleNamespace(get_group=lambda: group)
+    layout = SimpleNamespace(_ulysses_mesh=mesh, ulysses_degree=dist.get_world_size(), ring_degree=1)
+    return SimpleNamespace(context_parallel_config=layout)
+
+
+def shard(device: torch.device, seed: int) -> list[torch.Tensor]:
+    """This rank's query, key and value: (1, its tokens, every head, head_dim)."""
+    generator = torch.Generator(device).manual_seed(seed + dist.get_rank())
+    return [
+        torch.randn(1, TOKENS, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=generator)
+        for _ in range(3)
+    ]
+
+
+def no_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q
+
+
+def round_trips(
+    device: torch.device, gemm: Callable[[], Any], side: torch.cuda.Stream
+) -> dict[str, Callable[[], Any]]:
+    config, (q, k, v) = ulysses_config(), shard(device, 0)
+
+    def packed() -> torch.Tensor:
+        return packed_ulysses_attention(q, k, v, config, no_attention)
+
+    def symmetric() -> torch.Tensor:
+        return symmetric_ulysses_attention(q, k, v, config, no_attention)
+
+    beside = overlapped(gemm, symmetric, side)
+    return {"nccl-packed": packed, "symmetric": symmetric, "gemm+symmetric": beside}
+
+
+def symmetric_equals_packed(device: torch.device) -> bool:
+    """Both ways give the same attention inputs and the same output, on every rank."""
+    config, (q, k, v) = ulysses_config(), shard(device, 1)
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def attend(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            seen[name] = [q.clone(), k.clone(), v.clone()]
+            return q * 2 - v
+
+        return run
+
+    packed = packed_ulysses_attention(q, k, v, config, attend("packed"))
+    symmetric = symmetric_ulysses_attention(q, k, v, config, attend("symmetric"))
+    same = torch.equal(packed, symmetric) and all(
+        torch.equal(a, b) for a, b in zip(seen["packed"], seen["symmetric"], strict=True)
+    )
+    agreed = torch.tensor([int(same)], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return bool(agreed.item())
 
 
 def summarise(us: dict[str, float], tensor_mb: float) -> dict[str, Any]:
@@ -92,6 +166,10 @@ def summarise(us: dict[str, float], tensor_mb: float) -> dict[str, Any]:
         "one_gb_s_across": round(tensor_mb / 2 / us["one"] * 1000, 1),
         "three_per_tensor_us": round(us["three"] / 3, 2),
         "hidden_fraction": round((us["gemm"] + us["one"] - us["gemm+one"]) / us["one"], 3),
+        "symmetric_saves_us": round(us["nccl-packed"] - us["symmetric"], 2),
+        "symmetric_hidden_fraction": round(
+            (us["gemm"] + us["symmetric"] - us["gemm+symmetric"]) / us["symmetric"], 3
+        ),
     }
 
 

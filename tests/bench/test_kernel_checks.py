@@ -27,9 +27,12 @@ def test_exchange_summary_reads_bandwidth_and_the_hidden_fraction() -> None:
     from bench.exchange import summarise
 
     us = {"one": 40.0, "three": 105.0, "gemm": 100.0, "gemm+one": 110.0}
+    us |= {"nccl-packed": 200.0, "symmetric": 120.0, "gemm+symmetric": 130.0}
     result = summarise(us, tensor_mb=14.16)
     assert result["one_gb_s_across"] == pytest.approx(177.0)  # 7.08 MB across in 40 us
     assert result["three_per_tensor_us"] == 35.0
     assert result["hidden_fraction"] == 0.75  # 30 of the exchange's 40 us hidden behind the GEMM
+    assert result["symmetric_saves_us"] == 80.0
+    assert result["symmetric_hidden_fraction"] == 0.75  # 90 of the round trip's 120 us hidden
     serial = summarise({**us, "gemm+one": 140.0}, tensor_mb=14.16)
     assert serial["hidden_fraction"] == 0.0

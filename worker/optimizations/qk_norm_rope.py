@@ -30,6 +30,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.fp8_attention import E4M3_MAX
 from worker.optimizations.joint_value import joint_value
+from worker.optimizations.symmetric_exchange import symmetric_exchange_applies, symmetric_ulysses_attention
 from worker.optimizations.ulysses import packed_exchange_applies, packed_ulysses_attention
 
 try:  # shipped with CUDA builds of torch; absent from CPU-only installs
@@ -297,6 +298,9 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     # Ulysses groups: query, key and value in one exchange (``worker.optimizations.ulysses``): 1% off a
     # Ulysses-2 image on 2xH200, the same image (2.232 against 2.255 s, lease 68, docs/performance.md)
     packed_exchange = True
+    # ...and those exchanges through symmetric memory, copied by the copy engines, not NCCL's all-to-all
+    # (``worker.optimizations.symmetric_exchange``; a benchmark's until measured)
+    symmetric_exchange = False
 
     def __call__(
         self,
@@ -348,7 +352,8 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         v = joined(*value).unflatten(-1, (-1, attn.head_dim))
         backend = self._attention_backend
         if self.packed_exchange and packed_exchange_applies(self._parallel_config, None):
-            out = packed_ulysses_attention(
+            symmetric = self.symmetric_exchange and symmetric_exchange_applies(q)
+            out = (symmetric_ulysses_attention if symmetric else packed_ulysses_attention)(
                 q,
                 k,
                 v,

@@ -1,0 +1,286 @@
+"""Ulysses' two exchanges through symmetric memory: the peers' parts copied over NVLink by the copy engines.
+
+A Ulysses-2 image on two GPUs spends ~0.23 s in NCCL's all-to-alls (lease 68, 2xH200: 3,192 exchanges,
+query, key and value packed into one). Timed alone (``bench.exchange``, lease 67, 2xH100), an all-to-all
+costs ~38 us a call whatever it sends, plus 3.5 us a MB, and its kernels take SMs from the GEMMs beside it.
+Symmetric memory (``torch.distributed._symmetric_memory``) maps each rank's workspace into its peers'
+address space, so an exchange needs no communicator at all: each part crosses NVLink as one contiguous
+``cudaMemcpyAsync``, which the copy engines carry without SMs, and the ranks meet at one barrier (a small
+kernel that signals each peer and waits for their signals).
+
+Per exchange (every rank runs the same exchanges in the same order: the group's ranks are in lockstep):
+
+* in (query, key, value: this rank's tokens, every head -> every rank's tokens, this rank's heads): each
+  rank writes each peer's heads of its tokens into its workspace's region *in* (a slot per peer), copies
+  its own heads into place, meets its peers at the barrier, then pulls its slot out of each peer's region
+  *in* (``received``: the three inputs of the attention, whole, as one tensor);
+* back (the attention's output: every rank's tokens, this rank's heads -> this rank's tokens, every head):
+  each rank pushes each peer's tokens into that peer's region *back* (a slot per sender), copies its own
+  into place, meets its peers at the barrier, then copies what its peers pushed into place.
+
+Why one barrier an exchange is enough: the two kinds alternate (each attention has one of each), so
+between two exchanges that use a region there is always the other kind's barrier, and no rank arrives at
+it before it has finished with that region:
+* region *in*: a peer pulls my exchange ``i`` after barrier ``i`` and before it arrives at ``i + 1``; I
+  write the region again at ``i + 2``, after barrier ``i + 1``.
+* region *back*: I read what a peer pushed at ``i`` after barrier ``i`` and before I arrive at ``i + 1``;
+  the peer pushes again at ``i + 2``, after barrier ``i + 1``.
+
+The workspace is allocated and rendezvoused (a collective: all ranks at the same call, in lockstep) at the
+first exchange that needs more room than it has: in a warm-up run, never inside a CUDA graph's capture
+(``worker.optimizations.cuda_graphs`` warms each signature up before capturing it). The barrier's kernel
+and the copies are captured with the step and replayed with it. A peer that never arrives makes the
+barrier's kernel trap after ``BARRIER_TIMEOUT_MS``: the rank's CUDA context fails, its process exits, and
+the group goes down as it does for a dead rank (docs/reliability.md), never hanging.
+
+The bytes moved are the NCCL exchange's, in the same places (``received`` is the packed exchange's
+``whole``): the attention sees the same inputs and the image is the same.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import torch
+
+BARRIER_TIMEOUT_MS = 300_000  # the group's default collective timeout (--group-timeout-s)
+HAS_SYMMETRIC_MEMORY = importlib.util.find_spec("torch.distributed._symmetric_memory") is not None
+
+
+class Symmetric(Protocol):
+    """What an exchange uses of a rendezvoused workspace (torch's ``_SymmetricMemory`` handle)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def get_buffer(
+        self, rank: int, sizes: Sequence[int], dtype: torch.dtype, storage_offset: int = 0
+    ) -> torch.Tensor: ...
+
+    def barrier(self, channel: int = 0, timeout_ms: int = 0) -> None: ...
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One exchange's shapes: a rank's ``tokens`` of ``heads``, over ``world`` ranks."""
+
+    batch: int
+    tokens: int
+    heads: int
+    head_dim: int
+    world: int
+
+    @staticmethod
+    def of(shard: torch.Tensor, world: int) -> Layout:
+        batch, tokens, heads, head_dim = shard.shape
+        if heads % world:
+            raise ValueError(f"{heads} heads do not split over {world} ranks")
+        return Layout(batch, tokens, heads, head_dim, world)
+
+    @property
+    def local(self) -> int:
+        return self.heads // self.world
+
+    @property
+    def slot(self) -> tuple[int, int, int, int]:
+        """One peer's part of one tensor: (batch, tokens, local heads, head_dim)."""
+        return (self.batch, self.tokens, self.local, self.head_dim)
+
+    @property
+    def slot_numel(self) -> int:
+        return self.batch * self.tokens * self.local * self.head_dim
+
+    @property
+    def inward(self) -> tuple[int, ...]:
+        """Region *in*: (destination rank, query/key/value, slot)."""
+        return (self.world, 3, *self.slot)
+
+    @property
+    def back(self) -> tuple[int, ...]:
+        """Region *back*: (sending rank, slot)."""
+        return (self.world, *self.slot)
+
+    @property
+    def back_offset(self) -> int:
+        """Region *back* starts where region *in* ends (elements of the exchange's dtype)."""
+        return 3 * self.world * self.slot_numel
+
+    def workspace_bytes(self, dtype: torch.dtype) -> int:
+        return 4 * self.world * self.slot_numel * dtype.itemsize
+
+
+def _tokens(rank: int, layout: Layout) -> slice:
+    return slice(rank * layout.tokens, (rank + 1) * layout.tokens)
+
+
+def send_in(memory: Symmetric, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Before the barrier: each peer's heads into this rank's region *in*, this rank's own into
+    ``received`` (3, batch, world x tokens, local heads, head_dim), which is returned."""
+    layout, me = Layout.of(query, memory.world_size), memory.rank
+    region = memory.get_buffer(me, layout.inward, query.dtype, 0)
+    received = query.new_empty(3, layout.batch, layout.world * layout.tokens, layout.local, layout.head_dim)
+    for part, tensor in enumerate((query, key, value)):
+        by_rank = tensor.reshape(*layout.slot[:2], layout.world, layout.local, layout.head_dim)
+        for rank in range(layout.world):
+            target = received[part, :, _tokens(me, layout)] if rank == me else region[rank, part]
+            target.copy_(by_rank[:, :, rank])
+    return received
+
+
+def pull_in(memory: Symmetric, received: torch.Tensor) -> torch.Tensor:
+    """After the barrier: this rank's slot out of each peer's region *in*, one contiguous copy per part and
+    batch row (the copy engines carry them)."""
+    parts, batch, sequence, local, head_dim = received.shape
+    world, me = memory.world_size, memory.rank
+    layout = Layout(batch, sequence // world, local * world, head_dim, world)
+    for rank in range(world):
+        if rank == me:
+            continue
+        theirs = memory.get_buffer(rank, layout.inward, received.dtype, 0)[me]
+        for part in range(parts):
+            for row in range(batch):
+                received[part, row, _tokens(rank, layout)].copy_(theirs[part, row])
+    return received
+
+
+def send_back(memory: Symmetric, out: torch.Tensor) -> torch.Tensor:
+    """Before the barrier: each peer's tokens of ``out`` (batch, world x tokens, local heads, head_dim)
+    pushed into that peer's region *back*, this rank's own into the result (batch, tokens, world, local
+    heads, head_dim), which is returned."""
+    batch, sequence, local, head_dim = out.shape
+    world, me = memory.world_size, memory.rank
+    layout = Layout(batch, sequence // world, local * world, head_dim, world)
+    for rank in range(world):
+        if rank == me:
+            continue
+        theirs = memory.get_buffer(rank, layout.back, out.dtype, layout.back_offset)[me]
+        for row in range(batch):
+            theirs[row].copy_(out[row, _tokens(rank, layout)])
+    result = out.new_empty(batch, layout.tokens, world, local, head_dim)
+    result[:, :, me].copy_(out[:, _tokens(me, layout)])
+    return result
+
+
+def place_back(memory: Symmetric, result: torch.Tensor) -> torch.Tensor:
+    """After the barrier: what each peer pushed into this rank's region *back*, into place; the result
+    as (batch, tokens, heads, head_dim)."""
+    batch, tokens, world, local, head_dim = result.shape
+    layout = Layout(batch, tokens, world * local, head_dim, world)
+    region = memory.get_buffer(memory.rank, layout.back, result.dtype, layout.back_offset)
+    for rank in range(world):
+        if rank != memory.rank:
+            result[:, :, rank].copy_(region[rank])
+    return result.flatten(2, 3)
+
+
+@dataclass
+class Workspace:
+    """A group's symmetric buffer on one device, and the handle its exchanges use."""
+
+    buffer: torch.Tensor
+    memory: Symmetric
+
+
+_workspaces: dict[tuple[str, int | None], Workspace] = {}
+# Workspaces outgrown by a larger exchange: kept, never freed, as peers map them (growth is rare: each
+# new largest shape once)
+_retired: list[Workspace] = []
+
+
+def workspace(group_name: str, device: torch.device, nbytes: int) -> Symmetric:
+    """The group's workspace on ``device``, with room for ``nbytes`` (allocated and rendezvoused, a
+    collective, when it has less)."""
+    key = (group_name, device.index)
+    held = _workspaces.get(key)
+    if held is not None and held.buffer.numel() >= nbytes:
+        return held.memory
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"the symmetric exchange needs a {nbytes}-byte workspace during a CUDA graph's capture: it is "
+            "allocated in the warm-up run before it"
+        )
+    import torch.distributed._symmetric_memory as symm_mem
+
+    _enable_for_group(symm_mem, group_name)
+    if held is not None:
+        torch.cuda.synchronize(device)
+        _retired.append(held)
+    buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    name: Any = group_name  # a str at runtime: torch 2.13 types it as its GroupName
+    _workspaces[key] = Workspace(buffer, cast(Symmetric, symm_mem.rendezvous(buffer, name)))
+    return _workspaces[key].memory
+
+
+def _enable_for_group(symm_mem: Any, group_name: str) -> None:
+    """torch releases before 2.13 want the group registered first; later ones warn that it is not needed."""
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if enable is None or symm_mem.is_symm_mem_enabled_for_group(group_name):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        enable(group_name)
+
+
+@torch.library.custom_op("fluxgate::symmetric_exchange_in", mutates_args=())
+def exchange_in(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_name: str, world: int
+) -> torch.Tensor:
+    """The attention's inputs, whole: (3, batch, world x tokens, heads / world, head_dim)."""
+    layout = Layout.of(query, world)
+    memory = workspace(group_name, query.device, layout.workspace_bytes(query.dtype))
+    received = send_in(memory, query, key, value)
+    memory.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+    return pull_in(memory, received)
+
+
+@exchange_in.register_fake
+def _(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_name: str, world: int
+) -> torch.Tensor:
+    layout = Layout.of(query, world)
+    return query.new_empty(3, layout.batch, world * layout.tokens, layout.local, layout.head_dim)
+
+
+@torch.library.custom_op("fluxgate::symmetric_exchange_back", mutates_args=())
+def exchange_back(out: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
+    """The attention's output for this rank's tokens: (batch, tokens, heads, head_dim)."""
+    batch, sequence, local, head_dim = out.shape
+    layout = Layout(batch, sequence // world, local * world, head_dim, world)
+    memory = workspace(group_name, out.device, layout.workspace_bytes(out.dtype))
+    result = send_back(memory, out)
+    memory.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+    return place_back(memory, result)
+
+
+@exchange_back.register_fake
+def _(out: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
+    batch, sequence, local, head_dim = out.shape
+    return out.new_empty(batch, sequence // world, local * world, head_dim)
+
+
+def symmetric_exchange_applies(query: torch.Tensor) -> bool:
+    """CUDA tensors and a torch with symmetric memory; otherwise the NCCL exchange stays."""
+    return query.is_cuda and HAS_SYMMETRIC_MEMORY
+
+
+def symmetric_ulysses_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    parallel_config: Any,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``packed_ulysses_attention`` (worker.optimizations.ulysses) with the exchanges through symmetric
+    memory: (batch, tokens, heads, head_dim) in, the same out."""
+    layout = parallel_config.context_parallel_config
+    group, world = layout._ulysses_mesh.get_group(), layout.ulysses_degree
+    received = exchange_in(query, key, value, group.group_name, world)
+    out = attend(received[0], received[1], received[2])
+    return exchange_back(out, group.group_name, world)
