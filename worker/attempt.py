@@ -9,15 +9,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shared.ids import now_iso, parse_iso, utcnow
 from shared.jobstore import IllegalTransition, JobRecord, JobStore, canceled_fields
+from shared.logging import job_context
 from shared.schemas import CONTENT_TYPES, JobMetrics, StoredImage
 from shared.storage import Storage, StorageError
 from worker.encode import EXTENSIONS, encode_image
+from worker.endings import ENDING, Endings
 from worker.references import ReferenceUnavailable
 from worker.types import Engine, GenerationOutput
 
@@ -49,6 +52,8 @@ class WorkerRuntime:
     observer: JobObserver | None = None
     model: str | None = None  # the model it serves: its messages are tickets for this model's queue
     max_batch_size: int = 1  # compatible queued jobs run together, up to this many (docs/design.md)
+    # where finished jobs are encoded, uploaded and ended while the next runs (None: before run_job returns)
+    endings: Endings | None = None
 
 
 class JobInterrupted(Exception):
@@ -90,6 +95,31 @@ def _observe(runtime: WorkerRuntime, record: JobRecord, outcome: str, fields: di
         )
     except Exception:
         log.exception("job %s: the job observer failed", record.id)
+
+
+def end_or_fail(runtime: WorkerRuntime, record: JobRecord, end: Callable[[], str]) -> str:
+    """``end`` the attempt (``succeed``); an unexpected error in it fails the job instead of leaving it
+    running under a live worker."""
+    with job_context(record.id, record.attempt, runtime.worker_id):
+        try:
+            return end()
+        except Exception:
+            log.exception("job %s: ending the attempt failed", record.id)
+            detail = traceback.format_exc()
+            try:
+                return fail(runtime, record, "generation_failed", "Finishing the result failed.", detail)
+            except Exception:
+                log.exception("job %s: failing it failed too; it stays running", record.id)
+                return "unfinished"
+
+
+def hand_off(runtime: WorkerRuntime, record: JobRecord, end: Callable[[], str]) -> str:
+    """End the attempt in the background when the runtime has ``endings`` (the outcome is then
+    ``ending``), else now."""
+    if runtime.endings is None:
+        return end_or_fail(runtime, record, end)
+    runtime.endings.submit(lambda: end_or_fail(runtime, record, end))
+    return ENDING
 
 
 def fail(

@@ -11,7 +11,9 @@ Each job keeps its own attempt, events, progress, cancel, upload and end, exactl
 - each image is uploaded and its job ended on its own, so one failed upload fails only that job. The
   jobs end side by side, one thread each, so their uploads overlap, and so do PNG encodings (zlib
   releases the GIL: four 1024x1024 PNGs in 0.29 s instead of 0.49-0.56 s on this 2-core machine; Pillow
-  13's JPEG encoder keeps it, 32 ms either way). The next claim waits for the slowest ending, not the sum.
+  13's JPEG encoder keeps it, 32 ms either way). A worker hands them to its ``endings``
+  (``worker.endings``) and claims the next message at once; without them the call returns when the
+  slowest has ended.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
@@ -30,7 +33,9 @@ from worker.attempt import (
     cancel,
     cancel_reason,
     describe_pipeline_error,
+    end_or_fail,
     fail,
+    hand_off,
     past_deadline,
     queue_seconds,
     succeed,
@@ -85,16 +90,18 @@ def _run_together(runtime: WorkerRuntime, batch: list[JobRecord], waited: dict[s
         return outcomes
     inference_s = time.perf_counter() - started
 
-    def end(index: int, record: JobRecord) -> str:
+    def ending(index: int, record: JobRecord) -> Callable[[], str]:
         own = GenerationOutput([output.images[index]], output.peak_memory_mb, output.cached_steps)
-        with job_context(record.id, record.attempt, runtime.worker_id):
-            return succeed(runtime, record, own, waited[record.id], inference_s, len(batch))
+        return lambda: succeed(runtime, record, own, waited[record.id], inference_s, len(batch))
 
     # canceled or reclaimed during the run: its image is discarded
-    done = [(index, record) for index, record in enumerate(batch) if record.id in live]
+    done = [(record, ending(index, record)) for index, record in enumerate(batch) if record.id in live]
+    if runtime.endings is not None:
+        outcomes.update({record.id: hand_off(runtime, record, end) for record, end in done})
+        return outcomes
     with ThreadPoolExecutor(max_workers=max(1, len(done)), thread_name_prefix="batch-upload") as pool:
-        endings = {record.id: pool.submit(end, index, record) for index, record in done}
-        outcomes.update({job_id: ending.result() for job_id, ending in endings.items()})
+        ended = {record.id: pool.submit(end_or_fail, runtime, record, end) for record, end in done}
+        outcomes.update({job_id: future.result() for job_id, future in ended.items()})
     return outcomes
 
 

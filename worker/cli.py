@@ -18,12 +18,14 @@ from shared.redis_client import connect
 from shared.settings import ModelConfig, Settings, load_settings
 from shared.signing import file_signing_secret
 from shared.storage import open_storage
+from worker.endings import Endings
 from worker.options import EngineOptions
 
 if TYPE_CHECKING:  # the metrics module is imported when a worker runs, like the rest of its runtime
     from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("fluxgate.worker")
+ENDING_THREADS = 4  # a one-job worker still overlaps the previous jobs' uploads with the next
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +197,8 @@ def run_worker(
     heartbeat = Heartbeat(
         client, worker_id, info, settings.heartbeat_interval_s, settings.heartbeat_timeout_s
     )
+    # one thread per job of the largest batch: their uploads overlap (worker.batching)
+    endings = Endings(threads=max(ENDING_THREADS, options.max_batch_size))
     runtime = WorkerRuntime(
         RetryingJobStore(client),
         storage,
@@ -205,6 +209,7 @@ def run_worker(
         metrics,
         model=model.name,
         max_batch_size=options.max_batch_size,
+        endings=endings,
     )
     app = create_celery(settings)
     register_generate_task(app, runtime)
@@ -216,6 +221,8 @@ def run_worker(
     try:
         consume(app, model.queue, worker_id)
     finally:
+        # a warm shutdown ends what the last jobs started; the sweeper requeues any left running
+        endings.close(settings.heartbeat_timeout_s)
         heartbeat.stop()
         if group is not None:
             engine.stop()

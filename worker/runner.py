@@ -22,6 +22,7 @@ from worker.attempt import (
     cancel_reason,
     describe_pipeline_error,
     fail,
+    hand_off,
     past_deadline,
     queue_seconds,
     succeed,
@@ -37,7 +38,8 @@ log = logging.getLogger("fluxgate.runner")
 
 def run_job(job_id: str, attempt: int, runtime: WorkerRuntime, ticket: str | None = None) -> str:
     """Spend one task message and run what it claims; returns the outcome: succeeded, failed, canceled or
-    dropped (for a batch, each job's outcome in claim order, comma separated).
+    dropped, or ``ending`` where the runtime's ``endings`` finish the job in the background (for a batch,
+    each job's outcome in claim order, comma separated).
 
     The message ``(job_id, attempt)`` is a ticket for the worker's model: the job store hands it the job
     whose turn it is under fair share, which need not be the one it names, and with
@@ -106,4 +108,5 @@ def _run_alone(runtime: WorkerRuntime, record: JobRecord) -> str:
         log.exception("job %s failed in the pipeline", record.id)
         code, message = describe_pipeline_error(error)
         return fail(runtime, record, code, message, traceback.format_exc())
-    return succeed(runtime, record, output, queue_s, time.perf_counter() - started)
+    inference_s = time.perf_counter() - started
+    return hand_off(runtime, record, lambda: succeed(runtime, record, output, queue_s, inference_s))

@@ -122,9 +122,17 @@ def test_table_has_the_seed_rows() -> None:
     assert "Latency P99 (s):                         n/a" in empty
 
 
+def _sse(*types: str) -> httpx.Response:
+    body = "".join(f"id: {i}\nevent: {t}\ndata: {{}}\n\n" for i, t in enumerate(types, start=1))
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+
+
 def _fake_gateway(request: httpx.Request) -> httpx.Response:
-    """Prompt 'bad' → 429 queue_full; 'slow' → 202 then a failed job on the first poll; else 200."""
+    """Prompt 'bad' → 429 queue_full; 'slow' → 202, then its event stream ends with job.failed and the
+    job reads failed; else 200."""
     metrics = {"queue_s": 0.1, "inference_s": 0.2, "upload_s": 0.01, "peak_memory_mb": 123.0, "batch_size": 2}
+    if request.url.path.endswith("/events"):
+        return _sse("job.snapshot", "job.started", "job.progress", "job.failed")
     if request.method == "GET":
         error = {"code": "worker_error", "message": "boom"}
         return httpx.Response(
@@ -157,3 +165,35 @@ def test_run_benchmark_records_every_outcome(tmp_path: Path) -> None:
     document = json.loads(out.read_text())
     assert document["summary"]["failures_by_code"] == {"queue_full": 1, "worker_error": 1}
     assert len(document["requests"]) == 4
+
+
+def test_a_job_whose_event_stream_closes_early_is_read_again_until_it_ends() -> None:
+    calls: list[str] = []
+    reads = iter(["running", "succeeded"])
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        calls.append(f"{request.method} {request.url.path}")
+        if request.method == "POST":
+            assert "Prefer" not in request.headers  # --prefer-wait 0
+            return httpx.Response(202, json={"id": "job_a", "status": "queued"})
+        if request.url.path.endswith("/events"):
+            return _sse("job.snapshot", "job.started")  # closed before the terminal event
+        return httpx.Response(200, json={"id": "job_a", "status": next(reads)})
+
+    argv = ["--api-key", "k", "--disable-progress", "--poll-interval", "0", "--prefer-wait", "0"]
+    run = serving.run_benchmark(serving.parse_args(argv), ["p"], httpx.MockTransport(gateway))
+    records, _ = asyncio.run(run)
+    assert records[0].success
+    assert calls == [
+        "POST /v1/jobs",
+        "GET /v1/jobs/job_a/events",
+        "GET /v1/jobs/job_a",
+        "GET /v1/jobs/job_a/events",
+        "GET /v1/jobs/job_a",
+    ]
+
+
+@pytest.mark.parametrize("wait", ["-1", "61"])
+def test_prefer_wait_outside_what_the_gateway_honours_is_refused(wait: str) -> None:
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--prefer-wait", wait])

@@ -13,12 +13,16 @@ from tests.integration.conftest import ADMIN_KEY, Stack
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("backend", ["jobs", "openai"])
+@pytest.mark.parametrize(
+    ("backend", "extra"),
+    [("jobs", []), ("jobs", ["--prefer-wait", "0"]), ("openai", [])],
+    ids=["jobs", "jobs-followed-on-events", "openai"],
+)
 def test_bench_serving_completes_every_request(
-    file_stack: Stack, tmp_path: Path, backend: str, capsys: pytest.CaptureFixture[str]
+    file_stack: Stack, tmp_path: Path, backend: str, extra: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / f"{backend}.json"
-    argv = ["--base-url", file_stack.base_url, "--api-key", ADMIN_KEY, "--backend", backend]
+    argv = ["--base-url", file_stack.base_url, "--api-key", ADMIN_KEY, "--backend", backend, *extra]
     argv += ["--model", "flux-tiny", "--dataset", "random", "--num-prompts", "6", "--max-concurrency", "3"]
     argv += ["--width", "64", "--height", "64", "--steps", "2", "--request-timeout", "120"]
     argv += ["--output-file", str(out)]
