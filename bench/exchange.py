@@ -39,7 +39,6 @@ import torch
 import torch.distributed as dist
 
 from bench.attention_probe import graph_ms, report
-from worker.optimizations.symmetric_exchange import symmetric_ulysses_attention
 from worker.optimizations.ulysses import packed_ulysses_attention
 
 TOKENS, HEADS, HEAD_DIM = (4096 + 512) // 2, 24, 128
@@ -128,7 +127,7 @@ def round_trips(
         return packed_ulysses_attention(q, k, v, config, no_attention)
 
     def symmetric() -> torch.Tensor:
-        return symmetric_ulysses_attention(q, k, v, config, no_attention)
+        return packed_ulysses_attention(q, k, v, config, no_attention, symmetric=True)
 
     beside = overlapped(gemm, symmetric, side)
     return {"nccl-packed": packed, "symmetric": symmetric, "gemm+symmetric": beside}
@@ -147,7 +146,7 @@ def symmetric_equals_packed(device: torch.device) -> bool:
         return run
 
     packed = packed_ulysses_attention(q, k, v, config, attend("packed"))
-    symmetric = symmetric_ulysses_attention(q, k, v, config, attend("symmetric"))
+    symmetric = packed_ulysses_attention(q, k, v, config, attend("symmetric"), symmetric=True)
     same = torch.equal(packed, symmetric) and all(
         torch.equal(a, b) for a, b in zip(seen["packed"], seen["symmetric"], strict=True)
     )

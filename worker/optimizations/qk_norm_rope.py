@@ -30,7 +30,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.fp8_attention import E4M3_MAX
 from worker.optimizations.joint_value import joint_value
-from worker.optimizations.symmetric_exchange import symmetric_exchange_applies, symmetric_ulysses_attention
+from worker.optimizations.symmetric_exchange import symmetric_exchange_applies
 from worker.optimizations.ulysses import packed_exchange_applies, packed_ulysses_attention
 
 try:  # shipped with CUDA builds of torch; absent from CPU-only installs
@@ -352,13 +352,13 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         v = joined(*value).unflatten(-1, (-1, attn.head_dim))
         backend = self._attention_backend
         if self.packed_exchange and packed_exchange_applies(self._parallel_config, None):
-            symmetric = self.symmetric_exchange and symmetric_exchange_applies(q)
-            out = (symmetric_ulysses_attention if symmetric else packed_ulysses_attention)(
+            out = packed_ulysses_attention(
                 q,
                 k,
                 v,
                 self._parallel_config,
                 lambda q, k, v: dispatch_attention_fn(q, k, v, backend=backend),
+                symmetric=self.symmetric_exchange and symmetric_exchange_applies(q),
             )
         else:
             out = dispatch_attention_fn(q, k, v, backend=backend, parallel_config=self._parallel_config)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -268,19 +268,3 @@ def _(out: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
 def symmetric_exchange_applies(query: torch.Tensor) -> bool:
     """CUDA tensors and a torch with symmetric memory; otherwise the NCCL exchange stays."""
     return query.is_cuda and HAS_SYMMETRIC_MEMORY
-
-
-def symmetric_ulysses_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    parallel_config: Any,
-    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """``packed_ulysses_attention`` (worker.optimizations.ulysses) with the exchanges through symmetric
-    memory: (batch, tokens, heads, head_dim) in, the same out."""
-    layout = parallel_config.context_parallel_config
-    group, world = layout._ulysses_mesh.get_group(), layout.ulysses_degree
-    received = exchange_in(query, key, value, group.group_name, world)
-    out = attend(received[0], received[1], received[2])
-    return exchange_back(out, group.group_name, world)

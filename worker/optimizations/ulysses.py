@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed._functional_collectives as funcol
 
+from worker.optimizations.symmetric_exchange import exchange_back, exchange_in
+
 
 def packed_exchange_applies(parallel_config: Any, attention_mask: torch.Tensor | None) -> bool:
     """A Ulysses-only layout and no mask: the packed exchange stands in for diffusers' here."""
@@ -43,12 +45,19 @@ def packed_ulysses_attention(
     value: torch.Tensor,
     parallel_config: Any,
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    symmetric: bool = False,
 ) -> torch.Tensor:
     """Attention over the whole sequence from this rank's shard: (batch, tokens, heads, head_dim) in, the
     same out. Each rank sends every other rank that rank's heads of its tokens (query, key and value in one
-    exchange), ``attend``s its heads over every rank's tokens, and sends each rank its tokens back."""
+    exchange), ``attend``s its heads over every rank's tokens, and sends each rank its tokens back.
+
+    ``symmetric``: the same bytes through symmetric memory, copied by the copy engines
+    (``worker.optimizations.symmetric_exchange``; CUDA only), not NCCL's all-to-all."""
     layout = parallel_config.context_parallel_config
     group, world = layout._ulysses_mesh.get_group(), layout.ulysses_degree
+    if symmetric:
+        received = exchange_in(query, key, value, group.group_name, world)
+        return exchange_back(attend(received[0], received[1], received[2]), group.group_name, world)
     batch, tokens, heads, head_dim = query.shape
     local = heads // world
     # (rank, q/k/v, batch, tokens, heads of that rank, head_dim): chunk r holds rank r's heads
