@@ -59,8 +59,9 @@ def round_trip(
     received = [send_in(m, *shard) for m, shard in zip(memories, shards, strict=True)]
     received = [pull_in(m, r) for m, r in zip(memories, received, strict=True)]
     outs = [attend(*r) for r in received]  # type: ignore[operator]
-    results = [send_back(m, out) for m, out in zip(memories, outs, strict=True)]
-    return received, [place_back(m, r) for m, r in zip(memories, results, strict=True)]
+    for memory, out in zip(memories, outs, strict=True):
+        send_back(memory, out)
+    return received, [place_back(m, out) for m, out in zip(memories, outs, strict=True)]
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -47,6 +47,12 @@ from typing import Any, Protocol, cast
 
 import torch
 
+try:  # shipped with CUDA builds of torch; absent from CPU-only installs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
 BARRIER_TIMEOUT_MS = 300_000  # the group's default collective timeout (--group-timeout-s)
 HAS_SYMMETRIC_MEMORY = importlib.util.find_spec("torch.distributed._symmetric_memory") is not None
 
@@ -126,6 +132,9 @@ def send_in(memory: Symmetric, query: torch.Tensor, key: torch.Tensor, value: to
     layout, me = Layout.of(query, memory.world_size), memory.rank
     region = memory.get_buffer(me, layout.inward, query.dtype, 0)
     received = query.new_empty(3, layout.batch, layout.world * layout.tokens, layout.local, layout.head_dim)
+    if _rows_kernels_apply(query, key, value):
+        _triton_pack_in(query, key, value, received, region, layout, me)
+        return received
     for part, tensor in enumerate((query, key, value)):
         by_rank = tensor.reshape(*layout.slot[:2], layout.world, layout.local, layout.head_dim)
         for rank in range(layout.world):
@@ -150,10 +159,9 @@ def pull_in(memory: Symmetric, received: torch.Tensor) -> torch.Tensor:
     return received
 
 
-def send_back(memory: Symmetric, out: torch.Tensor) -> torch.Tensor:
+def send_back(memory: Symmetric, out: torch.Tensor) -> None:
     """Before the barrier: each peer's tokens of ``out`` (batch, world x tokens, local heads, head_dim)
-    pushed into that peer's region *back*, this rank's own into the result (batch, tokens, world, local
-    heads, head_dim), which is returned."""
+    pushed into that peer's region *back*, one contiguous copy per batch row (the copy engines)."""
     batch, sequence, local, head_dim = out.shape
     world, me = memory.world_size, memory.rank
     layout = Layout(batch, sequence // world, local * world, head_dim, world)
@@ -163,21 +171,139 @@ def send_back(memory: Symmetric, out: torch.Tensor) -> torch.Tensor:
         theirs = memory.get_buffer(rank, layout.back, out.dtype, layout.back_offset)[me]
         for row in range(batch):
             theirs[row].copy_(out[row, _tokens(rank, layout)])
+
+
+def place_back(memory: Symmetric, out: torch.Tensor) -> torch.Tensor:
+    """After the barrier: this rank's tokens of ``out`` and what each peer pushed into this rank's region
+    *back*, side by side: (batch, tokens, heads, head_dim)."""
+    batch, sequence, local, head_dim = out.shape
+    world, me = memory.world_size, memory.rank
+    layout = Layout(batch, sequence // world, local * world, head_dim, world)
+    region = memory.get_buffer(me, layout.back, out.dtype, layout.back_offset)
     result = out.new_empty(batch, layout.tokens, world, local, head_dim)
-    result[:, :, me].copy_(out[:, _tokens(me, layout)])
-    return result
-
-
-def place_back(memory: Symmetric, result: torch.Tensor) -> torch.Tensor:
-    """After the barrier: what each peer pushed into this rank's region *back*, into place; the result
-    as (batch, tokens, heads, head_dim)."""
-    batch, tokens, world, local, head_dim = result.shape
-    layout = Layout(batch, tokens, world * local, head_dim, world)
-    region = memory.get_buffer(memory.rank, layout.back, result.dtype, layout.back_offset)
+    if _rows_kernels_apply(out):
+        _triton_place_back(out, region, result, layout, me)
+        return result.flatten(2, 3)
     for rank in range(world):
-        if rank != memory.rank:
-            result[:, :, rank].copy_(region[rank])
+        result[:, :, rank].copy_(out[:, _tokens(me, layout)] if rank == me else region[rank])
     return result.flatten(2, 3)
+
+
+def _rows_kernels_apply(*tensors: torch.Tensor) -> bool:
+    """CUDA tensors whose (local heads x head_dim) rows are contiguous: Triton's row copies, else torch's."""
+    return triton is not None and all(
+        t.is_cuda and t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in tensors
+    )
+
+
+def _block(row: int) -> int:
+    """The largest power of two up to 1,024 elements that divides a row (16-byte loads from 8)."""
+    block = 1024
+    while row % block:
+        block //= 2
+    return block
+
+
+def _triton_pack_in(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    received: torch.Tensor,
+    region: torch.Tensor,
+    layout: Layout,
+    me: int,
+) -> None:
+    row = layout.local * layout.head_dim
+    strides = [(t.stride(0), t.stride(1)) for t in (query, key, value)]
+    if len(set(strides)) != 1:  # one kernel reads all three with one set of strides
+        query, key, value = (t.contiguous() for t in (query, key, value))
+    grid = (layout.batch * layout.tokens, 3, layout.world)
+    _pack_in_kernel[grid](
+        query, key, value, received, region, query.stride(0), query.stride(1),
+        layout.tokens, layout.batch, layout.world, me, ROW=row, BLOCK=_block(row),
+    )  # fmt: skip
+
+
+def _triton_place_back(
+    out: torch.Tensor, region: torch.Tensor, result: torch.Tensor, layout: Layout, me: int
+) -> None:
+    row = layout.local * layout.head_dim
+    grid = (layout.batch * layout.tokens, layout.world)
+    _place_back_kernel[grid](
+        out, region, result, out.stride(0), out.stride(1), layout.tokens, layout.batch, layout.world, me,
+        ROW=row, BLOCK=_block(row),
+    )  # fmt: skip
+
+
+if triton is not None:
+
+    @triton.jit
+    def _copy_row(src, dst, ROW: tl.constexpr, BLOCK: tl.constexpr):
+        for start in tl.static_range(0, ROW, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            tl.store(dst + offsets, tl.load(src + offsets))
+
+    @triton.jit
+    def _pack_in_kernel(
+        query_ptr,
+        key_ptr,
+        value_ptr,
+        received_ptr,
+        region_ptr,
+        batch_stride,
+        token_stride,
+        tokens,
+        batch,
+        world,
+        me,
+        ROW: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Program (token row, part, rank): that rank's heads of one token of the query, key or value,
+        to ``received`` (this rank's) or to the region's slot for that rank."""
+        index = tl.program_id(0).to(tl.int64)
+        part = tl.program_id(1)
+        rank = tl.program_id(2)
+        b = index // tokens
+        t = index % tokens
+        source_offset = b * batch_stride + t * token_stride + rank * ROW
+        if part == 0:
+            source = query_ptr + source_offset
+        elif part == 1:
+            source = key_ptr + source_offset
+        else:
+            source = value_ptr + source_offset
+        if rank == me:
+            target = received_ptr + ((part * batch + b) * world * tokens + me * tokens + t) * ROW
+        else:
+            target = region_ptr + (((rank * 3 + part) * batch + b) * tokens + t) * ROW
+        _copy_row(source, target, ROW, BLOCK)
+
+    @triton.jit
+    def _place_back_kernel(
+        out_ptr,
+        region_ptr,
+        result_ptr,
+        batch_stride,
+        token_stride,
+        tokens,
+        batch,
+        world,
+        me,
+        ROW: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Program (token row, rank): that rank's heads of one of this rank's tokens, from ``out`` (this
+        rank's own) or from the region's slot the rank pushed into."""
+        index = tl.program_id(0).to(tl.int64)
+        rank = tl.program_id(1)
+        b = index // tokens
+        t = index % tokens
+        if rank == me:
+            source = out_ptr + b * batch_stride + (me * tokens + t) * token_stride
+        else:
+            source = region_ptr + ((rank * batch + b) * tokens + t) * ROW
+        _copy_row(source, result_ptr + (index * world + rank) * ROW, ROW, BLOCK)
 
 
 @dataclass
@@ -254,9 +380,9 @@ def exchange_back(out: torch.Tensor, group_name: str, world: int) -> torch.Tenso
     batch, sequence, local, head_dim = out.shape
     layout = Layout(batch, sequence // world, local * world, head_dim, world)
     memory = workspace(group_name, out.device, layout.workspace_bytes(out.dtype))
-    result = send_back(memory, out)
+    send_back(memory, out)
     memory.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
-    return place_back(memory, result)
+    return place_back(memory, out)
 
 
 @exchange_back.register_fake
