@@ -95,9 +95,9 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
         # Ulysses' query, key and value in three exchanges, as diffusers sends them (the fused processor
         # packs them into one by default)
         FusedQKFluxAttnProcessor.packed_exchange = False
-    if os.environ.get("BENCH_SYMMETRIC_EXCHANGE") == "1":
-        # ...or those exchanges through symmetric memory, copied by the copy engines
-        FusedQKFluxAttnProcessor.symmetric_exchange = True
+    if os.environ.get("BENCH_NCCL_EXCHANGE") == "1":
+        # ...and packed, through NCCL's all-to-all rather than symmetric memory (the default since lease 74)
+        FusedQKFluxAttnProcessor.symmetric_exchange = False
     if os.environ.get("BENCH_QK_ROPE") == "1":
         # The fused query/key norm + rotary processor, set before the sequence layout gives each processor
         # its parallel config (under Ulysses alone it then runs the packed exchange itself, unless
@@ -209,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         help="Ulysses' query, key and value in three all-to-alls, as diffusers sends them",
     )
     parser.add_argument(
-        "--symmetric-exchange",
+        "--nccl-exchange",
         action="store_true",
-        help="Ulysses' exchanges through symmetric memory (copy engines, one barrier each), not NCCL",
+        help="Ulysses' packed exchanges through NCCL's all-to-all, not symmetric memory (the default)",
     )
     parser.add_argument(
         "--skip-guards",
@@ -258,10 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_QK_ROPE"] = "1"
     if args.unpacked_exchange:
         os.environ["BENCH_UNPACKED_EXCHANGE"] = "1"
-    if args.symmetric_exchange:
-        if args.unpacked_exchange:
-            parser.error("--symmetric-exchange sends the packed exchange's bytes, not --unpacked-exchange's")
-        os.environ["BENCH_SYMMETRIC_EXCHANGE"] = "1"
+    if args.nccl_exchange:
+        os.environ["BENCH_NCCL_EXCHANGE"] = "1"
     if args.whole:
         if args.compile:
             parser.error("--whole replaces --compile's regional compile: pass one of them")
@@ -302,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "epilogues": not args.no_epilogues,
         "qk_rope": args.qk_rope,
         "packed_exchange": not args.unpacked_exchange,
-        "symmetric_exchange": args.symmetric_exchange,
+        "symmetric_exchange": not (args.nccl_exchange or args.unpacked_exchange),
         "cuda_graphs": not args.no_cuda_graphs,
         "fused_qk_norm_rope": not args.no_fused_qk_norm_rope,
         "precompute_modulation": not args.no_precompute_modulation,

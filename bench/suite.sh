@@ -122,9 +122,10 @@
 #            all-to-all (the default since lease 68) and as diffusers sends them (three), both profiled
 #   u2overlap stock Ulysses-2 (torchrun), then the worker's Ulysses-2 (one exchange for q, k, v) as it is
 #            and with inductor's compute/communication reordering (--overlap: the exchange beside the MLP)
-#   symm     Ulysses' exchanges through symmetric memory (copy engines, one barrier each): the round trip alone
-#            against NCCL's packed one (bench.exchange, checked to the bit), stock Ulysses-2 (torchrun), then
-#            the worker's Ulysses-2 with NCCL's packed exchange and with the symmetric one (profiled)
+#   symm     Ulysses' exchanges through symmetric memory (copy engines, one barrier each; the default since
+#            lease 74): the round trip alone against NCCL's packed one (bench.exchange, checked to the bit),
+#            stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with the symmetric exchange (profiled)
+#            and with NCCL's packed one
 #   u2now    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 as it is now (graphs of the encoders and the
 #            modulation projection, the noise drawn on a thread): issue 10's figure on the lease's cards
 #   accum    the single blocks' proj_out partial sums added in the second GEMM (the default since lease 64) against
@@ -618,8 +619,8 @@ lane_symm() {  # the symmetric exchange alone, then in the group; stock Ulysses-
   tail -3 "$1/exchange.log"
   torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
   local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
-  $P --symmetric-exchange --profile --output-file "$1/u2_symmetric.json"
-  $P --output-file "$1/u2.json"
+  $P --profile --output-file "$1/u2_symmetric.json"
+  $P --nccl-exchange --output-file "$1/u2_nccl.json"
 }
 
 lane_u2now() {  # the group's image with this session's engine

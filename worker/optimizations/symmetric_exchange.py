@@ -392,5 +392,15 @@ def _(out: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
 
 
 def symmetric_exchange_applies(query: torch.Tensor) -> bool:
-    """CUDA tensors and a torch with symmetric memory; otherwise the NCCL exchange stays."""
-    return query.is_cuda and HAS_SYMMETRIC_MEMORY
+    """CUDA tensors, a torch with symmetric memory and GPUs that map each other's memory (NVLink or PCIe
+    peer access); otherwise the NCCL exchange stays."""
+    return query.is_cuda and HAS_SYMMETRIC_MEMORY and peers_reachable(query.device.index)
+
+
+@torch.compiler.assume_constant_result
+def peers_reachable(device: int | None) -> bool:
+    """Whether ``device`` can access every other visible GPU's memory (a group's ranks are this host's GPUs);
+    answered when the compiled block is traced."""
+    here = torch.cuda.current_device() if device is None else device
+    others = [index for index in range(torch.cuda.device_count()) if index != here]
+    return all(torch.cuda.can_device_access_peer(here, other) for other in others)
