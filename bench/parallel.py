@@ -95,6 +95,9 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
         # Ulysses' query, key and value in three exchanges, as diffusers sends them (the fused processor
         # packs them into one by default)
         FusedQKFluxAttnProcessor.packed_exchange = False
+    if os.environ.get("BENCH_NO_OVERLAP") == "1":
+        # ...and the single blocks' exchanges one after the other, not beside their MLP GEMMs
+        FusedQKFluxAttnProcessor.overlaps = False
     if os.environ.get("BENCH_NCCL_EXCHANGE") == "1":
         # ...and packed, through NCCL's all-to-all rather than symmetric memory (the default since lease 74)
         FusedQKFluxAttnProcessor.symmetric_exchange = False
@@ -209,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         help="Ulysses' query, key and value in three all-to-alls, as diffusers sends them",
     )
     parser.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="the single blocks' symmetric exchanges one after the other, not beside their MLP GEMMs",
+    )
+    parser.add_argument(
         "--nccl-exchange",
         action="store_true",
         help="Ulysses' packed exchanges through NCCL's all-to-all, not symmetric memory (the default)",
@@ -260,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_UNPACKED_EXCHANGE"] = "1"
     if args.nccl_exchange:
         os.environ["BENCH_NCCL_EXCHANGE"] = "1"
+    if args.no_overlap:
+        os.environ["BENCH_NO_OVERLAP"] = "1"
     if args.whole:
         if args.compile:
             parser.error("--whole replaces --compile's regional compile: pass one of them")
@@ -301,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "qk_rope": args.qk_rope,
         "packed_exchange": not args.unpacked_exchange,
         "symmetric_exchange": not (args.nccl_exchange or args.unpacked_exchange),
+        "exchange_beside_gemms": not (args.no_overlap or args.nccl_exchange or args.unpacked_exchange),
         "cuda_graphs": not args.no_cuda_graphs,
         "fused_qk_norm_rope": not args.no_fused_qk_norm_rope,
         "precompute_modulation": not args.no_precompute_modulation,

@@ -126,6 +126,8 @@
 #            lease 74): the round trip alone against NCCL's packed one (bench.exchange, checked to the bit),
 #            stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with the symmetric exchange (profiled)
 #            and with NCCL's packed one
+#   beside   stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with the single blocks' symmetric exchanges
+#            beside their MLP GEMMs (the default; profiled) and one after the other (--no-overlap)
 #   u2now    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 as it is now (graphs of the encoders and the
 #            modulation projection, the noise drawn on a thread): issue 10's figure on the lease's cards
 #   accum    the single blocks' proj_out partial sums added in the second GEMM (the default since lease 64) against
@@ -621,6 +623,13 @@ lane_symm() {  # the symmetric exchange alone, then in the group; stock Ulysses-
   local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
   $P --profile --output-file "$1/u2_symmetric.json"
   $P --nccl-exchange --output-file "$1/u2_nccl.json"
+}
+
+lane_beside() {  # the single blocks' exchanges beside their MLP GEMMs, against one after the other
+  torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
+  $P --profile --output-file "$1/u2_beside.json"
+  $P --no-overlap --output-file "$1/u2_serial.json"
 }
 
 lane_u2now() {  # the group's image with this session's engine

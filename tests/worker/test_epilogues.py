@@ -22,6 +22,7 @@ from worker.optimizations.epilogues import (
     split_projection,
 )
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
+from worker.optimizations.ulysses import PendingAttention
 from worker.options import EngineOptions
 from worker.tiny_model import build_tiny_pipeline
 
@@ -93,6 +94,41 @@ def test_single_block_waits_for_a_pending_attention_exchange() -> None:
     attention.forward = exchanged
     assert relative_rms(model(**inputs(torch.float32))[0], expected) < 1e-5
     assert [exchange.waited for exchange in pending] == [True]
+
+
+class RecordedPending(PendingAttention):
+    """A pending attention that records the order of its steps (no exchange: the attention is given)."""
+
+    def __init__(self, output: torch.Tensor, order: list[str]) -> None:
+        super().__init__(output, output, output, None, lambda q, k, v: q, symmetric=False)
+        self.output, self.order = output, order
+
+    def attend_beside(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        self.order.append("in, beside the MLP's projection")
+        self.out = self.output
+        return torch.nn.functional.gelu(torch.nn.functional.linear(hidden, weight, bias), approximate="tanh")
+
+    def settle_beside(self, mat1: torch.Tensor, mat2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.order.append("back, beside proj_out's MLP part")
+        return torch.mm(mat1, mat2), self.output
+
+
+@torch.no_grad()
+def test_single_block_runs_a_pending_attentions_exchanges_beside_its_mlp_gemms() -> None:
+    model = tiny_transformer()
+    expected = model(**inputs(torch.float32))[0]
+    apply_gemm_epilogues(model)
+    block = model.single_transformer_blocks[1]
+    exact_forward = block.attn.forward
+    order: list[str] = []
+
+    def later(**kwargs: Any) -> PendingAttention:
+        order.append("projections")
+        return RecordedPending(exact_forward(**kwargs), order)
+
+    block.attn.forward = later
+    assert relative_rms(model(**inputs(torch.float32))[0], expected) < 1e-5
+    assert order == ["projections", "in, beside the MLP's projection", "back, beside proj_out's MLP part"]
 
 
 def compiled_epilogue_blocks(pipe: Any) -> int:

@@ -20,6 +20,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return dispatch_attention_fn(q, k, v)
+
+
+def pending_output(pending: Any) -> torch.Tensor:
+    """The attention's output through a PendingAttention's two steps, around 1-row GEMMs."""
+    width = pending.query.shape[-2] * pending.query.shape[-1]
+    pending.attend_beside(torch.ones(1, width), torch.ones(4, width), torch.zeros(4))
+    return pending.settle_beside(torch.ones(1, 4), torch.ones(4, 2))[1]
+
+
 def rank_main(rank: int, world: int, port: int, batches: list[int], out_dir: str) -> None:
     """One rank: its shard of the same random query/key/value through both Ulysses paths, per batch size."""
     import torch.distributed as dist
@@ -28,7 +41,7 @@ def rank_main(rank: int, world: int, port: int, batches: list[int], out_dir: str
     from diffusers.models.attention_dispatch import dispatch_attention_fn
     from torch.distributed.device_mesh import init_device_mesh
 
-    from worker.optimizations.ulysses import packed_ulysses_attention
+    from worker.optimizations.ulysses import PendingAttention, packed_ulysses_attention
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -50,6 +63,10 @@ def rank_main(rank: int, world: int, port: int, batches: list[int], out_dir: str
                     query, key, value, config, lambda q, k, v: dispatch_attention_fn(q, k, v)
                 ),
                 "full": dispatch_attention_fn(*whole)[:, shard],
+                # without symmetric memory (gloo) a pending attention runs whole beside nothing
+                "pending": pending_output(
+                    PendingAttention(query, key, value, config, attend, symmetric=False)
+                ),
             }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -68,6 +85,7 @@ def test_the_packed_exchange_gives_diffusers_ulysses_output(
         assert sorted(results) == batches
         for result in results.values():
             assert torch.equal(result["packed"], result["diffusers"])  # the same attention, the same tokens
+            assert torch.equal(result["pending"], result["packed"])
             torch.testing.assert_close(result["packed"], result["full"])
 
 

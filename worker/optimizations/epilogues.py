@@ -29,6 +29,8 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from worker.optimizations.ulysses import PendingAttention
+
 
 def unhooked_linear(linear: nn.Module) -> TypeGuard[nn.Linear]:
     """An ``nn.Linear`` itself (no subclass or wrapper) with nothing hooked onto its forward."""
@@ -120,8 +122,11 @@ class EpilogueSingleBlock(FluxSingleTransformerBlock):
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         residual = hidden_states
         norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-        # attention first: under cache-dit's async Ulysses it returns a pending exchange the MLP overlaps
+        # attention first: under cache-dit's async Ulysses it returns a pending exchange the MLP overlaps;
+        # the fused processor does so when asked (``overlap``: its exchanges through symmetric memory)
         kwargs = joint_attention_kwargs or {}
+        if getattr(self.attn.processor, "overlaps", False):
+            kwargs = {**kwargs, "overlap": True}
         attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **kwargs)
         hidden_states = residual + gate.unsqueeze(1) * self.projected(norm_hidden_states, attn_output)
         if hidden_states.dtype == torch.float16:
@@ -133,9 +138,30 @@ class EpilogueSingleBlock(FluxSingleTransformerBlock):
     accumulate = True
 
     def projected(self, norm_hidden_states: torch.Tensor, attn_output: Any) -> torch.Tensor:
-        """``proj_out(cat(attention, gelu(proj_mlp(x))))``, the MLP's GEMM before the attention is awaited."""
+        """``proj_out(cat(attention, gelu(proj_mlp(x))))``, the MLP's GEMM before the attention is awaited.
+
+        A ``PendingAttention`` attends after that GEMM (its query, key and value crossed beside it), and
+        ``proj_out``'s MLP part runs before its output is awaited (the output crossing back beside it)."""
+        if isinstance(attn_output, PendingAttention):
+            return beside_projection(self.proj_mlp, self.proj_out, attn_output, norm_hidden_states)
         mlp_hidden_states = gelu_linear(norm_hidden_states, self.proj_mlp)
         return split_projection(self.proj_out, settled(attn_output), mlp_hidden_states, self.accumulate)
+
+
+def beside_projection(
+    proj_mlp: nn.Module, proj_out: nn.Module, attention: PendingAttention, hidden_states: torch.Tensor
+) -> torch.Tensor:
+    """``proj_out(cat(attention, gelu(proj_mlp(x))))`` with the attention's exchanges beside the GEMMs: the
+    way in beside the MLP's projection, the way back beside ``proj_out``'s MLP part, then the attention's
+    part added into it (``split_projection`` accumulated, its partial sums in the other order: bf16
+    rounding apart, the same result)."""
+    assert isinstance(proj_mlp, nn.Linear) and isinstance(proj_out, nn.Linear)  # EpilogueSingleBlock's
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    mlp = attention.attend_beside(flat, proj_mlp.weight, proj_mlp.bias)
+    dim = mlp.shape[-1]
+    projected, output = attention.settle_beside(mlp, proj_out.weight[:, -dim:].t())
+    accumulate_mm(projected, output.reshape(projected.shape[0], -1), proj_out.weight[:, :-dim].t())
+    return (projected + proj_out.bias).view(*hidden_states.shape[:-1], -1)
 
 
 def apply_gemm_epilogues(transformer: nn.Module) -> int:

@@ -48,6 +48,7 @@ class Fp8FluxAttnProcessor(FusedQKFluxAttnProcessor):
 
     # e4m3 output straight into per-row fp8 output projections (False: dequantized first; for the benchmark)
     project_e4m3 = True
+    overlaps = False  # its attention is cuDNN's fp8 kernel, called whole
 
     def __call__(
         self,
@@ -56,6 +57,7 @@ class Fp8FluxAttnProcessor(FusedQKFluxAttnProcessor):
         encoder_hidden_states: Any = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: Any = None,
+        overlap: bool = False,
     ) -> Any:
         direct = self.project_e4m3 and encoder_hidden_states is not None and image_rotary_emb is not None
         direct = direct and attention_mask is None and attn.added_kv_proj_dim is not None

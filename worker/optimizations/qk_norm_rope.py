@@ -31,7 +31,7 @@ from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.fp8_attention import E4M3_MAX
 from worker.optimizations.joint_value import joint_value
 from worker.optimizations.symmetric_exchange import symmetric_exchange_applies
-from worker.optimizations.ulysses import packed_exchange_applies, packed_ulysses_attention
+from worker.optimizations.ulysses import PendingAttention, packed_exchange_applies, packed_ulysses_attention
 
 try:  # shipped with CUDA builds of torch; absent from CPU-only installs
     import triton
@@ -302,6 +302,9 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     # (``worker.optimizations.symmetric_exchange``): a Ulysses-2 image 5% faster on 2xH200, the same image
     # (2.073 against 2.181 s, lease 74, docs/performance.md)
     symmetric_exchange = True
+    # a single block may ask for its attention as a ``PendingAttention`` (``overlap=True``), whose
+    # exchanges run beside its MLP's GEMMs (worker.optimizations.epilogues.EpilogueSingleBlock)
+    overlaps = True
 
     def __call__(
         self,
@@ -310,12 +313,15 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         encoder_hidden_states: Any = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: Any = None,
+        overlap: bool = False,
     ) -> Any:
         if image_rotary_emb is None or attention_mask is not None:
             return super().__call__(
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
         query, key, value = self._projections(attn, hidden_states, encoder_hidden_states)
+        if overlap and encoder_hidden_states is None and self._overlapped(query[1]):
+            return self.attend_later(attn, query, key, value, image_rotary_emb)
         hidden_states = self.attend(attn, query, key, value, image_rotary_emb)
         if encoder_hidden_states is None:
             return hidden_states
@@ -341,6 +347,30 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         if attn.added_kv_proj_dim is None:
             text_q = text_k = text_v = None
         return (text_q, q), (text_k, k), (text_v, v)
+
+    def _overlapped(self, image_query: torch.Tensor) -> bool:
+        """A Ulysses layout whose exchanges go through symmetric memory: the ones a GEMM can hide."""
+        return (
+            self.packed_exchange
+            and self.symmetric_exchange
+            and packed_exchange_applies(self._parallel_config, None)
+            and symmetric_exchange_applies(image_query)
+        )
+
+    def attend_later(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> Any:
+        """``attend``'s attention as a ``PendingAttention`` whose exchanges run beside the caller's GEMMs."""
+        q = normed_rotated(attn, *query, "q", rope, token_major=self.token_major)
+        k = normed_rotated(attn, *key, "k", rope, token_major=self.token_major)
+        v = joined(*value).unflatten(-1, (-1, attn.head_dim))
+        backend = self._attention_backend
+        return PendingAttention(
+            q,
+            k,
+            v,
+            self._parallel_config,
+            lambda q, k, v: dispatch_attention_fn(q, k, v, backend=backend),
+            symmetric=True,
+        )
 
     def attend(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> torch.Tensor:
         """Attention over the (text, image) projections, text first: (batch, tokens, heads x head_dim).

@@ -173,20 +173,29 @@ def send_back(memory: Symmetric, out: torch.Tensor) -> None:
             theirs[row].copy_(out[row, _tokens(rank, layout)])
 
 
-def place_back(memory: Symmetric, out: torch.Tensor) -> torch.Tensor:
+def place_back(memory: Symmetric, out: torch.Tensor, result: torch.Tensor | None = None) -> torch.Tensor:
     """After the barrier: this rank's tokens of ``out`` and what each peer pushed into this rank's region
-    *back*, side by side: (batch, tokens, heads, head_dim)."""
+    *back*, side by side in ``result`` (batch, tokens, world, local heads, head_dim; allocated if not
+    given), returned as (batch, tokens, heads, head_dim)."""
     batch, sequence, local, head_dim = out.shape
     world, me = memory.world_size, memory.rank
     layout = Layout(batch, sequence // world, local * world, head_dim, world)
     region = memory.get_buffer(me, layout.back, out.dtype, layout.back_offset)
-    result = out.new_empty(batch, layout.tokens, world, local, head_dim)
+    if result is None:
+        result = back_result(out, world)
     if _rows_kernels_apply(out):
         _triton_place_back(out, region, result, layout, me)
         return result.flatten(2, 3)
     for rank in range(world):
         result[:, :, rank].copy_(out[:, _tokens(me, layout)] if rank == me else region[rank])
     return result.flatten(2, 3)
+
+
+def back_result(out: torch.Tensor, world: int) -> torch.Tensor:
+    """The back exchange's result for the attention's output ``out``: (batch, tokens, world, local heads,
+    head_dim)."""
+    batch, sequence, local, head_dim = out.shape
+    return out.new_empty(batch, sequence // world, world, local, head_dim)
 
 
 def _rows_kernels_apply(*tensors: torch.Tensor) -> bool:
@@ -389,6 +398,89 @@ def exchange_back(out: torch.Tensor, group_name: str, world: int) -> torch.Tenso
 def _(out: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
     batch, sequence, local, head_dim = out.shape
     return out.new_empty(batch, sequence // world, local * world, head_dim)
+
+
+_side_streams: dict[int | None, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream a started exchange runs on (high priority: its barrier and placing kernel take the
+    first SMs a GEMM beside them frees)."""
+    if device.index not in _side_streams:
+        _side_streams[device.index] = torch.cuda.Stream(device, priority=-1)
+    return _side_streams[device.index]
+
+
+@torch.library.custom_op("fluxgate::symmetric_exchange_in_beside", mutates_args=())
+def exchange_in_beside(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    group_name: str,
+    world: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``exchange_in`` with ``gelu(hidden @ weight^T + bias)`` (tanh; cuBLASLt's epilogue) computed while
+    it runs: packed here, then the barrier and the pulls on the side stream beside the GEMM, joined before
+    returning (received, the GEMM's output). One op, so the compiled graph cannot move the GEMM away."""
+    layout = Layout.of(query, world)
+    memory = workspace(group_name, query.device, layout.workspace_bytes(query.dtype))
+    received = send_in(memory, query, key, value)
+    main, side = torch.cuda.current_stream(query.device), side_stream(query.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        memory.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+        pull_in(memory, received)
+    projected = torch._addmm_activation(bias, hidden, weight.t(), use_gelu=True)
+    main.wait_stream(side)
+    return received, projected
+
+
+@exchange_in_beside.register_fake
+def _(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    group_name: str,
+    world: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = Layout.of(query, world)
+    received = query.new_empty(3, layout.batch, world * layout.tokens, layout.local, layout.head_dim)
+    return received, hidden.new_empty(hidden.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("fluxgate::symmetric_exchange_back_beside", mutates_args=())
+def exchange_back_beside(
+    out: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, group_name: str, world: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``exchange_back`` with ``mat1 @ mat2`` computed while it runs: the push, the barrier and the placing
+    on the side stream beside the GEMM, joined before returning (the result as (batch, tokens, world,
+    local heads, head_dim), the GEMM's output)."""
+    batch, sequence, local, head_dim = out.shape
+    layout = Layout(batch, sequence // world, local * world, head_dim, world)
+    memory = workspace(group_name, out.device, layout.workspace_bytes(out.dtype))
+    result = back_result(out, world)
+    main, side = torch.cuda.current_stream(out.device), side_stream(out.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        send_back(memory, out)
+        memory.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+        place_back(memory, out, result)
+    product = torch.mm(mat1, mat2)
+    main.wait_stream(side)
+    return result, product
+
+
+@exchange_back_beside.register_fake
+def _(
+    out: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, group_name: str, world: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return back_result(out, world), mat1.new_empty(mat1.shape[0], mat2.shape[1])
 
 
 def symmetric_exchange_applies(query: torch.Tensor) -> bool:

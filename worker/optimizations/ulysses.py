@@ -17,12 +17,19 @@ Ulysses alone (no Ring), without a mask; anything else keeps diffusers' dispatch
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 
-from worker.optimizations.symmetric_exchange import exchange_back, exchange_in
+from worker.optimizations.symmetric_exchange import (
+    exchange_back,
+    exchange_back_beside,
+    exchange_in,
+    exchange_in_beside,
+)
 
 
 def packed_exchange_applies(parallel_config: Any, attention_mask: torch.Tensor | None) -> bool:
@@ -73,3 +80,52 @@ def packed_ulysses_attention(
         out.reshape(batch, world, tokens, local, head_dim).transpose(0, 1).contiguous(), group
     )
     return returned.permute(1, 2, 0, 3, 4).reshape(batch, tokens, heads, head_dim)
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PendingAttention:
+    """A Ulysses attention whose exchanges run beside a single block's GEMMs, given by the block:
+    ``attend_beside`` (the way in beside the MLP's input projection) and ``settle_beside`` (the way back
+    beside ``proj_out``'s MLP part). Through symmetric memory each pair is one op (the exchange on a side
+    stream, copy engines, while the GEMM runs); otherwise (NCCL, the CPU) one after the other."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    parallel_config: Any
+    attend: Attend
+    symmetric: bool
+    out: torch.Tensor | None = None
+
+    def _group(self) -> tuple[str, int]:
+        layout = self.parallel_config.context_parallel_config
+        return layout._ulysses_mesh.get_group().group_name, layout.ulysses_degree
+
+    def attend_beside(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The attention, this rank's heads over every token; returns ``gelu(hidden @ weight^T + bias)``
+        (tanh; ``hidden`` 2-D), computed beside the way in."""
+        if not self.symmetric:
+            projected = F.gelu(F.linear(hidden, weight, bias), approximate="tanh")
+            self.out = packed_ulysses_attention(
+                self.query, self.key, self.value, self.parallel_config, self.attend
+            )
+            return projected
+        name, world = self._group()
+        received, projected = exchange_in_beside(
+            self.query, self.key, self.value, hidden, weight, bias, name, world
+        )
+        self.out = self.attend(received[0], received[1], received[2])
+        return projected
+
+    def settle_beside(self, mat1: torch.Tensor, mat2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mat1 @ mat2``, computed beside the way back, and the attention's output for this rank's tokens
+        (batch, tokens, heads, head_dim)."""
+        assert self.out is not None, "attend_beside first"
+        if not self.symmetric:
+            return torch.mm(mat1, mat2), self.out
+        name, world = self._group()
+        result, product = exchange_back_beside(self.out, mat1, mat2, name, world)
+        return product, result.flatten(2, 3)
