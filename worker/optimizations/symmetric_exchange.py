@@ -11,12 +11,18 @@ kernel that signals each peer and waits for their signals).
 Per exchange (every rank runs the same exchanges in the same order: the group's ranks are in lockstep):
 
 * in (query, key, value: this rank's tokens, every head -> every rank's tokens, this rank's heads): each
-  rank writes each peer's heads of its tokens into its workspace's region *in* (a slot per peer), copies
-  its own heads into place, meets its peers at the barrier, then pulls its slot out of each peer's region
-  *in* (``received``: the three inputs of the attention, whole, as one tensor);
+  rank writes each peer's heads of its tokens into its workspace's region *in* (a slot per peer) and its
+  own heads into place (one Triton kernel), meets its peers at the barrier, then pulls its slot out of
+  each peer's region *in* (``received``: the three inputs of the attention, whole, as one tensor);
 * back (the attention's output: every rank's tokens, this rank's heads -> this rank's tokens, every head):
-  each rank pushes each peer's tokens into that peer's region *back* (a slot per sender), copies its own
-  into place, meets its peers at the barrier, then copies what its peers pushed into place.
+  each rank pushes each peer's tokens into that peer's region *back* (a slot per sender), meets its peers
+  at the barrier, then places its own tokens and what its peers pushed side by side (one Triton kernel).
+
+``exchange_in`` and ``exchange_back`` run it on the caller's stream. ``exchange_in_beside`` and
+``exchange_back_beside`` run the barrier and the copies on a side stream while a GEMM the caller gives
+runs on its own, and join the two before returning (a single block's MLP GEMMs:
+``worker.optimizations.ulysses.PendingAttention``). Either way each op's work is ordered after the
+previous op's on every stream, so the argument below holds for any mix of them.
 
 Why one barrier an exchange is enough: the two kinds alternate (each attention has one of each), so
 between two exchanges that use a region there is always the other kind's barrier, and no rank arrives at
@@ -34,7 +40,9 @@ barrier's kernel trap after ``BARRIER_TIMEOUT_MS``: the rank's CUDA context fail
 the group goes down as it does for a dead rank (docs/reliability.md), never hanging.
 
 The bytes moved are the NCCL exchange's, in the same places (``received`` is the packed exchange's
-``whole``): the attention sees the same inputs and the image is the same.
+``whole``): the attention sees the same inputs and the image is the same. Measured on 2xH200: the round
+trip 138 us against NCCL's 300 us (lease 74); a Ulysses-2 image 2.073 s against 2.181 s (lease 74), and
+2.053 s against 2.099 s with the single blocks' exchanges beside their GEMMs (lease 75).
 """
 
 from __future__ import annotations
