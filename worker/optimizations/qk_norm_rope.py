@@ -30,7 +30,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.fp8_attention import E4M3_MAX
 from worker.optimizations.joint_value import joint_value
-from worker.optimizations.symmetric_exchange import symmetric_exchange_applies
+from worker.optimizations.symmetric_exchange import power_of_two_divisor, symmetric_exchange_applies
 from worker.optimizations.ulysses import PendingAttention, packed_exchange_applies, packed_ulysses_attention
 
 try:  # shipped with CUDA builds of torch; absent from CPU-only installs
@@ -193,10 +193,7 @@ TOKENS_PER_PROGRAM = 4
 
 def group_heads(heads: int) -> int:
     """Heads per program: the largest power of two up to 8 that divides ``heads`` (FLUX.1's 24: 8)."""
-    group = 8
-    while heads % group:
-        group //= 2
-    return group
+    return power_of_two_divisor(heads, 8)
 
 
 def _triton_qk_norm_rope(

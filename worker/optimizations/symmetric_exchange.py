@@ -213,12 +213,17 @@ def _rows_kernels_apply(*tensors: torch.Tensor) -> bool:
     )
 
 
+def power_of_two_divisor(value: int, cap: int) -> int:
+    """The largest power of two up to ``cap`` (itself one) that divides ``value``."""
+    divisor = cap
+    while value % divisor:
+        divisor //= 2
+    return divisor
+
+
 def _block(row: int) -> int:
-    """The largest power of two up to 1,024 elements that divides a row (16-byte loads from 8)."""
-    block = 1024
-    while row % block:
-        block //= 2
-    return block
+    """Elements a row copy moves at a time: up to 1,024 (16-byte loads from 8)."""
+    return power_of_two_divisor(row, 1024)
 
 
 def _triton_pack_in(
@@ -447,16 +452,8 @@ def exchange_in_beside(
 
 
 @exchange_in_beside.register_fake
-def _(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    group_name: str,
-    world: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _(query: torch.Tensor, *others: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden, weight, world = others[2], others[3], others[-1]
     layout = Layout.of(query, world)
     received = query.new_empty(3, layout.batch, world * layout.tokens, layout.local, layout.head_dim)
     return received, hidden.new_empty(hidden.shape[0], weight.shape[0])
