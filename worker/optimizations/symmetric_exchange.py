@@ -47,6 +47,7 @@ trip 138 us against NCCL's 300 us (lease 74); a Ulysses-2 image 2.073 s against 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 from collections.abc import Sequence
@@ -497,7 +498,11 @@ def symmetric_exchange_applies(query: torch.Tensor) -> bool:
 @torch.compiler.assume_constant_result
 def peers_reachable(device: int | None) -> bool:
     """Whether ``device`` can access every other visible GPU's memory (a group's ranks are this host's GPUs);
-    answered when the compiled block is traced."""
-    here = torch.cuda.current_device() if device is None else device
+    answered when the compiled block is traced, and once a device for eager calls."""
+    return _peer_access(torch.cuda.current_device() if device is None else device)
+
+
+@functools.cache
+def _peer_access(here: int) -> bool:
     others = [index for index in range(torch.cuda.device_count()) if index != here]
     return all(torch.cuda.can_device_access_peer(here, other) for other in others)
