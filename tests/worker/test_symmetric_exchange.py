@@ -12,8 +12,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from worker.optimizations.symmetric_exchange import (
     Layout,
     exchange_back,
+    exchange_back_beside,
     exchange_in,
+    exchange_in_beside,
     place_back,
+    power_of_two_divisor,
     pull_in,
     send_back,
     send_in,
@@ -118,6 +121,24 @@ def test_the_ops_shapes_without_running_them() -> None:
         received = exchange_in(q, q, q, "group", 2)
         assert received.shape == (3, 2, 18, 12, 128) and received.dtype == torch.bfloat16
         assert exchange_back(received[0], "group", 2).shape == (2, 9, 24, 128)
+
+
+def test_the_ops_beside_a_gemm_give_the_exchange_and_the_gemm_shapes() -> None:
+    with FakeTensorMode():
+        q = torch.empty(1, 9, 24, 128, dtype=torch.bfloat16)
+        hidden = torch.empty(9, 3072, dtype=torch.bfloat16)
+        weight = torch.empty(12288, 3072, dtype=torch.bfloat16)
+        received, mlp = exchange_in_beside(q, q, q, hidden, weight, torch.empty(12288), "group", 2)
+        assert received.shape == (3, 1, 18, 12, 128) and mlp.shape == (9, 12288)
+        result, product = exchange_back_beside(received[0], mlp, weight, "group", 2)
+        assert result.shape == (1, 9, 2, 12, 128) and product.shape == (9, 3072)
+
+
+@pytest.mark.parametrize(
+    ("value", "cap", "divisor"), [(1536, 1024, 512), (12, 1024, 4), (24, 8, 8), (6, 8, 2)]
+)
+def test_power_of_two_divisor_is_the_largest_up_to_the_cap(value: int, cap: int, divisor: int) -> None:
+    assert power_of_two_divisor(value, cap) == divisor
 
 
 def test_cpu_tensors_keep_the_nccl_exchange() -> None:
