@@ -10,8 +10,8 @@ Each job keeps its own attempt, events, progress, cancel, upload and end, exactl
 - a pipeline error fails every job still in the batch with the code a single job would get;
 - each image is uploaded and its job ended on its own, so one failed upload fails only that job. The
   jobs end side by side, one thread each, so their uploads overlap, and so do PNG encodings (zlib
-  releases the GIL: four 1024x1024 PNGs in 0.29 s instead of 0.49-0.56 s on this 2-core machine; Pillow
-  13's JPEG encoder keeps it, 32 ms either way). A worker hands them to its ``endings``
+  releases the GIL: four 1024x1024 PNGs in 0.29 s instead of 0.49-0.56 s on this 2-core machine; JPEG's
+  simplejpeg releases it too, ``worker.encode``). A worker hands them to its ``endings``
   (``worker.endings``) and claims the next message at once; without them the call returns when the
   slowest has ended.
 """
