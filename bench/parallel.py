@@ -98,9 +98,6 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
     if os.environ.get("BENCH_NO_OVERLAP") == "1":
         # ...and the single blocks' exchanges one after the other, not beside their MLP GEMMs
         FusedQKFluxAttnProcessor.overlaps = False
-    if os.environ.get("BENCH_NCCL_EXCHANGE") == "1":
-        # ...and packed, through NCCL's all-to-all rather than symmetric memory (the default since lease 74)
-        FusedQKFluxAttnProcessor.symmetric_exchange = False
     if os.environ.get("BENCH_QK_ROPE") == "1":
         # The fused query/key norm + rotary processor, set before the sequence layout gives each processor
         # its parallel config (under Ulysses alone it then runs the packed exchange itself, unless
@@ -266,8 +263,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_QK_ROPE"] = "1"
     if args.unpacked_exchange:
         os.environ["BENCH_UNPACKED_EXCHANGE"] = "1"
-    if args.nccl_exchange:
-        os.environ["BENCH_NCCL_EXCHANGE"] = "1"
     if args.no_overlap:
         os.environ["BENCH_NO_OVERLAP"] = "1"
     if args.whole:
@@ -289,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         cuda_graphs=not args.no_cuda_graphs,
         fused_qk_norm_rope=not args.no_fused_qk_norm_rope,
         precompute_modulation=not args.no_precompute_modulation,
+        symmetric_exchange=not args.nccl_exchange,
         device="cpu" if args.smoke else "cuda",
         warmup_resolutions=",".join(f"{size}x{size}" for size in sizes),
     )

@@ -124,6 +124,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="overlap Ulysses' all-to-all with the attention projections (cache-dit)",
     )
     add("--parallel-vae", action="store_true", default=None, help="split the VAE decode over the group")
+    add(
+        "--no-symmetric-exchange",
+        dest="symmetric_exchange",
+        action="store_false",
+        default=None,
+        help="Ulysses' exchanges through NCCL's all-to-all, not symmetric memory (where containers cannot "
+        "map a peer GPU's memory)",
+    )
     add("--group-timeout-s", type=float, help="how long a group collective may wait for a peer (default 300)")
     add(
         "--max-batch-size",

@@ -30,10 +30,11 @@ from worker.optimizations.fp8_attention import check_fp8_attention_supported
 from worker.optimizations.fp8_attention_processor import apply_fp8_attention
 from worker.optimizations.modulation import ModulationTables, Schedule, apply_modulation_tables
 from worker.optimizations.offload import OffloadConfig, apply_offload
-from worker.optimizations.qk_norm_rope import apply_fused_qk_norm_rope
+from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor, apply_fused_qk_norm_rope
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
 from worker.optimizations.rows import one_pass_rows
 from worker.optimizations.settled_devices import settle_devices
+from worker.optimizations.symmetric_exchange import set_barrier_timeout
 from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
 from worker.options import EngineOptions
 from worker.parallel import (
@@ -242,6 +243,11 @@ def set_fused_attention(pipeline: Any, options: EngineOptions) -> None:
     apply = apply_fp8_attention if options.attention_fp8 else apply_fused_qk_norm_rope
     changed = apply(pipeline.transformer)
     log.info("fused query/key norm + rotary: %d attention modules", changed)
+    set_barrier_timeout(options.group_timeout_s)
+    if not options.symmetric_exchange:
+        for module in pipeline.transformer.modules():
+            if isinstance(getattr(module, "processor", None), FusedQKFluxAttnProcessor):
+                module.processor.symmetric_exchange = False
     if options.attention_fp8:
         log.info("fp8 attention (cuDNN): %d attention modules", changed)
 

@@ -84,6 +84,10 @@ class EngineOptions(BaseSettings):
     sp_runtime: Literal["auto", "cache-dit", "diffusers"] = "auto"
     ulysses_async: bool = False
     parallel_vae: bool = False
+    # Ulysses' exchanges on diffusers' runtime through symmetric memory, copied by the copy engines
+    # (worker.optimizations.symmetric_exchange): 5% off a Ulysses-2 image on 2xH200. Off: NCCL's all-to-all,
+    # for hosts whose containers cannot map a peer's memory (the first warm-up exchange fails there).
+    symmetric_exchange: bool = True
     # Jobs run together in one pipeline call when compatible (docs/design.md, "Batching"); 1 = off.
     max_batch_size: int = Field(default=1, ge=1, le=MAX_BATCH_SIZE)
 

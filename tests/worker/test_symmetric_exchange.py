@@ -3,12 +3,17 @@ can see, and the barrier is the point where the test moves every rank from one p
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from worker import engine as engine_module
+from worker.cli import add_worker_arguments, engine_options
+from worker.optimizations import symmetric_exchange
+from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor
 from worker.optimizations.symmetric_exchange import (
     Layout,
     exchange_back,
@@ -22,6 +27,7 @@ from worker.optimizations.symmetric_exchange import (
     send_in,
     symmetric_exchange_applies,
 )
+from worker.tiny_model import build_tiny_pipeline
 
 HEADS, HEAD_DIM, TOKENS = 6, 4, 5
 
@@ -143,3 +149,24 @@ def test_power_of_two_divisor_is_the_largest_up_to_the_cap(value: int, cap: int,
 
 def test_cpu_tensors_keep_the_nccl_exchange() -> None:
     assert not symmetric_exchange_applies(torch.empty(1, 2, 4, 8))
+
+
+def test_no_symmetric_exchange_flag_keeps_nccls_exchange_and_the_barrier_waits_the_group_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_worker_arguments(parser)
+    assert engine_options(parser.parse_args([])).symmetric_exchange is True
+    options = engine_options(parser.parse_args(["--no-symmetric-exchange", "--group-timeout-s", "12"]))
+    assert options.symmetric_exchange is False
+    monkeypatch.setattr(symmetric_exchange, "BARRIER_TIMEOUT_MS", symmetric_exchange.BARRIER_TIMEOUT_MS)
+    pipe = build_tiny_pipeline("flux1", seed=0)
+    engine_module.set_fused_attention(pipe, options)
+    processors = [
+        module.processor
+        for module in pipe.transformer.modules()
+        if isinstance(getattr(module, "processor", None), FusedQKFluxAttnProcessor)
+    ]
+    assert processors and not any(processor.symmetric_exchange for processor in processors)
+    assert FusedQKFluxAttnProcessor.symmetric_exchange is True  # other engines in the process keep it
+    assert symmetric_exchange.BARRIER_TIMEOUT_MS == 12_000

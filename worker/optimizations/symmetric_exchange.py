@@ -62,8 +62,14 @@ try:  # shipped with CUDA builds of torch; absent from CPU-only installs
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-BARRIER_TIMEOUT_MS = 300_000  # the group's default collective timeout (--group-timeout-s)
+BARRIER_TIMEOUT_MS = 300_000  # the group's collective timeout (--group-timeout-s: set_barrier_timeout)
 HAS_SYMMETRIC_MEMORY = importlib.util.find_spec("torch.distributed._symmetric_memory") is not None
+
+
+def set_barrier_timeout(seconds: float) -> None:
+    """How long a barrier waits for a peer before it traps: the group's collective timeout."""
+    global BARRIER_TIMEOUT_MS
+    BARRIER_TIMEOUT_MS = max(1, int(seconds * 1000))
 
 
 class Symmetric(Protocol):
