@@ -105,9 +105,26 @@ class Layout:
             raise ValueError(f"{heads} heads do not split over {world} ranks")
         return Layout(batch, tokens, heads, head_dim, world)
 
+    @staticmethod
+    def of_whole(whole: torch.Tensor, world: int) -> Layout:
+        """From a tensor of every rank's tokens of this rank's heads: (batch, world x tokens, local heads,
+        head_dim), the attention's output (``received``'s parts have the same shape)."""
+        batch, sequence, local, head_dim = whole.shape[-4:]
+        return Layout(batch, sequence // world, local * world, head_dim, world)
+
     @property
     def local(self) -> int:
         return self.heads // self.world
+
+    @property
+    def received(self) -> tuple[int, ...]:
+        """The attention's inputs, whole: (query/key/value, batch, world x tokens, local heads, head_dim)."""
+        return (3, self.batch, self.world * self.tokens, self.local, self.head_dim)
+
+    @property
+    def result(self) -> tuple[int, ...]:
+        """The way back's result: (batch, tokens, world, local heads, head_dim)."""
+        return (self.batch, self.tokens, self.world, self.local, self.head_dim)
 
     @property
     def slot(self) -> tuple[int, int, int, int]:
@@ -146,7 +163,7 @@ def send_in(memory: Symmetric, query: torch.Tensor, key: torch.Tensor, value: to
     ``received`` (3, batch, world x tokens, local heads, head_dim), which is returned."""
     layout, me = Layout.of(query, memory.world_size), memory.rank
     region = memory.get_buffer(me, layout.inward, query.dtype, 0)
-    received = query.new_empty(3, layout.batch, layout.world * layout.tokens, layout.local, layout.head_dim)
+    received = query.new_empty(layout.received)
     if _rows_kernels_apply(query, key, value):
         _triton_pack_in(query, key, value, received, region, layout, me)
         return received
@@ -161,15 +178,14 @@ def send_in(memory: Symmetric, query: torch.Tensor, key: torch.Tensor, value: to
 def pull_in(memory: Symmetric, received: torch.Tensor) -> torch.Tensor:
     """After the barrier: this rank's slot out of each peer's region *in*, one contiguous copy per part and
     batch row (the copy engines carry them)."""
-    parts, batch, sequence, local, head_dim = received.shape
     world, me = memory.world_size, memory.rank
-    layout = Layout(batch, sequence // world, local * world, head_dim, world)
+    layout = Layout.of_whole(received, world)
     for rank in range(world):
         if rank == me:
             continue
         theirs = memory.get_buffer(rank, layout.inward, received.dtype, 0)[me]
-        for part in range(parts):
-            for row in range(batch):
+        for part in range(3):
+            for row in range(layout.batch):
                 received[part, row, _tokens(rank, layout)].copy_(theirs[part, row])
     return received
 
@@ -177,14 +193,13 @@ def pull_in(memory: Symmetric, received: torch.Tensor) -> torch.Tensor:
 def send_back(memory: Symmetric, out: torch.Tensor) -> None:
     """Before the barrier: each peer's tokens of ``out`` (batch, world x tokens, local heads, head_dim)
     pushed into that peer's region *back*, one contiguous copy per batch row (the copy engines)."""
-    batch, sequence, local, head_dim = out.shape
     world, me = memory.world_size, memory.rank
-    layout = Layout(batch, sequence // world, local * world, head_dim, world)
+    layout = Layout.of_whole(out, world)
     for rank in range(world):
         if rank == me:
             continue
         theirs = memory.get_buffer(rank, layout.back, out.dtype, layout.back_offset)[me]
-        for row in range(batch):
+        for row in range(layout.batch):
             theirs[row].copy_(out[row, _tokens(rank, layout)])
 
 
@@ -192,25 +207,17 @@ def place_back(memory: Symmetric, out: torch.Tensor, result: torch.Tensor | None
     """After the barrier: this rank's tokens of ``out`` and what each peer pushed into this rank's region
     *back*, side by side in ``result`` (batch, tokens, world, local heads, head_dim; allocated if not
     given), returned as (batch, tokens, heads, head_dim)."""
-    batch, sequence, local, head_dim = out.shape
     world, me = memory.world_size, memory.rank
-    layout = Layout(batch, sequence // world, local * world, head_dim, world)
+    layout = Layout.of_whole(out, world)
     region = memory.get_buffer(me, layout.back, out.dtype, layout.back_offset)
     if result is None:
-        result = back_result(out, world)
+        result = out.new_empty(layout.result)
     if _rows_kernels_apply(out):
         _triton_place_back(out, region, result, layout, me)
         return result.flatten(2, 3)
     for rank in range(world):
         result[:, :, rank].copy_(out[:, _tokens(me, layout)] if rank == me else region[rank])
     return result.flatten(2, 3)
-
-
-def back_result(out: torch.Tensor, world: int) -> torch.Tensor:
-    """The back exchange's result for the attention's output ``out``: (batch, tokens, world, local heads,
-    head_dim)."""
-    batch, sequence, local, head_dim = out.shape
-    return out.new_empty(batch, sequence // world, world, local, head_dim)
 
 
 def _rows_kernels_apply(*tensors: torch.Tensor) -> bool:
@@ -399,15 +406,13 @@ def exchange_in(
 def _(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_name: str, world: int
 ) -> torch.Tensor:
-    layout = Layout.of(query, world)
-    return query.new_empty(3, layout.batch, world * layout.tokens, layout.local, layout.head_dim)
+    return query.new_empty(Layout.of(query, world).received)
 
 
 @torch.library.custom_op("fluxgate::symmetric_exchange_back", mutates_args=())
 def exchange_back(out: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
     """The attention's output for this rank's tokens: (batch, tokens, heads, head_dim)."""
-    batch, sequence, local, head_dim = out.shape
-    layout = Layout(batch, sequence // world, local * world, head_dim, world)
+    layout = Layout.of_whole(out, world)
     memory = workspace(group_name, out.device, layout.workspace_bytes(out.dtype))
     send_back(memory, out)
     memory.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
@@ -416,8 +421,7 @@ def exchange_back(out: torch.Tensor, group_name: str, world: int) -> torch.Tenso
 
 @exchange_back.register_fake
 def _(out: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
-    batch, sequence, local, head_dim = out.shape
-    return out.new_empty(batch, sequence // world, local * world, head_dim)
+    return out.new_empty(Layout.of_whole(out, world).result).flatten(2, 3)
 
 
 _side_streams: dict[int | None, torch.cuda.Stream] = {}
@@ -461,8 +465,7 @@ def exchange_in_beside(
 @exchange_in_beside.register_fake
 def _(query: torch.Tensor, *others: Any) -> tuple[torch.Tensor, torch.Tensor]:
     hidden, weight, world = others[2], others[3], others[-1]
-    layout = Layout.of(query, world)
-    received = query.new_empty(3, layout.batch, world * layout.tokens, layout.local, layout.head_dim)
+    received = query.new_empty(Layout.of(query, world).received)
     return received, hidden.new_empty(hidden.shape[0], weight.shape[0])
 
 
@@ -473,10 +476,9 @@ def exchange_back_beside(
     """``exchange_back`` with ``mat1 @ mat2`` computed while it runs: the push, the barrier and the placing
     on the side stream beside the GEMM, joined before returning (the result as (batch, tokens, world,
     local heads, head_dim), the GEMM's output)."""
-    batch, sequence, local, head_dim = out.shape
-    layout = Layout(batch, sequence // world, local * world, head_dim, world)
+    layout = Layout.of_whole(out, world)
     memory = workspace(group_name, out.device, layout.workspace_bytes(out.dtype))
-    result = back_result(out, world)
+    result = out.new_empty(layout.result)
     main, side = torch.cuda.current_stream(out.device), side_stream(out.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
@@ -492,7 +494,7 @@ def exchange_back_beside(
 def _(
     out: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, group_name: str, world: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return back_result(out, world), mat1.new_empty(mat1.shape[0], mat2.shape[1])
+    return out.new_empty(Layout.of_whole(out, world).result), mat1.new_empty(mat1.shape[0], mat2.shape[1])
 
 
 def symmetric_exchange_applies(query: torch.Tensor) -> bool:
