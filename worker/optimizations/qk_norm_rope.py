@@ -357,41 +357,36 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
 
     def attend_later(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> Any:
         """``attend``'s attention as a ``PendingAttention`` whose exchanges run beside the caller's GEMMs."""
-        q = normed_rotated(attn, *query, "q", rope, token_major=self.token_major)
-        k = normed_rotated(attn, *key, "k", rope, token_major=self.token_major)
-        v = joined(*value).unflatten(-1, (-1, attn.head_dim))
-        backend = self._attention_backend
-        return PendingAttention(
-            q,
-            k,
-            v,
-            self._parallel_config,
-            lambda q, k, v: dispatch_attention_fn(q, k, v, backend=backend),
-            symmetric=True,
-        )
+        q, k, v = self._inputs(attn, query, key, value, rope)
+        return PendingAttention(q, k, v, self._parallel_config, self._local_attention(), symmetric=True)
 
     def attend(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> torch.Tensor:
-        """Attention over the (text, image) projections, text first: (batch, tokens, heads x head_dim).
-
-        The query and key are written token-major, as the value already is: cuDNN's attention writes its
-        output in the query's layout, so the output projection reads it without a copy (head-major, each
-        layer copied its 28 MB output once: 57 copies a step)."""
-        q = normed_rotated(attn, *query, "q", rope, token_major=self.token_major)
-        k = normed_rotated(attn, *key, "k", rope, token_major=self.token_major)
-        v = joined(*value).unflatten(-1, (-1, attn.head_dim))
-        backend = self._attention_backend
+        """Attention over the (text, image) projections, text first: (batch, tokens, heads x head_dim)."""
+        q, k, v = self._inputs(attn, query, key, value, rope)
         if self.packed_exchange and packed_exchange_applies(self._parallel_config, None):
+            symmetric = self.symmetric_exchange and symmetric_exchange_applies(q)
             out = packed_ulysses_attention(
-                q,
-                k,
-                v,
-                self._parallel_config,
-                lambda q, k, v: dispatch_attention_fn(q, k, v, backend=backend),
-                symmetric=self.symmetric_exchange and symmetric_exchange_applies(q),
+                q, k, v, self._parallel_config, self._local_attention(), symmetric=symmetric
             )
         else:
-            out = dispatch_attention_fn(q, k, v, backend=backend, parallel_config=self._parallel_config)
+            backend, layout = self._attention_backend, self._parallel_config
+            out = dispatch_attention_fn(q, k, v, backend=backend, parallel_config=layout)
         return out.flatten(2, 3).to(q.dtype)
+
+    def _inputs(
+        self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The query and key normed, rotated and written token-major, as the value already is: cuDNN's
+        attention writes its output in the query's layout, so the output projection reads it without a
+        copy (head-major, each layer copied its 28 MB output once: 57 copies a step)."""
+        q = normed_rotated(attn, *query, "q", rope, token_major=self.token_major)
+        k = normed_rotated(attn, *key, "k", rope, token_major=self.token_major)
+        return q, k, joined(*value).unflatten(-1, (-1, attn.head_dim))
+
+    def _local_attention(self) -> Any:
+        """The attention over a Ulysses rank's heads once its exchange has brought every token."""
+        backend = self._attention_backend
+        return lambda q, k, v: dispatch_attention_fn(q, k, v, backend=backend)
 
 
 def weighted_norms_with_one_eps(attn: Any) -> bool:

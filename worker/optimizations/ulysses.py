@@ -40,6 +40,15 @@ def packed_exchange_applies(parallel_config: Any, attention_mask: torch.Tensor |
     return (layout.ulysses_degree or 1) > 1 and (layout.ring_degree or 1) == 1
 
 
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ulysses_group(parallel_config: Any) -> tuple[Any, int]:
+    """The Ulysses process group of diffusers' parallel config, and its degree."""
+    layout = parallel_config.context_parallel_config
+    return layout._ulysses_mesh.get_group(), layout.ulysses_degree
+
+
 def exchange(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     """All-to-all of ``tensor``'s first dimension over ``group`` (chunk ``i`` to rank ``i``), waited for."""
     received = funcol.all_to_all_single(tensor.flatten(), None, None, group)
@@ -51,7 +60,7 @@ def packed_ulysses_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     parallel_config: Any,
-    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    attend: Attend,
     symmetric: bool = False,
 ) -> torch.Tensor:
     """Attention over the whole sequence from this rank's shard: (batch, tokens, heads, head_dim) in, the
@@ -60,8 +69,7 @@ def packed_ulysses_attention(
 
     ``symmetric``: the same bytes through symmetric memory, copied by the copy engines
     (``worker.optimizations.symmetric_exchange``; CUDA only), not NCCL's all-to-all."""
-    layout = parallel_config.context_parallel_config
-    group, world = layout._ulysses_mesh.get_group(), layout.ulysses_degree
+    group, world = ulysses_group(parallel_config)
     if symmetric:
         received = exchange_in(query, key, value, group.group_name, world)
         return exchange_back(attend(received[0], received[1], received[2]), group.group_name, world)
@@ -82,9 +90,6 @@ def packed_ulysses_attention(
     return returned.permute(1, 2, 0, 3, 4).reshape(batch, tokens, heads, head_dim)
 
 
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 @dataclass
 class PendingAttention:
     """A Ulysses attention whose exchanges run beside a single block's GEMMs, given by the block:
@@ -101,8 +106,8 @@ class PendingAttention:
     out: torch.Tensor | None = None
 
     def _group(self) -> tuple[str, int]:
-        layout = self.parallel_config.context_parallel_config
-        return layout._ulysses_mesh.get_group().group_name, layout.ulysses_degree
+        group, world = ulysses_group(self.parallel_config)
+        return group.group_name, world
 
     def attend_beside(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """The attention, this rank's heads over every token; returns ``gelu(hidden @ weight^T + bias)``
