@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from bench.attention_probe import graph_ms, report
-from worker.optimizations.ulysses import packed_ulysses_attention
+from worker.optimizations.ulysses import Attend, packed_ulysses_attention
 
 TOKENS, HEADS, HEAD_DIM = (4096 + 512) // 2, 24, 128
 HIDDEN, MLP = 3072, 12288
@@ -138,7 +138,7 @@ def symmetric_equals_packed(device: torch.device) -> bool:
     config, (q, k, v) = ulysses_config(), shard(device, 1)
     seen: dict[str, list[torch.Tensor]] = {}
 
-    def attend(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def attend(name: str) -> Attend:
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             seen[name] = [q.clone(), k.clone(), v.clone()]
             return q * 2 - v
@@ -164,12 +164,15 @@ def summarise(us: dict[str, float], tensor_mb: float) -> dict[str, Any]:
         "tensor_mb": round(tensor_mb, 2),
         "one_gb_s_across": round(tensor_mb / 2 / us["one"] * 1000, 1),
         "three_per_tensor_us": round(us["three"] / 3, 2),
-        "hidden_fraction": round((us["gemm"] + us["one"] - us["gemm+one"]) / us["one"], 3),
+        "hidden_fraction": hidden_fraction(us, "one"),
         "symmetric_saves_us": round(us["nccl-packed"] - us["symmetric"], 2),
-        "symmetric_hidden_fraction": round(
-            (us["gemm"] + us["symmetric"] - us["gemm+symmetric"]) / us["symmetric"], 3
-        ),
+        "symmetric_hidden_fraction": hidden_fraction(us, "symmetric"),
     }
+
+
+def hidden_fraction(us: dict[str, float], case: str) -> float:
+    """How much of ``case`` the GEMM beside it hid: 1 all of it, 0 none (the pair took the sum)."""
+    return round((us["gemm"] + us[case] - us[f"gemm+{case}"]) / us[case], 3)
 
 
 def main() -> None:
