@@ -144,6 +144,8 @@
 #   xchg     Ulysses' all-to-all alone (bench.exchange) under NCCL's defaults and three settings, then stock
 #            Ulysses-2 (torchrun) and the worker's Ulysses-2, profiled: where a group's time goes now
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
+#   concur   whether an attention's last partial wave fills with a single block's MLP GEMM beside it
+#            (bench.concurrency), at one GPU's shapes and a Ulysses-2 rank's. No stock
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
@@ -623,6 +625,10 @@ lane_symm() {  # the symmetric exchange alone, then in the group; stock Ulysses-
   local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
   $P --profile --output-file "$1/u2_symmetric.json"
   $P --nccl-exchange --output-file "$1/u2_nccl.json"
+}
+
+lane_concur() {  # the attention's last wave beside a GEMM (bench.concurrency)
+  python3 -m bench.concurrency --output-file "$1/concurrency.json"
 }
 
 lane_beside() {  # the single blocks' exchanges beside their MLP GEMMs, against one after the other
