@@ -305,7 +305,7 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     overlaps = True
     # ...and the attention itself beside ``proj_out``'s MLP part, which fills the SMs its last wave leaves
     # idle (``symmetric_exchange.attention_back_beside``). On one GPU the attention beside ``proj_mlp``
-    # gave nothing (an H100: 3.587 against 3.567 s, lease 79, docs/performance.md)
+    # gave nothing (an H100: 3.587 against 3.567 s, lease 3 of this session, docs/performance.md)
     attention_beside = True
     # the other blocks' attention in a Ulysses group through symmetric memory in two calls: the other ranks'
     # queries first, whose output crosses back beside the attention of this rank's own

@@ -21,11 +21,8 @@ Per exchange (every rank runs the same exchanges in the same order: the group's 
 ``exchange_in`` and ``exchange_back`` run it on the caller's stream. ``exchange_in_beside`` and
 ``exchange_back_beside`` run the barrier and the copies on a side stream while a GEMM the caller gives
 runs on its own, and join the two before returning (a single block's MLP GEMMs:
-``worker.optimizations.ulysses.PendingAttention``); ``attention_back_beside`` runs the attention itself
-on the side stream too, before the way back. ``attention_back_split`` attends the other ranks' queries
-first and pushes their output on the side stream while this rank's own queries are attended (the double
-blocks). Each op's work is ordered after the previous op's on every stream, so the argument below holds
-for any mix of them.
+``worker.optimizations.ulysses.PendingAttention``). Either way each op's work is ordered after the
+previous op's on every stream, so the argument below holds for any mix of them.
 
 Why one barrier an exchange is enough: the two kinds alternate (each attention has one of each), so
 between two exchanges that use a region there is always the other kind's barrier, and no rank arrives at
