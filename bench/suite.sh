@@ -153,6 +153,8 @@
 #            --no-attention-beside); run beside split2a on two other GPUs
 #   u4symm   Ulysses-4 through symmetric memory (the worker's default), then through NCCL (--nccl-exchange),
 #            against one GPU's image; four GPUs
+#   beside1  one GPU: the single blocks' attention beside proj_mlp's GEMM (the default) against before it,
+#            lossless and `fast`, against eager's image; stock first
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
@@ -655,6 +657,12 @@ lane_u4symm() {  # Ulysses-4 through symmetric memory, then through NCCL
   local P="python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --compile --repeats 2"
   $P --output-file "$1/u4_symmetric.json"
   $P --nccl-exchange --output-file "$1/u4_nccl.json"
+}
+
+lane_beside1() {  # one GPU: the single blocks' attention beside proj_mlp's GEMM, against before it
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled,compiled-attention-serial,cache-fast,cache-fast-attention-serial \
+    --repeats 3 --reference all --output-file "$1/beside1.json"
 }
 
 lane_beside() {  # the single blocks' exchanges beside their MLP GEMMs, against one after the other

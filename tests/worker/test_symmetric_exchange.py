@@ -17,6 +17,7 @@ from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor
 from worker.optimizations.symmetric_exchange import (
     Layout,
     attend_peers,
+    attention_back_split,
     by_rank,
     exchange_back,
     exchange_back_beside,
@@ -178,6 +179,7 @@ def test_the_ops_beside_a_gemm_give_the_exchange_and_the_gemm_shapes() -> None:
         assert received.shape == (3, 1, 18, 12, 128) and mlp.shape == (9, 12288)
         result, product = exchange_back_beside(received[0], mlp, weight, "group", 2)
         assert result.shape == (1, 9, 2, 12, 128) and product.shape == (9, 3072)
+        assert attention_back_split(received, "", "group", 2).shape == (1, 9, 24, 128)
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,18 @@
-"""What runs beside a GEMM inside one op: the side stream, and the attention and GEMM such ops call.
+"""Work run beside a GEMM inside one op: the attention's last wave filled, exchanges hidden.
 
-FLUX.1's single blocks have GEMMs that do not depend on their attention: ``proj_mlp`` reads the block's
-normed input, ``proj_out``'s MLP part reads ``gelu(proj_mlp)``. Timed alone on an H100 (``bench.
-concurrency``, docs/performance.md), a Ulysses-2 rank's attention (12 heads over 4,608 tokens) runs at 81%
-of one GPU's rate (243.5 us for half of 394.6 us's work), and launched beside ``proj_out``'s MLP part on a
-stream of higher priority the pair takes 457 us against 494 us for the two alone: the GEMM's programs fill
-the SMs the attention leaves idle. The GEMMs cuBLAS runs with a memset before them (its stream-K
-counters) gain nothing so: ``proj_mlp`` beside the attention 490 against 480 us, and on one GPU 905
-against 857 us (the pipeline on one H100: 3.587 against 3.567 s, not adopted).
+cuDNN's attention runs one program per 64 queries of a head, so at 1024x1024 its last wave leaves most
+SMs idle for one program's time: one GPU runs 24 heads (6.5 waves on 132 SMs), a Ulysses-2 rank 12 (3.3
+waves). FLUX.1's single blocks have GEMMs that do not depend on their attention: ``proj_mlp`` reads the
+block's normed input, ``proj_out``'s MLP part reads ``gelu(proj_mlp)``. Launched beside the attention on a
+stream of lower priority, a GEMM's programs fill the SMs the attention frees. Timed alone on an H100
+(``bench.concurrency``, docs/performance.md): the attention and ``proj_mlp`` 905 us together against 964
+us one after the other at one GPU's shapes; a Ulysses-2 rank's attention and ``proj_out``'s MLP part 457
+against 507 us.
 
 Each pair is one op, so the compiled graph cannot move the GEMM away from it: the side stream waits for
 the caller's, the two run, and the caller's stream waits for the side stream before the op returns, so
 every op's work is ordered after the previous op's on both streams (``worker.optimizations.
-symmetric_exchange`` relies on that for its barriers).
+symmetric_exchange`` relies on that for its barriers). Off CUDA the two run one after the other.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ import torch.nn.functional as F
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _side_streams: dict[int | None, torch.cuda.Stream] = {}
+
+
+def beside_applies(tensor: torch.Tensor) -> bool:
+    """Streams to run work beside: CUDA tensors."""
+    return tensor.is_cuda
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -49,3 +54,41 @@ def gelu_projection(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if not hidden.is_cuda:  # the CPU kernel's epilogue GELU is the exact one
         return F.gelu(F.linear(hidden, weight, bias), approximate="tanh")
     return torch._addmm_activation(bias, hidden, weight.t(), use_gelu=True)
+
+
+@torch.library.custom_op("fluxgate::attention_beside_gelu_linear", mutates_args=())
+def attention_beside_gelu_linear(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention (``attend_named``) on the side stream, ``gelu_projection`` on the caller's, joined:
+    (the attention's output, the projection)."""
+    if not query.is_cuda:
+        return attend_named(query, key, value, backend), gelu_projection(hidden, weight, bias)
+    main, side = torch.cuda.current_stream(query.device), side_stream(query.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out = attend_named(query, key, value, backend)
+    projected = gelu_projection(hidden, weight, bias)
+    main.wait_stream(side)
+    out.record_stream(main)  # made on the side stream, read on the caller's
+    return out, projected
+
+
+@attention_beside_gelu_linear.register_fake
+def _(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out = query.new_empty(*query.shape[:-1], value.shape[-1])
+    return out, hidden.new_empty(hidden.shape[0], weight.shape[0])

@@ -27,6 +27,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
+from worker.optimizations.beside import beside_applies
 from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.fp8_attention import E4M3_MAX
 from worker.optimizations.joint_value import joint_value
@@ -303,9 +304,9 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     # exchanges run beside its MLP's GEMMs (worker.optimizations.epilogues.EpilogueSingleBlock): 2.2% off
     # a Ulysses-2 image on 2xH200, the same image (2.053 against 2.099 s, lease 75, docs/performance.md)
     overlaps = True
-    # ...and the attention itself beside ``proj_out``'s MLP part, which fills the SMs its last wave leaves
-    # idle (``symmetric_exchange.attention_back_beside``). On one GPU the attention beside ``proj_mlp``
-    # gave nothing (an H100: 3.587 against 3.567 s, lease 3 of this session, docs/performance.md)
+    # ...and the attention itself beside one of those GEMMs, which fills the SMs its last wave leaves idle
+    # (``worker.optimizations.beside``): on one GPU beside ``proj_mlp``, in a Ulysses group through
+    # symmetric memory beside ``proj_out``'s MLP part
     attention_beside = True
     # the other blocks' attention in a Ulysses group through symmetric memory in two calls: the other ranks'
     # queries first, whose output crosses back beside the attention of this rank's own
@@ -326,7 +327,7 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
         query, key, value = self._projections(attn, hidden_states, encoder_hidden_states)
-        if overlap and encoder_hidden_states is None and self._overlapped(query[1]):
+        if overlap and encoder_hidden_states is None and self._pends(query[1]):
             return self.attend_later(attn, query, key, value, image_rotary_emb)
         hidden_states = self.attend(attn, query, key, value, image_rotary_emb)
         if encoder_hidden_states is None:
@@ -363,8 +364,14 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
             and symmetric_exchange_applies(image_query)
         )
 
+    def _pends(self, image_query: torch.Tensor) -> bool:
+        """Whether the attention is returned pending (``attend_later``): its exchanges or itself can run
+        beside the caller's GEMMs."""
+        one_gpu = self._parallel_config is None and self.attention_beside and beside_applies(image_query)
+        return one_gpu or self._overlapped(image_query)
+
     def attend_later(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> PendingAttention:
-        """``attend``'s attention as a ``PendingAttention`` whose exchanges run beside the caller's GEMMs."""
+        """``attend``'s attention as a ``PendingAttention`` run beside the caller's GEMMs."""
         q, k, v = self._inputs(attn, query, key, value, rope)
         return PendingAttention(
             q,
@@ -372,7 +379,7 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
             v,
             self._parallel_config,
             self._local_attention(),
-            symmetric=True,
+            symmetric=self._parallel_config is not None,
             attention_beside=self.attention_beside,
             backend=self._backend_name(),
         )

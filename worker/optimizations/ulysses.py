@@ -23,7 +23,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
-from worker.optimizations.beside import Attend
+from worker.optimizations.beside import Attend, attention_beside_gelu_linear
 from worker.optimizations.symmetric_exchange import (
     attention_back_beside,
     attention_back_split,
@@ -96,17 +96,18 @@ def packed_ulysses_attention(
 
 @dataclass
 class PendingAttention:
-    """A Ulysses attention a single block's GEMMs run beside, given by the block: ``attend_beside`` (beside
-    the MLP's input projection) and ``settle_beside`` (beside ``proj_out``'s MLP part).
+    """An attention a single block's GEMMs run beside, given by the block: ``attend_beside`` (beside the
+    MLP's input projection) and ``settle_beside`` (beside ``proj_out``'s MLP part).
 
-    - Through symmetric memory: the way in beside the first GEMM; with ``attention_beside``, the attention
-      and the way back beside the second (``symmetric_exchange.attention_back_beside``: the GEMM fills
-      the SMs the attention's last wave leaves idle), otherwise the attention between the two and the way
-      back beside the second. Each pair is one op (the exchange on a side stream, copy engines, while the
-      GEMM runs).
+    - Ulysses through symmetric memory: the way in beside the first GEMM; with ``attention_beside``, the
+      attention and the way back beside the second (``symmetric_exchange.attention_back_beside``),
+      otherwise the attention between them and the way back beside the second. Each pair is one op (the
+      exchange on a side stream, copy engines, while the GEMM runs).
+    - One GPU (``parallel_config`` None) with ``attention_beside``: the attention beside the first GEMM
+      (``beside.attention_beside_gelu_linear``).
     - Otherwise (NCCL, the CPU): one after the other.
 
-    ``backend`` names the attention's diffusers backend ("": the default) for the op that runs it."""
+    ``backend`` names the attention's diffusers backend ("": the default) for the ops that run it."""
 
     query: torch.Tensor
     key: torch.Tensor
@@ -126,11 +127,19 @@ class PendingAttention:
     def attend_beside(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Starts the attention (this rank's heads over every token) and returns ``gelu(hidden @ weight^T +
         bias)`` (tanh; ``hidden`` 2-D), computed beside it."""
+        if self.parallel_config is None and self.attention_beside:
+            self.out, projected = attention_beside_gelu_linear(
+                self.query, self.key, self.value, hidden, weight, bias, self.backend
+            )
+            return projected
         if not self.symmetric:
             projected = F.gelu(F.linear(hidden, weight, bias), approximate="tanh")
-            self.out = packed_ulysses_attention(
-                self.query, self.key, self.value, self.parallel_config, self.attend
-            )
+            if self.parallel_config is None:
+                self.out = self.attend(self.query, self.key, self.value)
+            else:
+                self.out = packed_ulysses_attention(
+                    self.query, self.key, self.value, self.parallel_config, self.attend
+                )
             return projected
         name, world = self._group()
         received, projected = exchange_in_beside(
