@@ -101,9 +101,6 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
     if os.environ.get("BENCH_NO_ATTENTION_BESIDE") == "1":
         # ...and the single blocks' attention between their GEMMs, not beside proj_out's MLP part
         FusedQKFluxAttnProcessor.attention_beside = False
-    if os.environ.get("BENCH_NO_ATTENTION_SPLIT") == "1":
-        # ...and the double blocks' attention in one call, its output crossing back after it
-        FusedQKFluxAttnProcessor.attention_split = False
     if os.environ.get("BENCH_QK_ROPE") == "1":
         # The fused query/key norm + rotary processor, set before the sequence layout gives each processor
         # its parallel config (under Ulysses alone it then runs the packed exchange itself, unless
@@ -225,11 +222,6 @@ def main(argv: list[str] | None = None) -> int:
         help="the single blocks' attention between their GEMMs, not beside proj_out's MLP part",
     )
     parser.add_argument(
-        "--no-attention-split",
-        action="store_true",
-        help="the double blocks' attention in one call, the way back after it, not beside its second half",
-    )
-    parser.add_argument(
         "--nccl-exchange",
         action="store_true",
         help="Ulysses' packed exchanges through NCCL's all-to-all, not symmetric memory (the default)",
@@ -283,8 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_NO_OVERLAP"] = "1"
     if args.no_attention_beside:
         os.environ["BENCH_NO_ATTENTION_BESIDE"] = "1"
-    if args.no_attention_split:
-        os.environ["BENCH_NO_ATTENTION_SPLIT"] = "1"
     if args.whole:
         if args.compile:
             parser.error("--whole replaces --compile's regional compile: pass one of them")
@@ -331,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
         "attention_beside": not (
             args.no_attention_beside or args.no_overlap or args.nccl_exchange or args.unpacked_exchange
         ),
-        "attention_split": not (args.no_attention_split or args.nccl_exchange or args.unpacked_exchange),
         "cuda_graphs": not args.no_cuda_graphs,
         "fused_qk_norm_rope": not args.no_fused_qk_norm_rope,
         "precompute_modulation": not args.no_precompute_modulation,

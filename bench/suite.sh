@@ -146,13 +146,6 @@
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
 #   concur   whether an attention's last partial wave fills with a single block's MLP GEMM beside it
 #            (bench.concurrency), at one GPU's shapes and a Ulysses-2 rank's. No stock
-#   split2a  stock Ulysses-2 (torchrun), then the worker's Ulysses-2 (profiled): the single blocks' attention
-#            and way back beside proj_out's MLP part, the double blocks' way back beside their own queries'
-#            attention; then both as before this session (--no-attention-beside --no-attention-split)
-#   split2b  the worker's Ulysses-2 with each of split2a's changes alone (--no-attention-split, then
-#            --no-attention-beside); run beside split2a on two other GPUs
-#   u4symm   Ulysses-4 through symmetric memory (the worker's default), then through NCCL (--nccl-exchange),
-#            against one GPU's image; four GPUs
 #   beside1  one GPU: the single blocks' attention beside proj_mlp's GEMM (the default) against before it,
 #            lossless and `fast`, against eager's image; stock first
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
@@ -638,25 +631,6 @@ lane_symm() {  # the symmetric exchange alone, then in the group; stock Ulysses-
 
 lane_concur() {  # the attention's last wave beside a GEMM (bench.concurrency)
   python3 -m bench.concurrency --output-file "$1/concurrency.json"
-}
-
-lane_split2a() {  # Ulysses-2 with the attention beside the GEMMs and the way back, against before
-  torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
-  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
-  $P --profile --output-file "$1/u2_new.json"
-  $P --no-attention-beside --no-attention-split --output-file "$1/u2_before.json"
-}
-
-lane_split2b() {  # each of split2a's changes alone
-  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
-  $P --no-attention-split --output-file "$1/u2_beside_only.json"
-  $P --no-attention-beside --output-file "$1/u2_split_only.json"
-}
-
-lane_u4symm() {  # Ulysses-4 through symmetric memory, then through NCCL
-  local P="python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --compile --repeats 2"
-  $P --output-file "$1/u4_symmetric.json"
-  $P --nccl-exchange --output-file "$1/u4_nccl.json"
 }
 
 lane_beside1() {  # one GPU: the single blocks' attention beside proj_mlp's GEMM, against before it

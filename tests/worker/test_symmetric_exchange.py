@@ -16,14 +16,10 @@ from worker.optimizations import symmetric_exchange
 from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor
 from worker.optimizations.symmetric_exchange import (
     Layout,
-    attend_peers,
-    attention_back_split,
-    by_rank,
     exchange_back,
     exchange_back_beside,
     exchange_in,
     exchange_in_beside,
-    peer_ranges,
     place_back,
     power_of_two_divisor,
     pull_in,
@@ -71,10 +67,10 @@ def round_trip(
     shards = [[t[:, r * TOKENS : (r + 1) * TOKENS] for t in inputs] for r in range(world)]
     received = [send_in(m, *shard) for m, shard in zip(memories, shards, strict=True)]
     received = [pull_in(m, r) for m, r in zip(memories, received, strict=True)]
-    outs = [by_rank(attend(*r), world) for r in received]  # type: ignore[operator]
+    outs = [attend(*r) for r in received]  # type: ignore[operator]
     for memory, out in zip(memories, outs, strict=True):
         send_back(memory, out)
-    return received, [place_back(m, out[m.rank]) for m, out in zip(memories, outs, strict=True)]
+    return received, [place_back(m, out) for m, out in zip(memories, outs, strict=True)]
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -100,43 +96,6 @@ def test_each_rank_attends_over_the_whole_sequence_of_its_heads_and_gets_its_tok
         expected_out[:, :, heads] = attend(*(t[:, :, heads] for t in whole))
     for rank in range(world):
         assert torch.equal(back[rank], expected_out[:, rank * TOKENS : (rank + 1) * TOKENS])
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    return dispatch_attention_fn(q, k, v)
-
-
-@pytest.mark.parametrize("world", [2, 3])
-def test_the_peers_queries_attended_first_give_each_rank_its_tokens_back(world: int) -> None:
-    """``attention_back_split``'s phases: the other ranks' queries attended and pushed, then this rank's
-    own attended, then placed: each rank gets the whole attention's output for its tokens."""
-    batch = 2
-    generator = torch.Generator().manual_seed(world)
-    whole = [torch.randn(batch, world * TOKENS, HEADS, HEAD_DIM, generator=generator) for _ in range(3)]
-    layout = Layout(batch, TOKENS, HEADS, HEAD_DIM, world)
-    workspaces = Workspaces(world, layout.workspace_bytes(torch.float32) // 4, torch.float32)
-    memories = [workspaces.of(rank) for rank in range(world)]
-    shards = [[t[:, r * TOKENS : (r + 1) * TOKENS] for t in whole] for r in range(world)]
-    received = [send_in(m, *shard) for m, shard in zip(memories, shards, strict=True)]
-    received = [pull_in(m, r) for m, r in zip(memories, received, strict=True)]
-    for memory, r in zip(memories, received, strict=True):
-        peers = attend_peers(r, sdpa, memory.rank, world)
-        assert sorted(peers) == [rank for rank in range(world) if rank != memory.rank]
-        send_back(memory, peers)
-    owns = [sdpa(r[0][:, rank * TOKENS : (rank + 1) * TOKENS], r[1], r[2]) for rank, r in enumerate(received)]
-    expected = sdpa(*whole)
-    for rank, (memory, own) in enumerate(zip(memories, owns, strict=True)):
-        back = place_back(memory, own)
-        torch.testing.assert_close(back, expected[:, rank * TOKENS : (rank + 1) * TOKENS])
-
-
-def test_the_peers_ranges_are_the_tokens_before_and_after_this_ranks() -> None:
-    layout = Layout(1, 4, 8, 2, 4)
-    assert peer_ranges(0, layout) == [(4, 16)]
-    assert peer_ranges(1, layout) == [(0, 4), (8, 16)]
-    assert peer_ranges(3, layout) == [(0, 12)]
 
 
 def test_the_workspace_is_reused_by_the_next_exchanges() -> None:
@@ -179,7 +138,6 @@ def test_the_ops_beside_a_gemm_give_the_exchange_and_the_gemm_shapes() -> None:
         assert received.shape == (3, 1, 18, 12, 128) and mlp.shape == (9, 12288)
         result, product = exchange_back_beside(received[0], mlp, weight, "group", 2)
         assert result.shape == (1, 9, 2, 12, 128) and product.shape == (9, 3072)
-        assert attention_back_split(received, "", "group", 2).shape == (1, 9, 24, 128)
 
 
 @pytest.mark.parametrize(

@@ -17,13 +17,11 @@ symmetric_exchange`` relies on that for its barriers). Off CUDA the two run one 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _side_streams: dict[int | None, torch.cuda.Stream] = {}
 
 

@@ -308,10 +308,6 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     # (``worker.optimizations.beside``): on one GPU beside ``proj_mlp``, in a Ulysses group through
     # symmetric memory beside ``proj_out``'s MLP part
     attention_beside = True
-    # the other blocks' attention in a Ulysses group through symmetric memory in two calls: the other ranks'
-    # queries first, whose output crosses back beside the attention of this rank's own
-    # (``symmetric_exchange.attention_back_split``)
-    attention_split = True
 
     def __call__(
         self,
@@ -373,6 +369,7 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     def attend_later(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> PendingAttention:
         """``attend``'s attention as a ``PendingAttention`` run beside the caller's GEMMs."""
         q, k, v = self._inputs(attn, query, key, value, rope)
+        backend = self._attention_backend
         return PendingAttention(
             q,
             k,
@@ -381,22 +378,16 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
             self._local_attention(),
             symmetric=self._parallel_config is not None,
             attention_beside=self.attention_beside,
-            backend=self._backend_name(),
+            backend="" if backend is None else str(getattr(backend, "value", backend)),
         )
-
-    def _backend_name(self) -> str:
-        """The attention's diffusers backend by name, for the ops that run it ("": diffusers' default)."""
-        backend = self._attention_backend
-        return "" if backend is None else str(getattr(backend, "value", backend))
 
     def attend(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> torch.Tensor:
         """Attention over the (text, image) projections, text first: (batch, tokens, heads x head_dim)."""
         q, k, v = self._inputs(attn, query, key, value, rope)
         if self.packed_exchange and packed_exchange_applies(self._parallel_config, None):
             symmetric = self.symmetric_exchange and symmetric_exchange_applies(q)
-            split = self._backend_name() if symmetric and self.attention_split else None
             out = packed_ulysses_attention(
-                q, k, v, self._parallel_config, self._local_attention(), symmetric, split
+                q, k, v, self._parallel_config, self._local_attention(), symmetric=symmetric
             )
         else:
             backend, layout = self._attention_backend, self._parallel_config

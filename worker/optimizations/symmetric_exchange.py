@@ -56,7 +56,7 @@ from typing import Any, Protocol, cast
 
 import torch
 
-from worker.optimizations.beside import Attend, attend_named, gelu_projection, side_stream
+from worker.optimizations.beside import attend_named, gelu_projection, side_stream
 
 try:  # shipped with CUDA builds of torch; absent from CPU-only installs
     import triton
@@ -192,62 +192,33 @@ def pull_in(memory: Symmetric, received: torch.Tensor) -> torch.Tensor:
     return received
 
 
-def by_rank(out: torch.Tensor, world: int) -> dict[int, torch.Tensor]:
-    """The attention's output (batch, world x tokens, local heads, head_dim) as each rank's tokens."""
-    layout = Layout.of_whole(out, world)
-    return {rank: out[:, _tokens(rank, layout)] for rank in range(world)}
-
-
-def peer_ranges(me: int, layout: Layout) -> list[tuple[int, int]]:
-    """The other ranks' queries in the whole sequence, as at most two ranges: before and after mine."""
-    ranges = [(0, me * layout.tokens), ((me + 1) * layout.tokens, layout.world * layout.tokens)]
-    return [(start, stop) for start, stop in ranges if stop > start]
-
-
-def attend_peers(received: torch.Tensor, attend: Attend, me: int, world: int) -> dict[int, torch.Tensor]:
-    """The attention of the other ranks' queries over every token (``received``: ``exchange_in``'s result),
-    one call a range of ``peer_ranges``, as each rank's tokens."""
-    layout = Layout.of_whole(received[0], world)
-    query, key, value = received[0], received[1], received[2]
-    parts: dict[int, torch.Tensor] = {}
-    for start, stop in peer_ranges(me, layout):
-        out = attend(query[:, start:stop], key, value)
-        for rank in range(start // layout.tokens, stop // layout.tokens):
-            parts[rank] = out[:, rank * layout.tokens - start : (rank + 1) * layout.tokens - start]
-    return parts
-
-
-def send_back(memory: Symmetric, parts: dict[int, torch.Tensor]) -> None:
-    """Before the barrier: each peer's tokens of the attention's output (``parts[rank]``: batch, tokens,
-    local heads, head_dim) pushed into that peer's region *back*, one contiguous copy per batch row (the
-    copy engines)."""
+def send_back(memory: Symmetric, out: torch.Tensor) -> None:
+    """Before the barrier: each peer's tokens of ``out`` (batch, world x tokens, local heads, head_dim)
+    pushed into that peer's region *back*, one contiguous copy per batch row (the copy engines)."""
     world, me = memory.world_size, memory.rank
+    layout = Layout.of_whole(out, world)
     for rank in range(world):
         if rank == me:
             continue
-        part = parts[rank]
-        layout = Layout(part.shape[0], part.shape[1], part.shape[2] * world, part.shape[3], world)
-        theirs = memory.get_buffer(rank, layout.back, part.dtype, layout.back_offset)[me]
+        theirs = memory.get_buffer(rank, layout.back, out.dtype, layout.back_offset)[me]
         for row in range(layout.batch):
-            theirs[row].copy_(part[row])
+            theirs[row].copy_(out[row, _tokens(rank, layout)])
 
 
-def place_back(memory: Symmetric, own: torch.Tensor, result: torch.Tensor | None = None) -> torch.Tensor:
-    """After the barrier: this rank's tokens of the attention's output (``own``: batch, tokens, local heads,
-    head_dim) and what each peer pushed into this rank's region *back*, side by side in ``result`` (batch,
-    tokens, world, local heads, head_dim; allocated if not given), returned as (batch, tokens, heads,
-    head_dim)."""
+def place_back(memory: Symmetric, out: torch.Tensor, result: torch.Tensor | None = None) -> torch.Tensor:
+    """After the barrier: this rank's tokens of ``out`` and what each peer pushed into this rank's region
+    *back*, side by side in ``result`` (batch, tokens, world, local heads, head_dim; allocated if not
+    given), returned as (batch, tokens, heads, head_dim)."""
     world, me = memory.world_size, memory.rank
-    batch, tokens, local, head_dim = own.shape
-    layout = Layout(batch, tokens, local * world, head_dim, world)
-    region = memory.get_buffer(me, layout.back, own.dtype, layout.back_offset)
+    layout = Layout.of_whole(out, world)
+    region = memory.get_buffer(me, layout.back, out.dtype, layout.back_offset)
     if result is None:
-        result = own.new_empty(layout.result)
-    if _rows_kernels_apply(own):
-        _triton_place_back(own, region, result, layout, me)
+        result = out.new_empty(layout.result)
+    if _rows_kernels_apply(out):
+        _triton_place_back(out, region, result, layout, me)
         return result.flatten(2, 3)
     for rank in range(world):
-        result[:, :, rank].copy_(own if rank == me else region[rank])
+        result[:, :, rank].copy_(out[:, _tokens(me, layout)] if rank == me else region[rank])
     return result.flatten(2, 3)
 
 
@@ -292,12 +263,12 @@ def _triton_pack_in(
 
 
 def _triton_place_back(
-    own: torch.Tensor, region: torch.Tensor, result: torch.Tensor, layout: Layout, me: int
+    out: torch.Tensor, region: torch.Tensor, result: torch.Tensor, layout: Layout, me: int
 ) -> None:
     row = layout.local * layout.head_dim
     grid = (layout.batch * layout.tokens, layout.world)
     _place_back_kernel[grid](
-        own, region, result, own.stride(0), own.stride(1), layout.tokens, layout.batch, layout.world, me,
+        out, region, result, out.stride(0), out.stride(1), layout.tokens, layout.batch, layout.world, me,
         ROW=row, BLOCK=_block(row),
     )  # fmt: skip
 
@@ -348,7 +319,7 @@ if triton is not None:
 
     @triton.jit
     def _place_back_kernel(
-        own_ptr,
+        out_ptr,
         region_ptr,
         result_ptr,
         batch_stride,
@@ -360,14 +331,14 @@ if triton is not None:
         ROW: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """Program (token row, rank): that rank's heads of one of this rank's tokens, from ``own`` (this
-        rank's) or from the region's slot the rank pushed into."""
+        """Program (token row, rank): that rank's heads of one of this rank's tokens, from ``out`` (this
+        rank's own) or from the region's slot the rank pushed into."""
         index = tl.program_id(0).to(tl.int64)
         rank = tl.program_id(1)
         b = index // tokens
         t = index % tokens
         if rank == me:
-            source = own_ptr + b * batch_stride + t * token_stride
+            source = out_ptr + b * batch_stride + (me * tokens + t) * token_stride
         else:
             source = region_ptr + ((rank * batch + b) * tokens + t) * ROW
         _copy_row(source, result_ptr + (index * world + rank) * ROW, ROW, BLOCK)
@@ -445,10 +416,9 @@ def exchange_back(out: torch.Tensor, group_name: str, world: int) -> torch.Tenso
     """The attention's output for this rank's tokens: (batch, tokens, heads, head_dim)."""
     layout = Layout.of_whole(out, world)
     memory = workspace(group_name, out.device, layout.workspace_bytes(out.dtype))
-    parts = by_rank(out, world)
-    send_back(memory, parts)
+    send_back(memory, out)
     memory.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
-    return place_back(memory, parts[memory.rank])
+    return place_back(memory, out)
 
 
 @exchange_back.register_fake
@@ -503,10 +473,9 @@ def exchange_back_beside(
     main, side = torch.cuda.current_stream(out.device), side_stream(out.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        parts = by_rank(out, world)
-        send_back(memory, parts)
+        send_back(memory, out)
         memory.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
-        place_back(memory, parts[memory.rank], result)
+        place_back(memory, out, result)
     product = torch.mm(mat1, mat2)
     main.wait_stream(side)
     return result, product
@@ -539,42 +508,13 @@ def attention_back_beside(
     main, side = torch.cuda.current_stream(received.device), side_stream(received.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        parts = by_rank(attend_named(received[0], received[1], received[2], backend), world)
-        send_back(memory, parts)
+        out = attend_named(received[0], received[1], received[2], backend)
+        send_back(memory, out)
         memory.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
-        place_back(memory, parts[memory.rank], result)
+        place_back(memory, out, result)
     product = torch.mm(mat1, mat2)
     main.wait_stream(side)
     return result, product
-
-
-@torch.library.custom_op("fluxgate::symmetric_attention_back_split", mutates_args=())
-def attention_back_split(received: torch.Tensor, backend: str, group_name: str, world: int) -> torch.Tensor:
-    """``exchange_back`` of the attention over ``received`` (``attend_named``) with the way back beside
-    the attention itself: the other ranks' queries first (``attend_peers``), their output pushed on the
-    side stream while this rank's own queries are attended on the caller's, placed once both are done.
-    The attention's output for this rank's tokens: (batch, tokens, heads, head_dim)."""
-    layout = Layout.of_whole(received[0], world)
-    memory = workspace(group_name, received.device, layout.workspace_bytes(received.dtype))
-    me = memory.rank
-
-    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return attend_named(query, key, value, backend)
-
-    peers = attend_peers(received, attend, me, world)
-    main, side = torch.cuda.current_stream(received.device), side_stream(received.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        send_back(memory, peers)
-        memory.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
-    own = attend(received[0][:, _tokens(me, layout)], received[1], received[2])
-    main.wait_stream(side)
-    return place_back(memory, own)
-
-
-@attention_back_split.register_fake
-def _(received: torch.Tensor, backend: str, group_name: str, world: int) -> torch.Tensor:
-    return received.new_empty(Layout.of_whole(received[0], world).result).flatten(2, 3)
 
 
 @attention_back_beside.register_fake

@@ -16,6 +16,7 @@ Ulysses alone (no Ring), without a mask; anything else keeps diffusers' dispatch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +24,9 @@ import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
-from worker.optimizations.beside import Attend, attention_beside_gelu_linear
+from worker.optimizations.beside import attention_beside_gelu_linear
 from worker.optimizations.symmetric_exchange import (
     attention_back_beside,
-    attention_back_split,
     exchange_back,
     exchange_back_beside,
     exchange_in,
@@ -40,6 +40,9 @@ def packed_exchange_applies(parallel_config: Any, attention_mask: torch.Tensor |
     if layout is None or attention_mask is not None:
         return False
     return (layout.ulysses_degree or 1) > 1 and (layout.ring_degree or 1) == 1
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def ulysses_group(parallel_config: Any) -> tuple[Any, int]:
@@ -61,21 +64,16 @@ def packed_ulysses_attention(
     parallel_config: Any,
     attend: Attend,
     symmetric: bool = False,
-    split_backend: str | None = None,
 ) -> torch.Tensor:
     """Attention over the whole sequence from this rank's shard: (batch, tokens, heads, head_dim) in, the
     same out. Each rank sends every other rank that rank's heads of its tokens (query, key and value in one
     exchange), ``attend``s its heads over every rank's tokens, and sends each rank its tokens back.
 
     ``symmetric``: the same bytes through symmetric memory, copied by the copy engines
-    (``worker.optimizations.symmetric_exchange``; CUDA only), not NCCL's all-to-all. With ``split_backend``
-    (the attention's diffusers backend by name, "" its default) the way back runs beside the attention
-    of this rank's own queries (``symmetric_exchange.attention_back_split``)."""
+    (``worker.optimizations.symmetric_exchange``; CUDA only), not NCCL's all-to-all."""
     group, world = ulysses_group(parallel_config)
     if symmetric:
         received = exchange_in(query, key, value, group.group_name, world)
-        if split_backend is not None:
-            return attention_back_split(received, split_backend, group.group_name, world)
         return exchange_back(attend(received[0], received[1], received[2]), group.group_name, world)
     batch, tokens, heads, head_dim = query.shape
     local = heads // world
