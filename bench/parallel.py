@@ -98,9 +98,6 @@ def group_loader(model: BenchModel, options: EngineOptions, environ: Mapping[str
     if os.environ.get("BENCH_NO_OVERLAP") == "1":
         # ...and the single blocks' exchanges one after the other, not beside their MLP GEMMs
         FusedQKFluxAttnProcessor.overlaps = False
-    if os.environ.get("BENCH_NO_ATTENTION_BESIDE") == "1":
-        # ...and the single blocks' attention between their GEMMs, not beside proj_out's MLP part
-        FusedQKFluxAttnProcessor.attention_beside = False
     if os.environ.get("BENCH_QK_ROPE") == "1":
         # The fused query/key norm + rotary processor, set before the sequence layout gives each processor
         # its parallel config (under Ulysses alone it then runs the packed exchange itself, unless
@@ -217,11 +214,6 @@ def main(argv: list[str] | None = None) -> int:
         help="the single blocks' symmetric exchanges one after the other, not beside their MLP GEMMs",
     )
     parser.add_argument(
-        "--no-attention-beside",
-        action="store_true",
-        help="the single blocks' attention between their GEMMs, not beside proj_out's MLP part",
-    )
-    parser.add_argument(
         "--nccl-exchange",
         action="store_true",
         help="Ulysses' packed exchanges through NCCL's all-to-all, not symmetric memory (the default)",
@@ -273,8 +265,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_UNPACKED_EXCHANGE"] = "1"
     if args.no_overlap:
         os.environ["BENCH_NO_OVERLAP"] = "1"
-    if args.no_attention_beside:
-        os.environ["BENCH_NO_ATTENTION_BESIDE"] = "1"
     if args.whole:
         if args.compile:
             parser.error("--whole replaces --compile's regional compile: pass one of them")
@@ -318,9 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         "packed_exchange": not args.unpacked_exchange,
         "symmetric_exchange": not (args.nccl_exchange or args.unpacked_exchange),
         "exchange_beside_gemms": not (args.no_overlap or args.nccl_exchange or args.unpacked_exchange),
-        "attention_beside": not (
-            args.no_attention_beside or args.no_overlap or args.nccl_exchange or args.unpacked_exchange
-        ),
         "cuda_graphs": not args.no_cuda_graphs,
         "fused_qk_norm_rope": not args.no_fused_qk_norm_rope,
         "precompute_modulation": not args.no_precompute_modulation,

@@ -82,9 +82,6 @@ class Variant:
     # the single blocks' proj_out: its second GEMM adds into the first's output (epilogues.accumulate_mm,
     # the worker's since lease 64) or the gating kernel adds both; None: the worker's
     accumulate: bool | None = None
-    # the single blocks' attention beside proj_mlp's GEMM (worker.optimizations.beside, the worker's) or
-    # before it; None: the worker's
-    attention_beside: bool | None = None
 
     @property
     def fp8(self) -> bool:
@@ -117,9 +114,6 @@ VARIANTS: dict[str, Variant] = {
     # proj_out's partial sums both added by the gating kernel (the worker's until lease 64)
     "compiled-no-accumulate": Variant(COMPILED, accumulate=False),
     "cache-fast-no-accumulate": Variant(COMPILED, "fast", accumulate=False),
-    # the single blocks' attention before proj_mlp's GEMM, not beside it (the worker's until this session)
-    "compiled-attention-serial": Variant(COMPILED, attention_beside=False),
-    "cache-fast-attention-serial": Variant(COMPILED, "fast", attention_beside=False),
     # Cache-DiT's block runs without their CUDA graphs (worker.optimizations.cache_graphs; before lease 59)
     "cache-fast-no-graphs": Variant({**COMPILED, "cuda_graphs": False}, "fast"),
     # --quantize fp8: per-row scales, the repeated blocks' linears minus their modulation linears
@@ -330,10 +324,6 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
         for module in singles:
             module.accumulate = variant.accumulate
         print(f"single blocks with accumulate={variant.accumulate}: {len(singles)}")
-    if variant.attention_beside is not None:  # before the first call traces the processors
-        for module in pipe.transformer.modules():
-            if isinstance(getattr(module, "processor", None), qk_module.FusedQKFluxAttnProcessor):
-                module.processor.attention_beside = variant.attention_beside
     if variant.whole is not None:
         compile_whole(pipe.transformer, variant.whole)
     return engine
@@ -354,7 +344,6 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "fp8_attention_dequant": variant.fp8_attention_dequant,
         "head_major_qk": variant.head_major_qk,
         "accumulate": variant.accumulate,
-        "attention_beside": variant.attention_beside,
         "joint_value": variant.joint_value,
         "qk_tokens": variant.qk_tokens,
         "blas": variant.blas,

@@ -146,8 +146,6 @@
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
 #   concur   whether an attention's last partial wave fills with a single block's MLP GEMM beside it
 #            (bench.concurrency), at one GPU's shapes and a Ulysses-2 rank's. No stock
-#   beside1  one GPU: the single blocks' attention beside proj_mlp's GEMM (the default) against before it,
-#            lossless and `fast`, against eager's image; stock first
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
 # LANE_TIMEOUT_S (default 560) bounds each lane, so the archives are always written.
 set -u
@@ -631,12 +629,6 @@ lane_symm() {  # the symmetric exchange alone, then in the group; stock Ulysses-
 
 lane_concur() {  # the attention's last wave beside a GEMM (bench.concurrency)
   python3 -m bench.concurrency --output-file "$1/concurrency.json"
-}
-
-lane_beside1() {  # one GPU: the single blocks' attention beside proj_mlp's GEMM, against before it
-  stock "$1"
-  python3 -m bench.pipeline --variants compiled,compiled-attention-serial,cache-fast,cache-fast-attention-serial \
-    --repeats 3 --reference all --output-file "$1/beside1.json"
 }
 
 lane_beside() {  # the single blocks' exchanges beside their MLP GEMMs, against one after the other

@@ -27,7 +27,6 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
-from worker.optimizations.beside import beside_applies
 from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.fp8_attention import E4M3_MAX
 from worker.optimizations.joint_value import joint_value
@@ -304,10 +303,6 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     # exchanges run beside its MLP's GEMMs (worker.optimizations.epilogues.EpilogueSingleBlock): 2.2% off
     # a Ulysses-2 image on 2xH200, the same image (2.053 against 2.099 s, lease 75, docs/performance.md)
     overlaps = True
-    # ...and the attention itself beside one of those GEMMs, which fills the SMs its last wave leaves idle
-    # (``worker.optimizations.beside``): on one GPU beside ``proj_mlp``, in a Ulysses group through
-    # symmetric memory beside ``proj_out``'s MLP part
-    attention_beside = True
 
     def __call__(
         self,
@@ -323,7 +318,7 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
         query, key, value = self._projections(attn, hidden_states, encoder_hidden_states)
-        if overlap and encoder_hidden_states is None and self._pends(query[1]):
+        if overlap and encoder_hidden_states is None and self._overlapped(query[1]):
             return self.attend_later(attn, query, key, value, image_rotary_emb)
         hidden_states = self.attend(attn, query, key, value, image_rotary_emb)
         if encoder_hidden_states is None:
@@ -360,26 +355,10 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
             and symmetric_exchange_applies(image_query)
         )
 
-    def _pends(self, image_query: torch.Tensor) -> bool:
-        """Whether the attention is returned pending (``attend_later``): its exchanges or itself can run
-        beside the caller's GEMMs."""
-        one_gpu = self._parallel_config is None and self.attention_beside and beside_applies(image_query)
-        return one_gpu or self._overlapped(image_query)
-
-    def attend_later(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> PendingAttention:
-        """``attend``'s attention as a ``PendingAttention`` run beside the caller's GEMMs."""
+    def attend_later(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> Any:
+        """``attend``'s attention as a ``PendingAttention`` whose exchanges run beside the caller's GEMMs."""
         q, k, v = self._inputs(attn, query, key, value, rope)
-        backend = self._attention_backend
-        return PendingAttention(
-            q,
-            k,
-            v,
-            self._parallel_config,
-            self._local_attention(),
-            symmetric=self._parallel_config is not None,
-            attention_beside=self.attention_beside,
-            backend="" if backend is None else str(getattr(backend, "value", backend)),
-        )
+        return PendingAttention(q, k, v, self._parallel_config, self._local_attention(), symmetric=True)
 
     def attend(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> torch.Tensor:
         """Attention over the (text, image) projections, text first: (batch, tokens, heads x head_dim)."""

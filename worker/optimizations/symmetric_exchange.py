@@ -56,8 +56,6 @@ from typing import Any, Protocol, cast
 
 import torch
 
-from worker.optimizations.beside import attend_named, gelu_projection, side_stream
-
 try:  # shipped with CUDA builds of torch; absent from CPU-only installs
     import triton
     import triton.language as tl
@@ -426,6 +424,17 @@ def _(out: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
     return out.new_empty(Layout.of_whole(out, world).result).flatten(2, 3)
 
 
+_side_streams: dict[int | None, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream a started exchange runs on (high priority: its barrier and placing kernel take the
+    first SMs a GEMM beside them frees)."""
+    if device.index not in _side_streams:
+        _side_streams[device.index] = torch.cuda.Stream(device, priority=-1)
+    return _side_streams[device.index]
+
+
 @torch.library.custom_op("fluxgate::symmetric_exchange_in_beside", mutates_args=())
 def exchange_in_beside(
     query: torch.Tensor,
@@ -448,7 +457,7 @@ def exchange_in_beside(
     with torch.cuda.stream(side):
         memory.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
         pull_in(memory, received)
-    projected = gelu_projection(hidden, weight, bias)
+    projected = torch._addmm_activation(bias, hidden, weight.t(), use_gelu=True)
     main.wait_stream(side)
     return received, projected
 
@@ -486,43 +495,6 @@ def _(
     out: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, group_name: str, world: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return out.new_empty(Layout.of_whole(out, world).result), mat1.new_empty(mat1.shape[0], mat2.shape[1])
-
-
-@torch.library.custom_op("fluxgate::symmetric_attention_back_beside", mutates_args=())
-def attention_back_beside(
-    received: torch.Tensor,
-    mat1: torch.Tensor,
-    mat2: torch.Tensor,
-    backend: str,
-    group_name: str,
-    world: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention over ``received`` (``exchange_in``'s result; ``attend_named``) and ``exchange_back``
-    of its output on the side stream, ``mat1 @ mat2`` on the caller's stream from the start: the GEMM's
-    programs fill the SMs the attention's last wave leaves idle (``worker.optimizations.beside``), then run
-    beside the way back. Joined before returning: (the result as (batch, tokens, world, local heads,
-    head_dim), the GEMM's output)."""
-    layout = Layout.of_whole(received[0], world)
-    memory = workspace(group_name, received.device, layout.workspace_bytes(received.dtype))
-    result = received.new_empty(layout.result)
-    main, side = torch.cuda.current_stream(received.device), side_stream(received.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        out = attend_named(received[0], received[1], received[2], backend)
-        send_back(memory, out)
-        memory.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
-        place_back(memory, out, result)
-    product = torch.mm(mat1, mat2)
-    main.wait_stream(side)
-    return result, product
-
-
-@attention_back_beside.register_fake
-def _(
-    received: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, backend: str, group_name: str, world: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    result = received.new_empty(Layout.of_whole(received[0], world).result)
-    return result, mat1.new_empty(mat1.shape[0], mat2.shape[1])
 
 
 def symmetric_exchange_applies(query: torch.Tensor) -> bool:

@@ -24,9 +24,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
-from worker.optimizations.beside import attention_beside_gelu_linear
 from worker.optimizations.symmetric_exchange import (
-    attention_back_beside,
     exchange_back,
     exchange_back_beside,
     exchange_in,
@@ -94,18 +92,10 @@ def packed_ulysses_attention(
 
 @dataclass
 class PendingAttention:
-    """An attention a single block's GEMMs run beside, given by the block: ``attend_beside`` (beside the
-    MLP's input projection) and ``settle_beside`` (beside ``proj_out``'s MLP part).
-
-    - Ulysses through symmetric memory: the way in beside the first GEMM; with ``attention_beside``, the
-      attention and the way back beside the second (``symmetric_exchange.attention_back_beside``),
-      otherwise the attention between them and the way back beside the second. Each pair is one op (the
-      exchange on a side stream, copy engines, while the GEMM runs).
-    - One GPU (``parallel_config`` None) with ``attention_beside``: the attention beside the first GEMM
-      (``beside.attention_beside_gelu_linear``).
-    - Otherwise (NCCL, the CPU): one after the other.
-
-    ``backend`` names the attention's diffusers backend ("": the default) for the ops that run it."""
+    """A Ulysses attention whose exchanges run beside a single block's GEMMs, given by the block:
+    ``attend_beside`` (the way in beside the MLP's input projection) and ``settle_beside`` (the way back
+    beside ``proj_out``'s MLP part). Through symmetric memory each pair is one op (the exchange on a side
+    stream, copy engines, while the GEMM runs); otherwise (NCCL, the CPU) one after the other."""
 
     query: torch.Tensor
     key: torch.Tensor
@@ -113,9 +103,6 @@ class PendingAttention:
     parallel_config: Any
     attend: Attend
     symmetric: bool
-    attention_beside: bool = False
-    backend: str = ""
-    received: torch.Tensor | None = None
     out: torch.Tensor | None = None
 
     def _group(self) -> tuple[str, int]:
@@ -123,39 +110,24 @@ class PendingAttention:
         return group.group_name, world
 
     def attend_beside(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Starts the attention (this rank's heads over every token) and returns ``gelu(hidden @ weight^T +
-        bias)`` (tanh; ``hidden`` 2-D), computed beside it."""
-        if self.parallel_config is None and self.attention_beside:
-            self.out, projected = attention_beside_gelu_linear(
-                self.query, self.key, self.value, hidden, weight, bias, self.backend
-            )
-            return projected
+        """The attention, this rank's heads over every token; returns ``gelu(hidden @ weight^T + bias)``
+        (tanh; ``hidden`` 2-D), computed beside the way in."""
         if not self.symmetric:
             projected = F.gelu(F.linear(hidden, weight, bias), approximate="tanh")
-            if self.parallel_config is None:
-                self.out = self.attend(self.query, self.key, self.value)
-            else:
-                self.out = packed_ulysses_attention(
-                    self.query, self.key, self.value, self.parallel_config, self.attend
-                )
+            self.out = packed_ulysses_attention(
+                self.query, self.key, self.value, self.parallel_config, self.attend
+            )
             return projected
         name, world = self._group()
         received, projected = exchange_in_beside(
             self.query, self.key, self.value, hidden, weight, bias, name, world
         )
-        if self.attention_beside:
-            self.received = received
-        else:
-            self.out = self.attend(received[0], received[1], received[2])
+        self.out = self.attend(received[0], received[1], received[2])
         return projected
 
     def settle_beside(self, mat1: torch.Tensor, mat2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mat1 @ mat2``, computed beside what is left of the attention, and the attention's output for
-        this rank's tokens (batch, tokens, heads, head_dim)."""
-        if self.received is not None:
-            name, world = self._group()
-            result, product = attention_back_beside(self.received, mat1, mat2, self.backend, name, world)
-            return product, result.flatten(2, 3)
+        """``mat1 @ mat2``, computed beside the way back, and the attention's output for this rank's tokens
+        (batch, tokens, heads, head_dim)."""
         assert self.out is not None, "attend_beside first"
         if not self.symmetric:
             return torch.mm(mat1, mat2), self.out
