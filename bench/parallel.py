@@ -19,6 +19,7 @@ tiny model on CPU ranks (gloo) to check the flags, not to time them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -131,14 +132,37 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def timed(engine: Any, width: int, height: int, steps: int, cache: str = "off") -> tuple[float, Any]:
-    """Seconds of one job, and its output (images, cached steps)."""
+def timed(
+    engine: Any, width: int, height: int, steps: int, cache: str = "off", marks: list[float] | None = None
+) -> tuple[float, Any]:
+    """Seconds of one job, and its output (images, cached steps); ``marks`` gets the host's time at each
+    step's callback, from the job's start."""
     params = internal_params(width, height, steps, cache, prompt=PROMPT)
     synchronize()
     started = time.perf_counter()
-    output = engine.generate(params, lambda step, total: None)
+
+    def on_step(step: int, total: int) -> None:
+        if marks is not None:
+            marks.append(time.perf_counter() - started)
+
+    output = engine.generate(params, on_step)
     synchronize()
     return time.perf_counter() - started, output
+
+
+def host_phases(seconds: float, marks: list[float]) -> dict[str, Any]:
+    """Where a job's host time went: before the first step's callback, the longest wait between two
+    callbacks (and after which step), after the last one (the decode and the image)."""
+    if not marks:
+        return {}
+    gaps = [later - earlier for earlier, later in itertools.pairwise(marks)]
+    longest = max(range(len(gaps)), key=gaps.__getitem__) if gaps else None
+    return {
+        "to_first_step_s": round(marks[0], 3),
+        "longest_step_gap_s": round(gaps[longest], 3) if longest is not None else None,
+        "longest_gap_after_step": longest,
+        "after_last_step_s": round(seconds - marks[-1], 3),
+    }
 
 
 def one_gpu_images(model: BenchModel, args: argparse.Namespace, sizes: list[int]) -> dict[int, np.ndarray]:
@@ -328,15 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     engine.start()
     report["load_and_warmup_s"] = round(time.perf_counter() - started, 1)
     for size in sizes:
-        seconds, output = [], None
+        seconds, phases, output = [], [], None
         for _ in range(args.repeats):
-            elapsed, output = timed(engine, size, size, args.steps, args.cache)
+            marks: list[float] = []
+            elapsed, output = timed(engine, size, size, args.steps, args.cache, marks)
             seconds.append(round(elapsed, 3))
+            phases.append(host_phases(elapsed, marks))
         assert output is not None
         image = np.asarray(output.images[0])
         report[f"{size}"] = {
             "seconds": seconds,
             "median_s": statistics.median(seconds),
+            "host_phases": phases,
             "cached_steps": output.cached_steps,
             "psnr_vs_one_gpu_db": round(psnr(image, reference[size]), 2),
             "max_pixel_difference_vs_one_gpu": int(np.abs(image.astype(np.int16) - reference[size]).max()),

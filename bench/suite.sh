@@ -144,6 +144,9 @@
 #   xchg     Ulysses' all-to-all alone (bench.exchange) under NCCL's defaults and three settings, then stock
 #            Ulysses-2 (torchrun) and the worker's Ulysses-2, profiled: where a group's time goes now
 #   serve50  the whole stack lossless at c=20, 50 steps, batches of up to 4 (the issue-9 target); stock first
+#   u4first  Ulysses-4 through symmetric memory (the default) and through NCCL (--nccl-exchange), four timed
+#            images each with their host phases and dynamo's recompiles logged: lease 80's first symmetric
+#            image took 24.6 s. Four GPUs
 #   concur   whether an attention's last partial wave fills with a single block's MLP GEMM beside it
 #            (bench.concurrency), at one GPU's shapes and a Ulysses-2 rank's. No stock
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
@@ -625,6 +628,14 @@ lane_symm() {  # the symmetric exchange alone, then in the group; stock Ulysses-
   local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
   $P --profile --output-file "$1/u2_symmetric.json"
   $P --nccl-exchange --output-file "$1/u2_nccl.json"
+}
+
+lane_u4first() {  # Ulysses-4's first images, symmetric and NCCL, with recompiles logged
+  local P="python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --compile --repeats 4"
+  TORCH_LOGS=recompiles $P --output-file "$1/u4_symmetric.json" >"$1/u4_symmetric.log" 2>&1
+  grep -E "Recompiling|recompil|median_s" "$1/u4_symmetric.log" | tail -20
+  TORCH_LOGS=recompiles $P --nccl-exchange --output-file "$1/u4_nccl.json" >"$1/u4_nccl.log" 2>&1
+  grep -E "Recompiling|recompil|median_s" "$1/u4_nccl.log" | tail -20
 }
 
 lane_concur() {  # the attention's last wave beside a GEMM (bench.concurrency)

@@ -18,6 +18,7 @@ def test_a_smoke_run_times_a_cached_preset_with_async_ulysses_and_a_split_decode
     assert (report["ulysses_async"], report["parallel_vae"], report["cache"]) == (True, True, "fast")
     result = report["256"]
     assert result["cached_steps"] == 2  # cache-dit's "fast" mask at 6 steps: 1,1,1,0,0,1
+    assert [phases["to_first_step_s"] > 0 for phases in result["host_phases"]] == [True]
     # the reference: one device, the same preset and decode tiles
     assert result["max_pixel_difference_vs_one_gpu"] <= 1
 
@@ -55,3 +56,16 @@ def test_the_fused_qk_processor_keeps_the_groups_image_under_ulysses_with_diffus
     assert report["qk_rope"] is True and report["layout"]["ulysses"] == 2
     assert report["packed_exchange"] is False
     assert report["128"]["max_pixel_difference_vs_one_gpu"] <= 1
+
+
+def test_host_phases_name_the_longest_wait_between_steps() -> None:
+    from bench.parallel import host_phases
+
+    phases = host_phases(2.0, [0.25, 0.5, 1.5, 1.75])
+    assert phases == {
+        "to_first_step_s": 0.25,
+        "longest_step_gap_s": 1.0,
+        "longest_gap_after_step": 1,
+        "after_last_step_s": 0.25,
+    }
+    assert host_phases(1.0, []) == {}
