@@ -147,6 +147,8 @@
 #   u4first  Ulysses-4 through symmetric memory (the default) and through NCCL (--nccl-exchange), four timed
 #            images each with their host phases and dynamo's recompiles logged: lease 80's first symmetric
 #            image took 24.6 s. Four GPUs
+#   u4prof   Ulysses-4 through symmetric memory, its first image after the warm-up profiled on rank 0 (host
+#            operations and the GPU's idle gaps: lease 81's first image waited 2.55 s before its first step)
 #   concur   whether an attention's last partial wave fills with a single block's MLP GEMM beside it
 #            (bench.concurrency), at one GPU's shapes and a Ulysses-2 rank's. No stock
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
@@ -636,6 +638,11 @@ lane_u4first() {  # Ulysses-4's first images, symmetric and NCCL, with recompile
   grep -E "Recompiling|recompil|median_s" "$1/u4_symmetric.log" | tail -20
   TORCH_LOGS=recompiles $P --nccl-exchange --output-file "$1/u4_nccl.json" >"$1/u4_nccl.log" 2>&1
   grep -E "Recompiling|recompil|median_s" "$1/u4_nccl.log" | tail -20
+}
+
+lane_u4prof() {  # Ulysses-4's first image after the warm-up profiled on rank 0, symmetric
+  python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --compile --repeats 3 --profile-first \
+    --output-file "$1/u4_first.json"
 }
 
 lane_concur() {  # the attention's last wave beside a GEMM (bench.concurrency)
