@@ -95,6 +95,21 @@ def test_the_projection_replayed_as_a_graph_gives_the_same_image() -> None:
     assert recorder.captures == 1 and recorder.replays == 2
 
 
+def test_one_graph_serves_every_step_count_up_to_32() -> None:
+    """Replayed as graphs, a table's rows are padded to 32 steps: the warm-up's 2-step job captures the
+    graph every later job of up to 32 steps replays, each still getting its own steps' rows."""
+    graphed, plain = engine(True), engine(True)
+    (tables,) = graphed.modulation.values()
+    recorder = RerunRecorder()
+    tables.graphs = GraphedCalls(tables.project_eagerly, recorder, CPU, GraphConfig())
+    for steps in (2, 4, 7, 28):
+        expected = pixels(plain, num_inference_steps=steps)
+        assert_same_image(pixels(graphed, num_inference_steps=steps), expected)
+    assert recorder.captures == 1 and recorder.replays == 4
+    pixels(graphed, num_inference_steps=33)  # over 32 steps: the next multiple, another graph
+    assert recorder.captures == 2
+
+
 def test_a_table_over_its_byte_cap_projects_its_steps_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     tabled = engine(True)
     (tables,) = tabled.modulation.values()

@@ -78,6 +78,12 @@ class TabledLinear(nn.Linear):
 # A table holds at most this many bytes: a job of many images and steps (a batch of 16 at 100 steps would
 # take 3.4 GB) projects its steps in chunks, reading the weights once a chunk instead of once a job.
 TABLE_BYTES = 256 * 2**20
+# Replayed as CUDA graphs, a table's projection is padded to a multiple of this many steps (within its
+# chunk): a graph is captured per shape, and each new step count's first job captured one, at the job's
+# start (0.4 s before the first step of a Ulysses-4 group's first 28-step job after a 2-step warm-up,
+# 1.0-2.5 s through symmetric memory; leases 81-82, docs/performance.md). Padded, the warm-up's graph
+# serves every job of up to 32 steps (FLUX.1-dev's 28, schnell's 4); the weights are read once either way.
+GRAPH_STEPS = 32
 
 
 @dataclass
@@ -102,6 +108,17 @@ class ModulationTables:
         if self.graphs is not None:
             return self.graphs(embedding)
         return self.project_eagerly(embedding)
+
+    def project_steps(self, embedding: torch.Tensor, steps: int, chunk: int) -> torch.Tensor:
+        """``project`` of ``steps`` steps' rows (``embedding``: steps x batch rows, step-major). Replayed as
+        graphs, the rows are padded with zeros to a multiple of ``GRAPH_STEPS`` steps, at most ``chunk``,
+        and the padding's rows dropped from the table."""
+        padded = min(chunk, -(-steps // GRAPH_STEPS) * GRAPH_STEPS)
+        if self.graphs is None or padded <= steps:
+            return self.project(embedding)
+        rows = embedding.shape[0]
+        extra = embedding.new_zeros(rows // steps * (padded - steps), embedding.shape[1])
+        return self.project(torch.cat([embedding, extra]))[:rows]
 
     def project_eagerly(self, embedding: torch.Tensor) -> torch.Tensor:
         """``project`` launched from Python."""
@@ -195,14 +212,14 @@ class Schedule:
         if table.rows is None or table.calls >= table.first + table.rows.shape[0]:
             table.first = table.calls
             count = min(table.chunk, table.steps - table.first)
-            table.timesteps, table.rows = self._project(table.conditioning, table.first, count)
+            table.timesteps, table.rows = self._project(table.conditioning, table.first, count, table.chunk)
         assert table.timesteps is not None
         index = table.calls - table.first
         table.calls += 1
         return table.timesteps[index], table.rows[index]
 
     def _project(
-        self, conditioning: Conditioning, first: int, count: int
+        self, conditioning: Conditioning, first: int, count: int, chunk: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps ``first`` to ``first + count``: the timesteps their calls pass and their rows, from the same
         operations on the same values as the transformer's forward (diffusers 0.42.1,
@@ -219,7 +236,7 @@ class Schedule:
             embedding = embedder(steps, pooled_rows)
         else:
             embedding = embedder(steps, conditioning.guidance.to(dtype).repeat(count) * 1000, pooled_rows)
-        return passed, self.tables.project(embedding).view(count, batch, -1)
+        return passed, self.tables.project_steps(embedding, count, chunk).view(count, batch, -1)
 
 
 def modulation_layers(transformer: Any) -> list[nn.Module]:
