@@ -19,7 +19,9 @@ one GPU's shapes and a Ulysses-2 rank's, each replayed from a CUDA graph:
 
 If ``beside`` takes less than ``serial``, the tail is filled and a block could order its work so; if it
 takes the sum, the GEMM's programs (persistent, a fixed grid) wait for SMs the attention holds.
-The kernels each case launches are listed (``bench.gemm_check.launched``).
+The kernels each case launches are listed (``bench.gemm_check.launched``). Measured on an H100 (lease 78,
+docs/performance.md): against the two kernels alone only the Ulysses-2 rank's ``proj_out`` GEMM gained
+beside the attention; inside the pipeline neither arrangement gained (leases 79 and 80), so none is used.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.attention_probe import graph_ms, report
+from bench.exchange import overlapped
 from bench.gemm_check import launched
 
 TOKENS, HEADS, HEAD_DIM, HIDDEN, MLP = 4096 + 512, 24, 128, 3072, 12288
@@ -69,22 +72,6 @@ def gemms(tokens: int, device: torch.device) -> dict[str, Callable[[], torch.Ten
     }
 
 
-def together(
-    first: Callable[[], Any], second: Callable[[], Any], high: torch.cuda.Stream
-) -> Callable[[], None]:
-    """``first`` on the high-priority stream, ``second`` launched after it on the caller's, joined."""
-
-    def run() -> None:
-        main = torch.cuda.current_stream()
-        high.wait_stream(main)
-        with torch.cuda.stream(high):
-            first()
-        second()
-        main.wait_stream(high)
-
-    return run
-
-
 def serial(first: Callable[[], Any], second: Callable[[], Any]) -> Callable[[], None]:
     def run() -> None:
         first()
@@ -108,8 +95,9 @@ def measure(sequence_parallel: int, calls: int) -> dict[str, Any]:
         times = {
             "gemm": gemm,
             "serial": serial(attend, gemm),
-            "beside": together(attend, gemm, high),
-            "beside_gemm_first": together(gemm, attend, high),
+            # ``overlapped(a, b, side)``: b on the side stream, launched first, a after it on the caller's
+            "beside": overlapped(gemm, attend, high),
+            "beside_gemm_first": overlapped(attend, gemm, high),
         }
         us = {case: round(graph_ms(fn, calls=calls)[0] * 1000, 1) for case, fn in times.items()}
         us["saved"] = round(us["serial"] - min(us["beside"], us["beside_gemm_first"]), 1)
