@@ -110,6 +110,17 @@ def test_one_graph_serves_every_step_count_up_to_32() -> None:
     assert recorder.captures == 2
 
 
+def test_chunks_of_a_batch_replay_one_graph_the_last_one_padded() -> None:
+    graphed = engine(True)
+    (tables,) = graphed.modulation.values()
+    tables.table_bytes = 3 * 2 * tables.rows.width * 4  # three steps of two images in fp32
+    recorder = RerunRecorder()
+    tables.graphs = GraphedCalls(tables.project_eagerly, recorder, CPU, GraphConfig())
+    expected = pixels(engine(False), num_images=2, num_inference_steps=7)
+    assert_same_image(pixels(graphed, num_images=2, num_inference_steps=7), expected)
+    assert recorder.captures == 1 and recorder.replays == 3  # steps 0-2, 3-5, and 6 padded to three
+
+
 def test_a_table_over_its_byte_cap_projects_its_steps_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     tabled = engine(True)
     (tables,) = tabled.modulation.values()
