@@ -635,9 +635,9 @@ lane_symm() {  # the symmetric exchange alone, then in the group; stock Ulysses-
 lane_u4first() {  # Ulysses-4's first images, symmetric and NCCL, with recompiles logged
   local P="python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --compile --repeats 4"
   TORCH_LOGS=recompiles $P --output-file "$1/u4_symmetric.json" >"$1/u4_symmetric.log" 2>&1
-  grep -E "recompil|median_s" "$1/u4_symmetric.log" | tail -20
+  grep -E "Recompiling|recompil|median_s" "$1/u4_symmetric.log" | tail -20
   TORCH_LOGS=recompiles $P --nccl-exchange --output-file "$1/u4_nccl.json" >"$1/u4_nccl.log" 2>&1
-  grep -E "recompil|median_s" "$1/u4_nccl.log" | tail -20
+  grep -E "Recompiling|recompil|median_s" "$1/u4_nccl.log" | tail -20
 }
 
 lane_u4prof() {  # Ulysses-4's first image after the warm-up profiled on rank 0, symmetric
