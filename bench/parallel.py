@@ -280,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         help="inductor's query/key norm + rotary, not the fused kernel (the worker's flag)",
     )
     parser.add_argument(
+        "--no-fa4-attention",
+        action="store_true",
+        help="SDPA's cuDNN attention, not FlashAttention-4's (the worker's flag)",
+    )
+    parser.add_argument(
         "--no-precompute-modulation",
         action="store_true",
         help="project the modulation at every step (the worker's flag)",
@@ -322,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         gemm_epilogues=not args.no_epilogues,
         cuda_graphs=not args.no_cuda_graphs,
         fused_qk_norm_rope=not args.no_fused_qk_norm_rope,
+        fa4_attention=not args.no_fa4_attention,
         precompute_modulation=not args.no_precompute_modulation,
         symmetric_exchange=not args.nccl_exchange,
         device="cpu" if args.smoke else "cuda",
@@ -349,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "exchange_beside_gemms": not (args.no_overlap or args.nccl_exchange or args.unpacked_exchange),
         "cuda_graphs": not args.no_cuda_graphs,
         "fused_qk_norm_rope": not args.no_fused_qk_norm_rope,
+        "fa4_attention": not args.no_fa4_attention,
         "precompute_modulation": not args.no_precompute_modulation,
         "quantize": args.quantize,
         "steps": args.steps,

@@ -185,6 +185,9 @@ VARIANTS: dict[str, Variant] = {
     "compiled-cublaslt": Variant(COMPILED, blas="cublaslt"),
     "compiled-fp32-split-k": Variant(COMPILED, blas="cublaslt, fp32 split-K"),
     "compiled-no-split-k": Variant(COMPILED, blas="cublaslt, no split-K"),
+    # SDPA's cuDNN kernel, not FlashAttention-4's (the worker's default where flash-attn-4 runs, since lease 84)
+    "compiled-no-fa4": Variant({**COMPILED, "fa4_attention": False}),
+    "cache-fast-no-fa4": Variant({**COMPILED, "fa4_attention": False}, "fast"),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
     "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }

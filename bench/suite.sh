@@ -149,6 +149,10 @@
 #            image took 24.6 s. Four GPUs
 #   u4prof   Ulysses-4 through symmetric memory, its first image after the warm-up profiled on rank 0 (host
 #            operations and the GPU's idle gaps: lease 81's first image waited 2.55 s before its first step)
+#   fa4      FlashAttention-4's attention (the default where flash-attn-4 runs) against SDPA's cuDNN kernel:
+#            the kernels alone at FLUX.1's shapes (bench.fa4_check), then lossless and `fast` with and without
+#            it, against eager's image; stock first. Needs bench/fa4_site.sh's two calls
+#   fa4u2    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with FA4 (the default) and without it
 #   concur   whether an attention's last partial wave fills with a single block's MLP GEMM beside it
 #            (bench.concurrency), at one GPU's shapes and a Ulysses-2 rank's. No stock
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
@@ -156,8 +160,12 @@
 set -u
 OUT=${OUT:?set OUT}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl .whl-serve/*.whl $(ls .whl-cudnn/*.whl 2>/dev/null) >"$OUT/pip.log" 2>&1 || { tail "$OUT/pip.log"; exit 3; }
+  .whl/*.whl $(ls .whl-serve/*.whl .whl-cudnn/*.whl 2>/dev/null) >"$OUT/pip.log" 2>&1 || { tail "$OUT/pip.log"; exit 3; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+if [ -d .whl-fa4 ]; then bash bench/fa4_site.sh unpack >"$OUT/fa4_site.log" 2>&1; fi
+if [ -d /tmp/fa4site/nvidia_cutlass_dsl/dsl_packages ]; then  # flash-attn-4 (bench/fa4_site.sh)
+  export PYTHONPATH=$PYTHONPATH:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages
+fi
 export LANE_TIMEOUT_S=${LANE_TIMEOUT_S:-560} FP8_VARIANTS=${FP8_VARIANTS:-compiled,fp8-compiled}
 
 lane_e2e() {
@@ -643,6 +651,20 @@ lane_u4first() {  # Ulysses-4's first images, symmetric and NCCL, with recompile
 lane_u4prof() {  # Ulysses-4's first image after the warm-up profiled on rank 0, symmetric
   python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --compile --repeats 3 --profile-first \
     --output-file "$1/u4_first.json"
+}
+
+lane_fa4() {  # FlashAttention-4 against cuDNN: the kernels, then lossless and `fast`; stock first
+  python3 -m bench.fa4_check --heads 24 --tiles "" --output-file "$1/fa4_check.json"
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled,compiled-no-fa4,cache-fast,cache-fast-no-fa4 --repeats 3 \
+    --reference all --output-file "$1/fa4.json"
+}
+
+lane_fa4u2() {  # Ulysses-2 with FlashAttention-4 and without; stock Ulysses-2 first
+  torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
+  $P --output-file "$1/u2_fa4.json"
+  $P --no-fa4-attention --output-file "$1/u2_cudnn.json"
 }
 
 lane_concur() {  # the attention's last wave beside a GEMM (bench.concurrency)

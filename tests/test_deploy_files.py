@@ -130,10 +130,11 @@ def test_gateway_image_installs_without_torch() -> None:
     assert not [dep for dep in base_dependencies if re.match(r"(torch|diffusers|transformers)\b", dep)]
 
 
-def test_worker_image_installs_the_worker_and_fp8_attention_extras() -> None:
-    assert any(".[worker,fp8-attention]" in line for line in _instructions(WORKER_DOCKERFILE))
+def test_worker_image_installs_the_worker_and_both_attention_extras() -> None:
+    assert any(".[worker,fp8-attention,fa4-attention]" in line for line in _instructions(WORKER_DOCKERFILE))
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(dep.startswith("nvidia-cudnn-frontend") for dep in extras["fp8-attention"])
+    assert any(dep.startswith("flash-attn-4") for dep in extras["fa4-attention"])
 
 
 def test_services_use_minio_root_credentials_and_a_valid_model_list(

@@ -70,6 +70,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "which runs on one GPU and in Ulysses groups on diffusers' runtime)",
     )
     add(
+        "--no-fa4-attention",
+        dest="fa4_attention",
+        action="store_false",
+        default=None,
+        help="with --compile, attend through SDPA's cuDNN kernel, not FlashAttention-4's (used where "
+        "flash-attn-4 is installed and the GPU is a Hopper)",
+    )
+    add(
         "--no-compile-vae",
         dest="compile_vae",
         action="store_false",

@@ -26,11 +26,16 @@ from worker.optimizations.cuda_graphs import (
     apply_step_graphs,
 )
 from worker.optimizations.epilogues import apply_gemm_epilogues
+from worker.optimizations.fa4_attention import fa4_unavailable
 from worker.optimizations.fp8_attention import check_fp8_attention_supported
 from worker.optimizations.fp8_attention_processor import apply_fp8_attention
 from worker.optimizations.modulation import ModulationTables, Schedule, apply_modulation_tables
 from worker.optimizations.offload import OffloadConfig, apply_offload
-from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor, apply_fused_qk_norm_rope
+from worker.optimizations.qk_norm_rope import (
+    FusedQKFluxAttnProcessor,
+    apply_fused_qk_norm_rope,
+    use_fa4_attention,
+)
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
 from worker.optimizations.rows import one_pass_rows
 from worker.optimizations.settled_devices import settle_devices
@@ -237,7 +242,7 @@ def fuses_qk(options: EngineOptions, layout: ParallelLayout, offloaded: set[str]
     return layout.sp == 1 or (layout.runtime == "diffusers" and layout.ring == 1)
 
 
-def set_fused_attention(pipeline: Any, options: EngineOptions) -> None:
+def set_fused_attention(pipeline: Any, options: EngineOptions, device: torch.device) -> None:
     """The fused query/key processor (or ``--attention-fp8``'s, one GPU only), set before a sequence layout
     configures the processors and before the compile traces them."""
     apply = apply_fp8_attention if options.attention_fp8 else apply_fused_qk_norm_rope
@@ -250,6 +255,22 @@ def set_fused_attention(pipeline: Any, options: EngineOptions) -> None:
                 module.processor.symmetric_exchange = False
     if options.attention_fp8:
         log.info("fp8 attention (cuDNN): %d attention modules", changed)
+    elif options.fa4_attention:
+        set_fa4_attention(pipeline, options, device)
+
+
+def set_fa4_attention(pipeline: Any, options: EngineOptions, device: torch.device) -> None:
+    """FlashAttention-4 for the fused processors' attention, where it runs and no backend was asked for; the
+    log says which kernel attends, and why not FA4."""
+    if options.attention_backend is not None:
+        log.info("attention: --attention-backend %s (not FlashAttention-4)", options.attention_backend)
+        return
+    reason = fa4_unavailable(device)
+    if reason is not None:
+        log.info("attention: SDPA (%s)", reason)
+        return
+    changed = use_fa4_attention(pipeline.transformer)
+    log.info("attention: FlashAttention-4 in %d attention modules", changed)
 
 
 def step_graphs_apply(device: torch.device, layout: ParallelLayout, offloaded: set[str]) -> bool:
@@ -326,7 +347,7 @@ class FluxEngine:
         offloaded = prepare_pipeline(pipeline, options, device)
         layout = parallel_layout(options)
         if fuses_qk(options, layout, offloaded):
-            set_fused_attention(pipeline, options)
+            set_fused_attention(pipeline, options, device)
         replica = None
         if layout.sp > 1:  # once per process, with its attention backend, before the cache and compile
             replica = replicated_transformer(pipeline.transformer)

@@ -161,7 +161,7 @@ def test_no_symmetric_exchange_flag_keeps_nccls_exchange_and_the_barrier_waits_t
     assert options.symmetric_exchange is False
     monkeypatch.setattr(symmetric_exchange, "BARRIER_TIMEOUT_MS", symmetric_exchange.BARRIER_TIMEOUT_MS)
     pipe = build_tiny_pipeline("flux1", seed=0)
-    engine_module.set_fused_attention(pipe, options)
+    engine_module.set_fused_attention(pipe, options, torch.device("cpu"))
     processors = [
         module.processor
         for module in pipe.transformer.modules()

@@ -28,6 +28,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from worker.optimizations.epilogues import plain_linear
+from worker.optimizations.fa4_attention import fa4_attention, takes
 from worker.optimizations.fp8_attention import E4M3_MAX
 from worker.optimizations.joint_value import joint_value
 from worker.optimizations.symmetric_exchange import power_of_two_divisor, symmetric_exchange_applies
@@ -303,6 +304,9 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     # exchanges run beside its MLP's GEMMs (worker.optimizations.epilogues.EpilogueSingleBlock): 2.2% off
     # a Ulysses-2 image on 2xH200, the same image (2.053 against 2.099 s, lease 75, docs/performance.md)
     overlaps = True
+    # the attention through FlashAttention-4's Hopper kernel (``worker.optimizations.fa4_attention``), where
+    # the engine finds it can run (``use_fa4_attention``); SDPA's cuDNN kernel otherwise
+    fa4 = False
 
     def __call__(
         self,
@@ -368,6 +372,8 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
             out = packed_ulysses_attention(
                 q, k, v, self._parallel_config, self._local_attention(), symmetric=symmetric
             )
+        elif self._parallel_config is None:
+            out = self._local_attention()(q, k, v)
         else:
             backend, layout = self._attention_backend, self._parallel_config
             out = dispatch_attention_fn(q, k, v, backend=backend, parallel_config=layout)
@@ -384,9 +390,24 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         return q, k, joined(*value).unflatten(-1, (-1, attn.head_dim))
 
     def _local_attention(self) -> Any:
-        """The attention over a Ulysses rank's heads once its exchange has brought every token."""
-        backend = self._attention_backend
-        return lambda q, k, v: dispatch_attention_fn(q, k, v, backend=backend)
+        """The attention over every token of this rank's heads: all of them on one GPU, a Ulysses rank's
+        once its exchange has brought every token."""
+        backend, fa4 = self._attention_backend, self.fa4
+        return lambda q, k, v: (
+            fa4_attention(q, k, v) if fa4 and takes(q) else dispatch_attention_fn(q, k, v, backend=backend)
+        )
+
+
+def use_fa4_attention(transformer: Any) -> int:
+    """Have every fused processor attend through FlashAttention-4; returns how many. The caller checks that
+    it can run (``fa4_unavailable``) and that no other backend was asked for."""
+    changed = 0
+    for module in transformer.modules():
+        processor: Any = getattr(module, "processor", None)
+        if isinstance(processor, FusedQKFluxAttnProcessor):
+            processor.fa4 = True
+            changed += 1
+    return changed
 
 
 def weighted_norms_with_one_eps(attn: Any) -> bool:

@@ -1,0 +1,148 @@
+"""FlashAttention-4's Hopper kernel against cuDNN's at FLUX.1's shapes (``python -m bench.fa4_check``).
+
+The worker's attention is SDPA's cuDNN kernel (``cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma``):
+661 TFLOP/s alone on an H100 at one GPU's shape, 565 inside a whole image (lease 48), and 81% of that rate
+at a Ulysses-2 rank's 12 heads (lease 78). ``flash-attn-4`` (``flash_attn.cute``, CuTe DSL, compiled at
+its first call) has a Hopper forward kernel too, which reads the query, key and value token-major, as the
+worker's processors write them, and writes its output token-major, as ``to_out`` reads it.
+
+For 24, 12 and 6 heads of 128 over 4,608 tokens (one GPU, a Ulysses-2 rank, a Ulysses-4 rank) this times,
+replayed from CUDA graphs (which FA4's calls must survive to be of use to the worker):
+
+* cuDNN through SDPA, on token-major views, as the worker calls it;
+* FA4 with its default tile for head dim 128 (128 x 128) and with each tile of ``--tiles``;
+
+each in short bursts (20 calls a graph, 5 replays) and sustained (``--sustained-replays``, ~1 s of work:
+the card holds its power cap, and the rates inside an image are the sustained ones). Every FA4 output is
+compared with cuDNN's (max abs difference, relative L2) and with fp32 attention on the first head; each
+variant's first call (its compile) is timed. A variant FA4 refuses is reported with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench.attention_probe import graph_ms, report, time_ms
+
+TOKENS, HEAD_DIM = 4096 + 512, 128
+
+
+def cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+    return run
+
+
+def fa4(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: tuple[int, int] | None
+) -> Callable[[], torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    def run() -> torch.Tensor:
+        return _flash_attn_fwd(q, k, v, tile_mn=tile)[0]
+
+    return run
+
+
+def differences(got: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    difference = got.float() - truth.float()
+    return {
+        "max_abs": round(difference.abs().max().item(), 6),
+        "relative_l2": round(difference.norm().item() / truth.float().norm().item(), 6),
+    }
+
+
+def fp32_first_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    hq, hk, hv = (t[:, :, :1].transpose(1, 2).float() for t in (q, k, v))
+    return F.scaled_dot_product_attention(hq, hk, hv).transpose(1, 2)
+
+
+def timed(fn: Callable[[], torch.Tensor], flops: float, sustained_replays: int) -> dict[str, Any]:
+    """Burst and sustained GPU time a call, from CUDA graphs; launched one by one where capture fails."""
+    try:
+        burst_ms, _ = graph_ms(fn, calls=20, replays=5)
+        sustained_ms, _ = graph_ms(fn, calls=20, replays=sustained_replays)
+        graph_error = None
+    except Exception as error:
+        graph_error = f"{type(error).__name__}: {str(error)[:300]}"
+        torch.cuda.synchronize()
+        burst_ms = time_ms(fn, repeats=100)
+        sustained_ms = time_ms(fn, repeats=20 * sustained_replays)
+    return {
+        "graph_error": graph_error,
+        "us": round(burst_ms * 1000, 1),
+        "tflop_s": round(flops / burst_ms / 1e9, 1),
+        "sustained_us": round(sustained_ms * 1000, 1),
+        "sustained_tflop_s": round(flops / sustained_ms / 1e9, 1),
+    }
+
+
+def measure(heads: int, tiles: list[tuple[int, int] | None], sustained_replays: int) -> dict[str, Any]:
+    generator = torch.Generator("cuda").manual_seed(heads)
+    q, k, v = (
+        torch.randn(1, TOKENS, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=generator)
+        for _ in range(3)
+    )
+    flops = 4.0 * heads * TOKENS * TOKENS * HEAD_DIM
+    reference = cudnn(q, k, v)()
+    truth = fp32_first_head(q, k, v)
+    result: dict[str, Any] = {
+        "cudnn": {
+            **timed(cudnn(q, k, v), flops, sustained_replays),
+            "vs_fp32_first_head": differences(reference[:, :, :1], truth),
+        }
+    }
+    for tile in tiles:
+        name = "fa4_default" if tile is None else f"fa4_{tile[0]}x{tile[1]}"
+        fn = fa4(q, k, v, tile)
+        try:
+            start = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - start
+            result[name] = {
+                "first_call_s": round(first_s, 2),
+                **timed(fn, flops, sustained_replays),
+                "vs_cudnn": differences(out, reference),
+                "vs_fp32_first_head": differences(out[:, :, :1], truth),
+            }
+        except Exception as error:  # a tile FA4 does not build is a finding, not a failure of the check
+            result[name] = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
+        print(name, heads, result[name], flush=True)
+    return result
+
+
+def parse_tile(text: str) -> tuple[int, int]:
+    m, n = text.lower().split("x")
+    return int(m), int(n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", default="24,12,6", help="head counts, comma-separated")
+    parser.add_argument("--tiles", default="128x176,192x128", help="FA4 tiles to try beside its default")
+    parser.add_argument(
+        "--sustained-replays", type=int, default=125, help="replays of 20 calls for the sustained rate"
+    )
+    parser.add_argument("--output-file")
+    args = parser.parse_args(argv)
+    tiles: list[tuple[int, int] | None] = [None, *(parse_tile(t) for t in args.tiles.split(",") if t)]
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name()}
+    for heads in (int(h) for h in args.heads.split(",")):
+        result[f"heads_{heads}"] = measure(heads, tiles, args.sustained_replays)
+    report(result, args.output_file)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
