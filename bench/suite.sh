@@ -153,6 +153,7 @@
 #            the kernels alone at FLUX.1's shapes (bench.fa4_check), then lossless and `fast` with and without
 #            it, against eager's image; stock first. Needs bench/fa4_site.sh's two calls
 #   fa4u2    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with FA4 (the default) and without it
+#   fa4u4    the same at Ulysses-4: stock Ulysses-4 (torchrun), then the worker's with FA4 and without it
 #   concur   whether an attention's last partial wave fills with a single block's MLP GEMM beside it
 #            (bench.concurrency), at one GPU's shapes and a Ulysses-2 rank's. No stock
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
@@ -665,6 +666,13 @@ lane_fa4u2() {  # Ulysses-2 with FlashAttention-4 and without; stock Ulysses-2 f
   local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
   $P --output-file "$1/u2_fa4.json"
   $P --no-fa4-attention --output-file "$1/u2_cudnn.json"
+}
+
+lane_fa4u4() {  # Ulysses-4 with FlashAttention-4 and without; stock Ulysses-4 first
+  torchrun --nproc-per-node 4 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --compile --repeats 3"
+  $P --output-file "$1/u4_fa4.json"
+  $P --no-fa4-attention --output-file "$1/u4_cudnn.json"
 }
 
 lane_concur() {  # the attention's last wave beside a GEMM (bench.concurrency)
