@@ -185,7 +185,7 @@ VARIANTS: dict[str, Variant] = {
     "compiled-cublaslt": Variant(COMPILED, blas="cublaslt"),
     "compiled-fp32-split-k": Variant(COMPILED, blas="cublaslt, fp32 split-K"),
     "compiled-no-split-k": Variant(COMPILED, blas="cublaslt, no split-K"),
-    # SDPA's cuDNN kernel, not FlashAttention-4's (the worker's default where flash-attn-4 runs, since lease 84)
+    # SDPA's cuDNN kernel, not FlashAttention-4's (the worker's default where it runs, since lease 85)
     "compiled-no-fa4": Variant({**COMPILED, "fa4_attention": False}),
     "cache-fast-no-fa4": Variant({**COMPILED, "fa4_attention": False}, "fast"),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
