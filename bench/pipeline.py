@@ -188,6 +188,7 @@ VARIANTS: dict[str, Variant] = {
     # SDPA's cuDNN kernel, not FlashAttention-4's (the worker's default where it runs, since lease 85)
     "compiled-no-fa4": Variant({**COMPILED, "fa4_attention": False}),
     "cache-fast-no-fa4": Variant({**COMPILED, "fa4_attention": False}, "fast"),
+    "fp8-compiled-no-fa4": Variant({**FP8, **COMPILED, "fa4_attention": False}),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
     "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }

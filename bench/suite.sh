@@ -154,6 +154,8 @@
 #            it, against eager's image; stock first. Needs bench/fa4_site.sh's two calls
 #   fa4u2    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with FA4 (the default) and without it
 #   fa4u4    the same at Ulysses-4: stock Ulysses-4 (torchrun), then the worker's with FA4 and without it
+#   fa4fp8   fp8 (--quantize fp8) with FA4's bf16 attention and without, against eager's image; then lossless
+#            started twice on one compile cache (cold, warm), FA4's kernels cached there too; stock first
 #   concur   whether an attention's last partial wave fills with a single block's MLP GEMM beside it
 #            (bench.concurrency), at one GPU's shapes and a Ulysses-2 rank's. No stock
 # NO_STOCK=1 leaves out the stock run of lanes that start with one (a later call on the same warm machine).
@@ -673,6 +675,18 @@ lane_fa4u4() {  # Ulysses-4 with FlashAttention-4 and without; stock Ulysses-4 f
   local P="python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --compile --repeats 3"
   $P --output-file "$1/u4_fa4.json"
   $P --no-fa4-attention --output-file "$1/u4_cudnn.json"
+}
+
+lane_fa4fp8() {  # fp8 with FlashAttention-4 and without, then a cold and a warm restart on one cache; stock first
+  stock "$1"
+  python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-no-fa4 --repeats 2 --reference all \
+    --output-file "$1/fp8.json"
+  export FLUXGATE_COMPILE_CACHE_DIR=/tmp/restart-cache
+  local run
+  for run in cold warm; do
+    python3 -m bench.pipeline --variants compiled --repeats 1 --reference none --output-file "$1/restart_$run.json"
+  done
+  find /tmp/restart-cache/flash-attention-4 -type f | head -20 >"$1/fa4_cache.txt"
 }
 
 lane_concur() {  # the attention's last wave beside a GEMM (bench.concurrency)
