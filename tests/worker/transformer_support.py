@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,3 +49,15 @@ def inputs(dtype: torch.dtype) -> dict[str, Any]:
 
 def relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt())
+
+
+@torch.no_grad()
+def compiled_error(prepare: Callable[[FluxTransformer2DModel], object]) -> float:
+    """The relative RMS between the plain bf16 transformer's output and the same transformer prepared by
+    ``prepare``, its repeated blocks then compiled each in one graph (a graph break fails the compile)."""
+    bf16 = torch.bfloat16
+    expected = tiny_transformer(bf16)(**inputs(bf16))[0]
+    model = tiny_transformer(bf16)
+    prepare(model)
+    model.compile_repeated_blocks(fullgraph=True)
+    return relative_rms(model(**inputs(bf16))[0], expected)
