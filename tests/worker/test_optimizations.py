@@ -15,7 +15,7 @@ from shared.schemas import GenerationParams
 from tests.support import generation_params
 from worker.engine import FluxEngine
 from worker.optimizations.attention import AttentionBackendError, apply_attention_backend
-from worker.optimizations.compile import CompileConfig, apply_regional_compile, configure_compile_cache
+from worker.optimizations.compile import CompileConfig, apply_regional_compile
 from worker.optimizations.offload import OffloadConfig, apply_offload, component_bytes, plan_budget
 from worker.optimizations.vae import VaeError
 from worker.options import EngineOptions
@@ -142,8 +142,7 @@ def test_engine_options_reject_impossible_combinations() -> None:
 def test_regional_compile_compiles_each_repeated_block_and_sets_the_cache_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("TORCHINDUCTOR_CACHE_DIR", *FA4_CACHE_VARIABLES):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     pipe = build_tiny_pipeline("flux1")
     reference = run(build_tiny_pipeline("flux1"))
     apply_regional_compile(pipe, CompileConfig(cache_dir=str(tmp_path / "cache"), backend="eager"))
@@ -151,20 +150,3 @@ def test_regional_compile_compiles_each_repeated_block_and_sets_the_cache_dir(
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "cache").resolve())
     assert run(pipe).tobytes() == reference.tobytes()
-
-
-FA4_CACHE_VARIABLES = ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
-
-
-def test_the_compile_cache_dir_holds_flash_attention_4s_kernels_unless_the_operator_chose(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name in ("TORCHINDUCTOR_CACHE_DIR", *FA4_CACHE_VARIABLES):
-        monkeypatch.delenv(name, raising=False)
-    configure_compile_cache(str(tmp_path / "cache"))
-    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
-    expected = (tmp_path / "cache" / "flash-attention-4").resolve()
-    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(expected)
-    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "/elsewhere")
-    configure_compile_cache(str(tmp_path / "cache"))
-    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == "/elsewhere"

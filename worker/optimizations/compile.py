@@ -22,16 +22,12 @@ class CompileConfig:
 
 
 def configure_compile_cache(cache_dir: str) -> None:
-    """Point inductor's caches at ``cache_dir`` (read by torch when it compiles, so set before), and
-    FlashAttention-4's (``worker.optimizations.fa4_attention``: read when ``flash_attn.cute`` is first
-    imported, at the first attention; a variable the operator set is kept)."""
+    """Point inductor's caches at ``cache_dir`` (read by torch when it compiles, so set before)."""
     path = Path(cache_dir).resolve()
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
     os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
-    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
-    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(path / "flash-attention-4"))
 
 
 def apply_regional_compile(pipe: Any, config: CompileConfig) -> None:
