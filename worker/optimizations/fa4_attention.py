@@ -1,9 +1,10 @@
 """FlashAttention-4's Hopper kernel as the fused processor's attention (``--no-fa4-attention`` turns it off).
 
 The fused query/key processor (``worker.optimizations.qk_norm_rope``) attended through SDPA's cuDNN kernel.
-``flash-attn-4`` (``flash_attn.cute``: CuTe DSL kernels, compiled in about 2 s at a process's first call,
-not per shape) has a Hopper forward kernel that is faster at FLUX.1's shapes, bf16 in and out, replayed
-from CUDA graphs (``bench.fa4_check``, lease 84, one H100; µs a call, sustained over ~1 s of calls):
+``flash-attn-4`` (``flash_attn.cute``: CuTe DSL kernels; the DSL imported and the kernel compiled at a
+process's first call, ~10.5 s in the warm-up, not per shape) has a Hopper forward kernel that is faster at
+FLUX.1's shapes, bf16 in and out, replayed from CUDA graphs (``bench.fa4_check``, lease 84, one H100; µs a
+call, sustained over ~1 s of calls):
 
 ====================================  ======  =====  =====
 heads of 128, 4,608 tokens            cuDNN   FA4    FA4 / cuDNN
