@@ -420,6 +420,9 @@ def run_prepared(
             tables.table_bytes = args.table_bytes
         result["modulation_table_bytes"] = args.table_bytes
     result["fp8_layers"] = fp8_layer_count(pipe.transformer)
+    # attention modules whose processor attends through FlashAttention-4 (worker.optimizations.fa4_attention)
+    processors = [getattr(module, "processor", None) for module in pipe.transformer.modules()]
+    result["fa4_attention_modules"] = sum(bool(getattr(processor, "fa4", False)) for processor in processors)
     compiled = options.compile or variant.whole is not None
     result.update(measure(engine, variant, args.repeats, params, compiled))
     # the restart figure: worker start to first image, beyond loading (here: building) the weights

@@ -79,7 +79,20 @@ def test_fa4_is_used_only_on_a_hopper_gpu_with_the_package(monkeypatch: pytest.M
     monkeypatch.setattr(fa4.importlib.util, "find_spec", lambda name: None)
     assert "fluxgate[fa4-attention]" in str(fa4.fa4_unavailable(cuda))
     monkeypatch.setattr(fa4.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(fa4, "trial_call", lambda device: None)
     assert fa4.fa4_unavailable(cuda) is None
+
+
+def test_an_install_that_fails_its_trial_call_keeps_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(fa4.importlib.util, "find_spec", lambda name: object())
+
+    def broken(device: torch.device) -> None:
+        raise ImportError("libcute_dsl_runtime.so: cannot open shared object file")
+
+    monkeypatch.setattr(fa4, "trial_call", broken)
+    reason = str(fa4.fa4_unavailable(torch.device("cuda", 0)))
+    assert "trial call failed: ImportError: libcute_dsl_runtime.so" in reason
 
 
 @torch.no_grad()

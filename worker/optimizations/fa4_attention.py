@@ -23,8 +23,8 @@ them, and the output is written token-major, as ``to_out`` reads it.
 
 ``fluxgate::fa4_attention`` is the op: (batch, tokens, heads, head_dim) bf16 or fp16, the last dimension
 contiguous; opaque to the compiler. On CUDA it runs FA4; elsewhere SDPA's math (for the CPU tests). Where FA4
-cannot run (no Hopper GPU, the package missing, another dtype) the processor keeps SDPA: ``fa4_unavailable``
-says why, and the engine logs it at start.
+cannot run (no Hopper GPU, the package missing or failing its trial call at load, another dtype) the processor
+keeps SDPA: ``fa4_unavailable`` says why, and the engine logs it at start.
 """
 
 from __future__ import annotations
@@ -85,4 +85,16 @@ def fa4_unavailable(device: torch.device) -> str | None:
         found = False
     if not found:
         return "flash-attn-4 is not installed (pip install 'fluxgate[fa4-attention]')"
+    try:
+        trial_call(device)
+    except Exception as error:  # a broken install, or a kernel this GPU or driver cannot build or run
+        return f"FlashAttention-4's trial call failed: {type(error).__name__}: {str(error)[:300]}"
     return None
+
+
+def trial_call(device: torch.device) -> None:
+    """One small bf16 attention through the op: imports the CuTe DSL and compiles the kernel (keyed by dtype
+    and head dim, not by shape, so the warm-up's calls reuse it), at load rather than at the first job."""
+    trial = torch.zeros(1, 128, 1, 128, device=device, dtype=torch.bfloat16)
+    fa4_attention(trial, trial, trial)
+    torch.cuda.synchronize(device)
