@@ -73,7 +73,8 @@ def takes(query: torch.Tensor) -> bool:
 
 
 def fa4_unavailable(device: torch.device) -> str | None:
-    """Why FA4 cannot attend on ``device`` (``None``: it can). Hopper only: the GPU it was measured on."""
+    """Why FA4 cannot attend on ``device`` (``None``: it can): Hopper only, the GPU it was measured on; the
+    package installed; and, where both hold, a trial call that succeeds (``trial_call``)."""
     if device.type != "cuda":
         return "FlashAttention-4 needs a CUDA GPU"
     major, minor = torch.cuda.get_device_capability(device)
