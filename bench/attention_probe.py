@@ -7,12 +7,25 @@ FLUX's processors hand over ([B, S, H, D] transposed), to see what layout costs 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def errors(got: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """``got`` against ``truth`` (fp32): relative L2, max abs difference, PSNR on ``truth``'s peak."""
+    difference = got.float() - truth
+    mse = difference.square().mean().item()
+    peak = truth.abs().max().item()
+    return {
+        "relative_l2": round(difference.norm().item() / truth.norm().item(), 6),
+        "max_abs": round(difference.abs().max().item(), 6),
+        "psnr_db": round(10 * math.log10(peak * peak / mse), 2) if mse else float("inf"),
+    }
 
 
 def report(result: dict[str, Any], output_file: str | None) -> None:

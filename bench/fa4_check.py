@@ -14,7 +14,7 @@ replayed from CUDA graphs (which FA4's calls must survive to be of use to the wo
 
 each in short bursts (20 calls a graph, 5 replays) and sustained (``--sustained-replays``, ~1 s of work:
 the card holds its power cap, and the rates inside an image are the sustained ones). Every FA4 output is
-compared with cuDNN's (max abs difference, relative L2) and with fp32 attention on the first head; each
+compared with cuDNN's (max abs difference, relative L2, PSNR) and with fp32 attention on the first head; each
 variant's first call (its compile) is timed. A variant FA4 refuses is reported with its error.
 """
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.attention_probe import graph_ms, report, time_ms
+from bench.attention_probe import errors, graph_ms, report, time_ms
 
 TOKENS, HEAD_DIM = 4096 + 512, 128
 
@@ -52,14 +52,6 @@ def fa4(
         return _flash_attn_fwd(q, k, v, tile_mn=tile)[0]
 
     return run
-
-
-def differences(got: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
-    difference = got.float() - truth.float()
-    return {
-        "max_abs": round(difference.abs().max().item(), 6),
-        "relative_l2": round(difference.norm().item() / truth.float().norm().item(), 6),
-    }
 
 
 def fp32_first_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -94,12 +86,12 @@ def measure(heads: int, tiles: list[tuple[int, int] | None], sustained_replays: 
         for _ in range(3)
     )
     flops = 4.0 * heads * TOKENS * TOKENS * HEAD_DIM
-    reference = cudnn(q, k, v)()
+    reference = cudnn(q, k, v)().float()
     truth = fp32_first_head(q, k, v)
     result: dict[str, Any] = {
         "cudnn": {
             **timed(cudnn(q, k, v), flops, sustained_replays),
-            "vs_fp32_first_head": differences(reference[:, :, :1], truth),
+            "vs_fp32_first_head": errors(reference[:, :, :1], truth),
         }
     }
     for tile in tiles:
@@ -113,8 +105,8 @@ def measure(heads: int, tiles: list[tuple[int, int] | None], sustained_replays: 
             result[name] = {
                 "first_call_s": round(first_s, 2),
                 **timed(fn, flops, sustained_replays),
-                "vs_cudnn": differences(out, reference),
-                "vs_fp32_first_head": differences(out[:, :, :1], truth),
+                "vs_cudnn": errors(out, reference),
+                "vs_fp32_first_head": errors(out[:, :, :1], truth),
             }
         except Exception as error:  # a tile FA4 does not build is a finding, not a failure of the check
             result[name] = {"error": f"{type(error).__name__}: {str(error)[:400]}"}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.attention_probe import graph_ms, report
+from bench.attention_probe import errors, graph_ms, report
 from worker.optimizations import fp8_attention as fa
 from worker.optimizations import fp8_attention_cudnn as cudnn_graphs
 from worker.optimizations.qk_norm_rope import qk_norm_rope, reference
@@ -30,17 +30,6 @@ def normed(tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """RMSNorm per head, then head-major storage viewed token-major (the fused kernel's layout)."""
     x = F.rms_norm(tokens.float(), (HEAD_DIM,), weight.float(), 1e-6).to(torch.bfloat16)
     return x.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def errors(got: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
-    difference = got.float() - truth
-    mse = difference.square().mean().item()
-    peak = truth.abs().max().item()
-    return {
-        "relative_l2": round(difference.norm().item() / truth.norm().item(), 6),
-        "max_abs": round(difference.abs().max().item(), 6),
-        "psnr_db": round(10 * math.log10(peak * peak / mse), 2) if mse else float("inf"),
-    }
 
 
 def probe_output_types(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> dict[str, str]:
