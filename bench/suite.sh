@@ -197,13 +197,16 @@ lane_fp8u2() {  # fp8 weights under Ulysses-2 (the image is compared with the on
   python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --quantize fp8 --output-file "$1/fp8_ulysses2.json"
 }
 
-lane_restart() {  # worker restart: the same fp8 compiled engine in two fresh processes, one cache dir
+restarts() {  # DIR VARIANT NAME: the variant's engine in two fresh processes on one cache dir (cold, warm)
   export FLUXGATE_COMPILE_CACHE_DIR=/tmp/restart-cache
   local run
   for run in cold warm; do
-    python3 -m bench.pipeline --variants fp8-compiled --repeats 1 --reference none \
-      --output-file "$1/fp8_$run.json"
+    python3 -m bench.pipeline --variants "$2" --repeats 1 --reference none --output-file "$1/$3_$run.json"
   done
+}
+
+lane_restart() {  # worker restart: the same fp8 compiled engine in two fresh processes, one cache dir
+  restarts "$1" fp8-compiled fp8
 }
 
 lane_mgpu4() {
@@ -663,30 +666,26 @@ lane_fa4() {  # FlashAttention-4 against cuDNN: the kernels, then lossless and `
     --reference all --output-file "$1/fa4.json"
 }
 
+fa4_group() {  # DIR N: Ulysses-N with FlashAttention-4 and without; stock Ulysses-N (torchrun) first
+  torchrun --nproc-per-node "$2" --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus $2 --ulysses-degree $2 --compile --repeats 3"
+  $P --output-file "$1/u$2_fa4.json"
+  $P --no-fa4-attention --output-file "$1/u$2_cudnn.json"
+}
+
 lane_fa4u2() {  # Ulysses-2 with FlashAttention-4 and without; stock Ulysses-2 first
-  torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
-  local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
-  $P --output-file "$1/u2_fa4.json"
-  $P --no-fa4-attention --output-file "$1/u2_cudnn.json"
+  fa4_group "$1" 2
 }
 
 lane_fa4u4() {  # Ulysses-4 with FlashAttention-4 and without; stock Ulysses-4 first
-  torchrun --nproc-per-node 4 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
-  local P="python3 -m bench.parallel --num-gpus 4 --ulysses-degree 4 --compile --repeats 3"
-  $P --output-file "$1/u4_fa4.json"
-  $P --no-fa4-attention --output-file "$1/u4_cudnn.json"
+  fa4_group "$1" 4
 }
 
 lane_fa4fp8() {  # fp8 with FlashAttention-4 and without, then a cold and a warm restart on one cache; stock first
   stock "$1"
   python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-no-fa4 --repeats 2 --reference all \
     --output-file "$1/fp8.json"
-  export FLUXGATE_COMPILE_CACHE_DIR=/tmp/restart-cache
-  local run
-  for run in cold warm; do
-    python3 -m bench.pipeline --variants compiled --repeats 1 --reference none --output-file "$1/restart_$run.json"
-  done
-  find /tmp/restart-cache/flash-attention-4 -type f | head -20 >"$1/fa4_cache.txt"
+  restarts "$1" compiled restart
 }
 
 lane_concur() {  # the attention's last wave beside a GEMM (bench.concurrency)
