@@ -152,6 +152,8 @@
 #   fa4      FlashAttention-4's attention (the default where flash-attn-4 runs) against SDPA's cuDNN kernel:
 #            the kernels alone at FLUX.1's shapes (bench.fa4_check), then lossless and `fast` with and without
 #            it, against eager's image; stock first. Needs bench/fa4_site.sh's two calls
+#   h100u2   issue 10 on its card: stock Ulysses-2, ours profiled, Ring-2, then one GPU of the pair (scaling)
+#   gemmalgos  cuBLASLt's ranked candidates for each FLUX.1 GEMM against torch's call, sustained (bench.gemm_algos)
 #   fa4u2    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with FA4 (the default) and without it
 #   fa4u4    the same at Ulysses-4: stock Ulysses-4 (torchrun), then the worker's with FA4 and without it
 #   fa4fp8   fp8 (--quantize fp8) with FA4's bf16 attention and without, against eager's image; then lossless
@@ -686,6 +688,20 @@ lane_fa4fp8() {  # fp8 with FlashAttention-4 and without, then a cold and a warm
   python3 -m bench.pipeline --variants fp8-compiled,fp8-compiled-no-fa4 --repeats 2 --reference all \
     --output-file "$1/fp8.json"
   restarts "$1" compiled restart
+}
+
+lane_h100u2() {  # issue 10's card: stock Ulysses-2, ours (profiled), Ring-2, then one GPU of the pair for the scaling
+  torchrun --nproc-per-node 2 --master-port 29619 .gpu/stock_diffusers_flux1_dev_cp.py >"$1/stock_cp.log" 2>&1
+  local P="python3 -m bench.parallel --num-gpus 2 --compile --repeats 3"
+  $P --ulysses-degree 2 --profile --output-file "$1/u2.json"
+  $P --ring-degree 2 --output-file "$1/ring2.json"
+  CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*} python3 -m bench.pipeline --variants compiled --repeats 2 \
+    --reference none --output-file "$1/one_gpu.json"
+}
+
+lane_gemmalgos() {  # cuBLASLt's other candidates for each GEMM shape, timed at the power cap (a diagnosis)
+  python3 -m bench.gemm_algos --candidates 8 --seconds 0.3 --sequence-parallel 1 --sequence-parallel 2 \
+    --output-file "$1/gemm_algos.json"
 }
 
 lane_concur() {  # the attention's last wave beside a GEMM (bench.concurrency)
