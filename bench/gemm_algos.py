@@ -28,7 +28,8 @@ from bench.gemm_check import Shape, launched, operation, shapes
 
 # cublasLt.h (stable since CUDA 11.x)
 CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF = 68, 0, 14
-DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8
+DESC_POINTER_MODE, DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 2, 3, 4, 7, 8
+POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST = 4  # alpha: a device vector over D's rows (our output features)
 PREF_MAX_WORKSPACE_BYTES = 1
 EPILOGUE = {"mm": 1, "accumulate": 1, "linear": 4, "gelu": 36}  # DEFAULT, BIAS, GELU_BIAS
 # cublasLtMatmulAlgoConfigAttributes_t: the fields that tell candidates apart
@@ -77,6 +78,10 @@ class Problem:
     bias: torch.Tensor
     out: torch.Tensor
     handles: dict[str, ctypes.c_void_p] = dataclasses.field(default_factory=dict)
+    # gated: ``out = gate * (x @ weight.T) + residual (+ bias)``, the gate (fp32) scaling each output
+    # feature (cuBLASLt's alpha vector), the residual read as C with beta = 1
+    gate: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
 
 
 class Lt:
@@ -123,6 +128,9 @@ class Lt:
         self._set(set_desc, desc, DESC_TRANSA, ctypes.c_int32(1))
         self._set(set_desc, desc, DESC_TRANSB, ctypes.c_int32(0))
         self._set(set_desc, desc, DESC_EPILOGUE, ctypes.c_uint32(EPILOGUE[shape.op]))
+        if problem.gate is not None:
+            mode = ctypes.c_int32(POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST)
+            self._set(set_desc, desc, DESC_POINTER_MODE, mode)
         if shape.op in ("linear", "gelu"):
             self._set(set_desc, desc, DESC_BIAS_POINTER, ctypes.c_void_p(problem.bias.data_ptr()))
         preference = ctypes.c_void_p()
@@ -179,24 +187,34 @@ class Lt:
         """A call of the GEMM with ``algo`` on torch's current stream (capturable in a CUDA graph)."""
         handles = problem.handles
         alpha = ctypes.c_float(1.0)
-        beta = ctypes.c_float(1.0 if problem.shape.op == "accumulate" else 0.0)
+        accumulates = problem.shape.op == "accumulate" or problem.residual is not None
+        beta = ctypes.c_float(1.0 if accumulates else 0.0)
         chosen = Algo()
         ctypes.memmove(ctypes.byref(chosen), ctypes.byref(algo), ctypes.sizeof(Algo))
-        pointers = [problem.weight.data_ptr(), problem.x.data_ptr(), problem.out.data_ptr()]
-        weight, x, out = (ctypes.c_void_p(pointer) for pointer in pointers)
+        c_matrix = problem.residual if problem.residual is not None else problem.out
+        pointers = [
+            problem.weight.data_ptr(),
+            problem.x.data_ptr(),
+            problem.out.data_ptr(),
+            c_matrix.data_ptr(),
+        ]
+        weight, x, out, c = (ctypes.c_void_p(pointer) for pointer in pointers)
+        scale: Any = ctypes.byref(alpha)
+        if problem.gate is not None:
+            scale = ctypes.c_void_p(problem.gate.data_ptr())
 
         def call() -> torch.Tensor:
             _check(
                 self.lib.cublasLtMatmul(
                     self.handle,
                     handles["desc"],
-                    ctypes.byref(alpha),
+                    scale,
                     weight,
                     handles["a"],
                     x,
                     handles["b"],
                     ctypes.byref(beta),
-                    out,
+                    c,
                     handles["d"],
                     out,
                     handles["d"],
@@ -303,11 +321,91 @@ def check_shape(lt: Lt, shape: Shape, count: int, seconds: float) -> dict[str, A
     return row
 
 
+def first_runner(lt: Lt, problem: Problem) -> tuple[Callable[[], torch.Tensor], str]:
+    """cuBLASLt's own pick for ``problem`` as a call, and its kernel's name."""
+    lt.describe(problem)
+    candidates = lt.candidates(problem, 1)
+    if not candidates:
+        raise RuntimeError(f"cuBLASLt has no algorithm for {problem.shape.name}")
+    call = lt.runner(problem, candidates[0].algo)
+    kernels = [name for name in launched(call) if name != "Memset"]
+    return call, kernels[0] if kernels else "?"
+
+
+def gated_case(lt: Lt, rows: int, parts: tuple[int, ...], seconds: float, gating: Any) -> dict[str, Any]:
+    """One gated output projection over ``parts`` (its inputs' widths) at ``rows`` tokens, both ways."""
+    generator = torch.Generator("cuda").manual_seed(0)
+    kwargs: dict[str, Any] = {"generator": generator, "device": "cuda", "dtype": torch.bfloat16}
+    inputs = [torch.randn(rows, width, **kwargs) for width in parts]
+    weight = torch.randn(3072, sum(parts), **kwargs) * 0.02
+    bias, gate = torch.randn(3072, **kwargs), torch.randn(3072, **kwargs) * 0.5
+    residual = torch.randn(rows, 3072, **kwargs)
+    starts = [sum(parts[:i]) for i in range(len(parts))]
+    views = [weight[:, start : start + width] for start, width in zip(starts, parts, strict=True)]
+
+    def worker() -> torch.Tensor:
+        projected = torch.mm(inputs[0], views[0].t())
+        for extra, view in zip(inputs[1:], views[1:], strict=True):
+            projected.addmm_(extra, view.t())
+        return gating(residual, gate, projected, bias)
+
+    gate32 = gate.float()
+    gated_bias = (gate32 * bias.float()).to(torch.bfloat16)
+    out = torch.empty(rows, 3072, device="cuda", dtype=torch.bfloat16)
+    calls, kernels = [], []
+    for index, (x, view) in enumerate(zip(inputs, views, strict=True)):
+        op = "accumulate" if index else "linear"
+        shape = Shape(f"gated part {index}", rows, x.shape[1], 3072, 1, op)
+        problem = Problem(shape, x, view, gated_bias, out, gate=gate32, residual=None if index else residual)
+        call, kernel = first_runner(lt, problem)
+        calls.append(call)
+        kernels.append(kernel)
+
+    def gated() -> torch.Tensor:
+        for call in calls:
+            call()
+        return out
+
+    projections = sum(x.float() @ view.float().t() for x, view in zip(inputs, views, strict=True))
+    truth = residual.float() + gate32 * (projections + bias.float())
+    worker_us, gated_us = sustained_us(worker, seconds), sustained_us(gated, seconds)
+    return {
+        "rows": rows,
+        "worker_us": round(worker_us, 2),
+        "worker_kernels": launched(worker),
+        "gated_us": round(gated_us, 2),
+        "gated_kernels": kernels,
+        "gated_vs_worker": round(gated_us / worker_us, 4),
+        "worker_max_abs_err": (worker().float() - truth).abs().max().item(),
+        "gated_max_abs_err": (gated().float() - truth).abs().max().item(),
+    }
+
+
+def gated_check(lt: Lt, tokens: int, seconds: float) -> dict[str, Any]:
+    """A single block's ``residual + gate * proj_out(cat(attention, mlp))`` as the worker runs it (two GEMMs,
+    the second accumulating, then inductor's gating kernel) against two gated GEMMs that leave nothing
+    after them: ``gate * (attention @ W_a.T) + residual + gate * bias``, then ``gate * (mlp @ W_m.T)`` added
+    in place. The same for a double block's feed-forward output (one GEMM and its gating kernel, or one
+    gated GEMM). The gated forms' error against fp32 next to the worker's."""
+    gating = torch.compile(lambda residual, gate, projected, bias: residual + gate * (projected + bias))
+    cases = {"single block": (tokens, (3072, 12288)), "double ff out": (tokens * 4096 // 4608, (12288,))}
+    result: dict[str, Any] = {}
+    for case, (rows, parts) in cases.items():
+        try:
+            result[case] = gated_case(lt, rows, parts, seconds, gating)
+        except RuntimeError as error:  # no algorithm for the alpha vector, say
+            result[case] = {"error": str(error)[:200]}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=int, default=12, help="how many of cuBLASLt's to ask for")
     parser.add_argument("--seconds", type=float, default=0.4, help="sustained stretch per timing")
     parser.add_argument("--sequence-parallel", type=int, action="append", help="1 (one GPU), 2, ...")
+    parser.add_argument(
+        "--gated", action="store_true", help="only the gated GEMMs against the worker's gating"
+    )
     parser.add_argument("--output-file", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -316,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "seconds": args.seconds}
     heat = operation(shapes(1)[-1])
     sustained_us(heat, 3.0)  # the card at its power cap before the first timing
+    if args.gated:
+        for degree in args.sequence_parallel or [1]:
+            result[f"gated_sequence_parallel_{degree}"] = gated_check(lt, 4608 // degree, args.seconds)
+        report(result, args.output_file)
+        return 0
     for degree in args.sequence_parallel or [1]:
         checked = [check_shape(lt, shape, args.candidates, args.seconds) for shape in worker_shapes(degree)]
         table = {shape.name: row for shape, row in zip(worker_shapes(degree), checked, strict=True)}
