@@ -9,6 +9,17 @@ tanh GELU, none, or accumulating into the output), and times each candidate and 
 replayed CUDA graph for a sustained stretch, the card held at its cap by the stretches before it. The
 result: per shape the fastest candidate against torch's call, its kernel, its output against torch's, and
 a step's GEMM milliseconds with torch's calls against the best candidates.
+
+Lease 94 (H100): cuBLASLt ranks torch's kernel first for every shape, and none of its next seven is faster
+beyond the timings' noise (the same kernel timed twice differs by up to 7% on the small text shapes): a
+step's GEMMs 89.6 ms with torch's calls, 89.2 ms with the best candidate of each shape. Timed alone at the
+cap, they take longer than inside the image (2.51 against 2.46 s for 28 steps): the GEMMs already run at
+the card's sustained rate.
+
+``--gated`` asks whether cuBLASLt could absorb the gating kernels after the output projections: its alpha
+as a device vector (one scale per output feature: the gate) with the residual read as C. Lease 97: cuBLASLt
+has no algorithm for a device-vector alpha on bf16 GEMMs (``CUBLAS_STATUS_NOT_SUPPORTED`` in both pointer
+modes, whatever the epilogue), so that fusion needs a GEMM of our own.
 """
 
 from __future__ import annotations
@@ -82,6 +93,7 @@ class Problem:
     # feature (cuBLASLt's alpha vector), the residual read as C with beta = 1
     gate: torch.Tensor | None = None
     residual: torch.Tensor | None = None
+    pointer_mode: int = POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST  # with a gate
 
 
 class Lt:
@@ -129,8 +141,7 @@ class Lt:
         self._set(set_desc, desc, DESC_TRANSB, ctypes.c_int32(0))
         self._set(set_desc, desc, DESC_EPILOGUE, ctypes.c_uint32(EPILOGUE[shape.op]))
         if problem.gate is not None:
-            mode = ctypes.c_int32(POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST)
-            self._set(set_desc, desc, DESC_POINTER_MODE, mode)
+            self._set(set_desc, desc, DESC_POINTER_MODE, ctypes.c_int32(problem.pointer_mode))
         if shape.op in ("linear", "gelu"):
             self._set(set_desc, desc, DESC_BIAS_POINTER, ctypes.c_void_p(problem.bias.data_ptr()))
         preference = ctypes.c_void_p()
@@ -381,6 +392,32 @@ def gated_case(lt: Lt, rows: int, parts: tuple[int, ...], seconds: float, gating
     }
 
 
+def pointer_mode_support(lt: Lt, rows: int) -> dict[str, str]:
+    """Whether cuBLASLt has any algorithm for a bf16 GEMM with a device vector as alpha (pointer modes 3,
+    beta zero, and 4, beta on the host), for each epilogue the gated forms need: lease 97 found none."""
+    kwargs: dict[str, Any] = {"device": "cuda", "dtype": torch.bfloat16}
+    x, weight = torch.randn(rows, 3072, **kwargs), torch.randn(3072, 3072, **kwargs)
+    bias, out, gate = (
+        torch.randn(3072, **kwargs),
+        torch.empty(rows, 3072, **kwargs),
+        torch.ones(3072, device="cuda"),
+    )
+    support = {}
+    for mode in (3, POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST):
+        for op in ("mm", "linear", "accumulate"):
+            problem = Problem(Shape("probe", rows, 3072, 3072, 1, op), x, weight, bias, out, gate=gate)
+            lt.describe(problem)
+            mode_value = ctypes.c_int32(mode)
+            lt._set(
+                lt.lib.cublasLtMatmulDescSetAttribute, problem.handles["desc"], DESC_POINTER_MODE, mode_value
+            )
+            try:
+                support[f"mode {mode}, {op}"] = f"{len(lt.candidates(problem, 4))} algorithms"
+            except RuntimeError as error:
+                support[f"mode {mode}, {op}"] = str(error)
+    return support
+
+
 def gated_check(lt: Lt, tokens: int, seconds: float) -> dict[str, Any]:
     """A single block's ``residual + gate * proj_out(cat(attention, mlp))`` as the worker runs it (two GEMMs,
     the second accumulating, then inductor's gating kernel) against two gated GEMMs that leave nothing
@@ -389,7 +426,7 @@ def gated_check(lt: Lt, tokens: int, seconds: float) -> dict[str, Any]:
     gated GEMM). The gated forms' error against fp32 next to the worker's."""
     gating = torch.compile(lambda residual, gate, projected, bias: residual + gate * (projected + bias))
     cases = {"single block": (tokens, (3072, 12288)), "double ff out": (tokens * 4096 // 4608, (12288,))}
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"alpha_vector_support": pointer_mode_support(lt, tokens)}
     for case, (rows, parts) in cases.items():
         try:
             result[case] = gated_case(lt, rows, parts, seconds, gating)
