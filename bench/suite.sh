@@ -155,6 +155,7 @@
 #   h100u2   issue 10 on its card: stock Ulysses-2, ours profiled, Ring-2, then one GPU of the pair (scaling)
 #   gemmalgos  cuBLASLt's ranked candidates for each FLUX.1 GEMM against torch's call, sustained (bench.gemm_algos)
 #   fa4first Ulysses-2's first image after the warm-up: without FA4 on a cold compile cache, then with it
+#   quack    quack's GEMMs against cuBLAS at FLUX.1's shapes, and the gating in their epilogue (bench.quack_check)
 #   fa4u2    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with FA4 (the default) and without it
 #   fa4u4    the same at Ulysses-4: stock Ulysses-4 (torchrun), then the worker's with FA4 and without it
 #   fa4fp8   fp8 (--quantize fp8) with FA4's bf16 attention and without, against eager's image; then lossless
@@ -709,6 +710,10 @@ lane_fa4first() {  # the group's first image after its warm-up: cuDNN first (col
   local P="python3 -m bench.parallel --num-gpus 2 --ulysses-degree 2 --compile --repeats 3"
   $P --no-fa4-attention --output-file "$1/u2_cudnn_cold.json"
   $P --output-file "$1/u2_fa4_warm.json"
+}
+
+lane_quack() {  # quack's CuTe DSL GEMMs against cuBLAS at FLUX.1's shapes, and with the gating in their epilogue
+  python3 -m bench.quack_check --output-file "$1/quack.json"
 }
 
 lane_concur() {  # the attention's last wave beside a GEMM (bench.concurrency)

@@ -1,0 +1,153 @@
+"""quack's CuTe DSL GEMMs at FLUX.1's shapes against cuBLAS, and with the gating in their epilogue.
+
+What is left of the lossless image's time beside the GEMMs and the attention is memory-bound glue
+between them (lease 96): the query/key norms and RoPE (0.068 s an image), the gating after the output
+projections (0.060 s), the LayerNorms (0.054 s). cuBLASLt cannot take the gating into its epilogue (lease
+97), and its algorithms already run at the card's rate (lease 94). quack (``quack-kernels``, Tri Dao's
+CuTe DSL kernels, installed with FlashAttention-4) has Hopper GEMMs whose epilogues are Python functions
+over the accumulator, including the per-head RMSNorm and RoPE. Fusing the glue pays only if its GEMMs
+match cuBLAS's rate at these shapes: this check times both, sustained at the card's power cap.
+
+    python -m bench.quack_check --output-file quack.json      # on the device, after bench/fa4_site.sh
+
+Per shape: torch's call (cuBLAS) against quack's ``gemm`` / ``gemm_act`` (its default configuration, and
+autotuned with ``--tuned``). Then a single block's gated output projection as the worker runs it (two
+cuBLAS GEMMs, the second accumulating, and inductor's gating kernel) against two quack GEMMs with the
+gating in their epilogues (the residual as C, the second added into the output), and a double block's
+feed-forward output the same way. Each with its error against fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+
+from bench.attention_probe import report
+from bench.gemm_algos import sustained_us, worker_shapes
+from bench.gemm_check import Shape, launched, operation
+
+SHAPES = ("single q/k/v", "single mlp in (GELU)", "single out, mlp part", "double image ff out")
+
+
+def quack_call(shape: Shape, tuned: bool) -> Callable[[], torch.Tensor]:
+    """quack's GEMM on ``operation(shape)``'s tensors (the same seed and draws), the same epilogue."""
+    from quack.gemm_interface import gemm, gemm_act
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    kwargs: dict[str, Any] = {"generator": generator, "device": "cuda", "dtype": torch.bfloat16}
+    x = torch.randn(shape.tokens, shape.inputs, **kwargs)
+    weight = torch.randn(shape.outputs, shape.inputs, **kwargs) * 0.02
+    bias = torch.randn(shape.outputs, **kwargs)
+    if shape.op == "gelu":
+        return lambda: gemm_act(
+            x, weight.t(), bias=bias, activation="gelu_tanh_approx", store_preact=False, tuned=tuned
+        )[1]
+    if shape.op == "accumulate":
+        out = torch.zeros(shape.tokens, shape.outputs, device="cuda", dtype=torch.bfloat16)
+        return lambda: gemm(x, weight.t(), out=out, tuned=tuned)
+    return lambda: gemm(x, weight.t(), bias=bias if shape.op == "linear" else None, tuned=tuned)
+
+
+def torch_call(shape: Shape) -> Callable[[], torch.Tensor]:
+    if shape.op == "accumulate":  # time the GEMM as cuBLAS runs it with beta = 1 (the worker's form)
+        generator = torch.Generator("cuda").manual_seed(0)
+        kwargs: dict[str, Any] = {"generator": generator, "device": "cuda", "dtype": torch.bfloat16}
+        x = torch.randn(shape.tokens, shape.inputs, **kwargs)
+        weight = torch.randn(shape.outputs, shape.inputs, **kwargs) * 0.02
+        out = torch.zeros(shape.tokens, shape.outputs, device="cuda", dtype=torch.bfloat16)
+        return lambda: out.addmm_(x, weight.t())
+    return operation(shape)
+
+
+def shape_row(shape: Shape, seconds: float, tuned: bool) -> dict[str, Any]:
+    flops = 2 * shape.tokens * shape.inputs * shape.outputs
+    row: dict[str, Any] = {"tokens": shape.tokens, "inputs": shape.inputs, "outputs": shape.outputs}
+    cublas, quack = torch_call(shape), quack_call(shape, tuned)
+    if shape.op != "accumulate":
+        row["max_abs_diff"] = (quack().float() - cublas().float()).abs().max().item()
+    for name, call in (("cublas", cublas), ("quack", quack)):
+        us = sustained_us(call, seconds)
+        row[name] = {"us": round(us, 2), "tflop_s": round(flops / us / 1e6, 1), "kernels": launched(call)}
+    row["quack_vs_cublas"] = round(row["quack"]["us"] / row["cublas"]["us"], 4)
+    return row
+
+
+def gated_row(rows: int, parts: tuple[int, ...], seconds: float, tuned: bool) -> dict[str, Any]:
+    """``residual + gate * (cat(inputs) @ W.T + bias)``: the worker's cuBLAS GEMMs and gating kernel against
+    quack GEMMs with the gating in their epilogues."""
+    from bench import quack_epilogues
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    kwargs: dict[str, Any] = {"generator": generator, "device": "cuda", "dtype": torch.bfloat16}
+    inputs = [torch.randn(rows, width, **kwargs) for width in parts]
+    weight = torch.randn(3072, sum(parts), **kwargs) * 0.02
+    bias, gate = torch.randn(3072, **kwargs), torch.randn(3072, **kwargs) * 0.5
+    residual = torch.randn(rows, 3072, **kwargs)
+    starts = [sum(parts[:i]) for i in range(len(parts))]
+    views = [weight[:, start : start + width] for start, width in zip(starts, parts, strict=True)]
+    gating = torch.compile(lambda residual, gate, projected, bias: residual + gate * (projected + bias))
+
+    def worker() -> torch.Tensor:
+        projected = torch.mm(inputs[0], views[0].t())
+        for extra, view in zip(inputs[1:], views[1:], strict=True):
+            projected.addmm_(extra, view.t())
+        return gating(residual, gate, projected, bias)
+
+    out = torch.empty(rows, 3072, device="cuda", dtype=torch.bfloat16)
+
+    def fused() -> torch.Tensor:
+        quack_epilogues.gated_residual(
+            inputs[0], views[0].t(), residual, out={"D": out}, tuned=tuned, bias=bias, gate=gate
+        )
+        for extra, view in zip(inputs[1:], views[1:], strict=True):
+            quack_epilogues.gated(extra, view.t(), out={"D": out}, add_to_output=True, tuned=tuned, gate=gate)
+        return out
+
+    projections = sum(x.float() @ view.float().t() for x, view in zip(inputs, views, strict=True))
+    truth = residual.float() + gate.float() * (projections + bias.float())
+    return {
+        "rows": rows,
+        "worker_max_abs_err": (worker().float() - truth).abs().max().item(),
+        "fused_max_abs_err": (fused().float() - truth).abs().max().item(),
+        "worker_us": round(sustained_us(worker, seconds), 2),
+        "fused_us": round(sustained_us(fused, seconds), 2),
+        "worker_kernels": launched(worker),
+        "fused_kernels": launched(fused),
+    }
+
+
+def guarded(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return work()
+    except Exception as error:  # a DSL compile or an unsupported layout: report it, go on
+        return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=0.5, help="sustained stretch per timing")
+    parser.add_argument("--tuned", action="store_true", help="let quack autotune each shape (slow)")
+    parser.add_argument("--output-file", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "tuned": args.tuned}
+    sustained_us(operation(worker_shapes(1)[-1]), 3.0)  # the card at its power cap first
+    shapes = {shape.name: shape for shape in worker_shapes(1)}
+    result["shapes"] = {
+        name: guarded(partial(shape_row, shapes[name], args.seconds, args.tuned)) for name in SHAPES
+    }
+    result["gated"] = {
+        "single block": guarded(partial(gated_row, 4608, (3072, 12288), args.seconds, args.tuned)),
+        "double ff out": guarded(partial(gated_row, 4096, (12288,), args.seconds, args.tuned)),
+    }
+    report(result, args.output_file)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
