@@ -48,8 +48,9 @@ def time_ms(fn: Callable[[], object], repeats: int = 20) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def graph_ms(fn: Callable[[], Any], calls: int = 20, replays: int = 5) -> tuple[float, Any]:
-    """GPU milliseconds per call with the host out of the way: ``calls`` calls captured, replayed."""
+def captured(fn: Callable[[], Any], calls: int) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``calls`` calls of ``fn`` captured in a CUDA graph (after three warm-up calls on a side stream), and
+    the last call's output (written again at each replay)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -60,6 +61,12 @@ def graph_ms(fn: Callable[[], Any], calls: int = 20, replays: int = 5) -> tuple[
     with torch.cuda.graph(graph):
         for _ in range(calls):
             out = fn()
+    return graph, out
+
+
+def graph_ms(fn: Callable[[], Any], calls: int = 20, replays: int = 5) -> tuple[float, Any]:
+    """GPU milliseconds per call with the host out of the way: ``calls`` calls captured, replayed."""
+    graph, out = captured(fn, calls)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from bench.attention_probe import report
+from bench.attention_probe import captured, report
 from bench.gemm_check import Shape, launched, operation, shapes
 
 # cublasLt.h (stable since CUDA 11.x)
@@ -261,16 +261,7 @@ def problem_for(shape: Shape) -> tuple[Problem, Callable[[], torch.Tensor], torc
 def sustained_us(fn: Callable[[], Any], seconds: float, calls: int = 20) -> float:
     """µs a call of ``fn`` replayed from a CUDA graph back to back for ``seconds`` (after a short warm
     stretch): the rate the card holds at its power cap, not a burst's."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    graph, _ = captured(fn, calls)
     warm = time.perf_counter()
     while time.perf_counter() - warm < min(0.2, seconds / 4):
         graph.replay()
@@ -343,8 +334,38 @@ def first_runner(lt: Lt, problem: Problem) -> tuple[Callable[[], torch.Tensor], 
     return call, kernels[0] if kernels else "?"
 
 
-def gated_case(lt: Lt, rows: int, parts: tuple[int, ...], seconds: float, gating: Any) -> dict[str, Any]:
-    """One gated output projection over ``parts`` (its inputs' widths) at ``rows`` tokens, both ways."""
+@dataclass
+class GatedOperands:
+    """A block's gated output projection: ``residual + gate * (cat(inputs) @ weight.T + bias)``, the weight
+    as views over its input blocks (a single block's attention and MLP parts, or one feed-forward input)."""
+
+    inputs: list[torch.Tensor]
+    views: list[torch.Tensor]
+    bias: torch.Tensor
+    gate: torch.Tensor
+    residual: torch.Tensor
+
+    def worker(self, gating: Any) -> Callable[[], torch.Tensor]:
+        """The worker's way: cuBLAS GEMMs (the later parts added into the first's output), then ``gating``
+        (inductor's kernel for ``residual + gate * (projected + bias)``)."""
+
+        def call() -> torch.Tensor:
+            projected = torch.mm(self.inputs[0], self.views[0].t())
+            for extra, view in zip(self.inputs[1:], self.views[1:], strict=True):
+                projected.addmm_(extra, view.t())
+            return gating(self.residual, self.gate, projected, self.bias)
+
+        return call
+
+    def truth(self) -> torch.Tensor:
+        """The projection in fp32."""
+        pairs = zip(self.inputs, self.views, strict=True)
+        projections = sum(x.float() @ view.float().t() for x, view in pairs)
+        return self.residual.float() + self.gate.float() * (projections + self.bias.float())
+
+
+def gated_operands(rows: int, parts: tuple[int, ...]) -> GatedOperands:
+    """Seeded operands for a gated projection over ``parts`` (its inputs' widths) at ``rows`` tokens."""
     generator = torch.Generator("cuda").manual_seed(0)
     kwargs: dict[str, Any] = {"generator": generator, "device": "cuda", "dtype": torch.bfloat16}
     inputs = [torch.randn(rows, width, **kwargs) for width in parts]
@@ -353,21 +374,28 @@ def gated_case(lt: Lt, rows: int, parts: tuple[int, ...], seconds: float, gating
     residual = torch.randn(rows, 3072, **kwargs)
     starts = [sum(parts[:i]) for i in range(len(parts))]
     views = [weight[:, start : start + width] for start, width in zip(starts, parts, strict=True)]
+    return GatedOperands(inputs, views, bias, gate, residual)
 
-    def worker() -> torch.Tensor:
-        projected = torch.mm(inputs[0], views[0].t())
-        for extra, view in zip(inputs[1:], views[1:], strict=True):
-            projected.addmm_(extra, view.t())
-        return gating(residual, gate, projected, bias)
 
-    gate32 = gate.float()
-    gated_bias = (gate32 * bias.float()).to(torch.bfloat16)
+def gating_kernel() -> Any:
+    """``residual + gate * (projected + bias)`` compiled: one inductor kernel, as in the worker's blocks."""
+    return torch.compile(lambda residual, gate, projected, bias: residual + gate * (projected + bias))
+
+
+def gated_case(lt: Lt, rows: int, parts: tuple[int, ...], seconds: float, gating: Any) -> dict[str, Any]:
+    """One gated output projection at ``rows`` tokens, the worker's way and through cuBLASLt's alpha
+    vector."""
+    operands = gated_operands(rows, parts)
+    worker = operands.worker(gating)
+    gate32 = operands.gate.float()
+    gated_bias = (gate32 * operands.bias.float()).to(torch.bfloat16)
     out = torch.empty(rows, 3072, device="cuda", dtype=torch.bfloat16)
     calls, kernels = [], []
-    for index, (x, view) in enumerate(zip(inputs, views, strict=True)):
+    for index, (x, view) in enumerate(zip(operands.inputs, operands.views, strict=True)):
         op = "accumulate" if index else "linear"
         shape = Shape(f"gated part {index}", rows, x.shape[1], 3072, 1, op)
-        problem = Problem(shape, x, view, gated_bias, out, gate=gate32, residual=None if index else residual)
+        residual = None if index else operands.residual
+        problem = Problem(shape, x, view, gated_bias, out, gate=gate32, residual=residual)
         call, kernel = first_runner(lt, problem)
         calls.append(call)
         kernels.append(kernel)
@@ -377,8 +405,7 @@ def gated_case(lt: Lt, rows: int, parts: tuple[int, ...], seconds: float, gating
             call()
         return out
 
-    projections = sum(x.float() @ view.float().t() for x, view in zip(inputs, views, strict=True))
-    truth = residual.float() + gate32 * (projections + bias.float())
+    truth = operands.truth()
     worker_us, gated_us = sustained_us(worker, seconds), sustained_us(gated, seconds)
     return {
         "rows": rows,
@@ -424,7 +451,7 @@ def gated_check(lt: Lt, tokens: int, seconds: float) -> dict[str, Any]:
     after them: ``gate * (attention @ W_a.T) + residual + gate * bias``, then ``gate * (mlp @ W_m.T)`` added
     in place. The same for a double block's feed-forward output (one GEMM and its gating kernel, or one
     gated GEMM). The gated forms' error against fp32 next to the worker's."""
-    gating = torch.compile(lambda residual, gate, projected, bias: residual + gate * (projected + bias))
+    gating = gating_kernel()
     cases = {"single block": (tokens, (3072, 12288)), "double ff out": (tokens * 4096 // 4608, (12288,))}
     result: dict[str, Any] = {"alpha_vector_support": pointer_mode_support(lt, tokens)}
     for case, (rows, parts) in cases.items():

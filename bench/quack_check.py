@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from bench.attention_probe import report
-from bench.gemm_algos import sustained_us, worker_shapes
+from bench.gemm_algos import gated_operands, gating_kernel, sustained_us, worker_shapes
 from bench.gemm_check import Shape, launched, operation
 
 SHAPES = ("single q/k/v", "single mlp in (GELU)", "single out, mlp part", "double image ff out")
@@ -87,34 +87,26 @@ def gated_row(rows: int, parts: tuple[int, ...], seconds: float, tuned: bool) ->
     quack GEMMs with the gating in their epilogues."""
     from bench import quack_epilogues
 
-    generator = torch.Generator("cuda").manual_seed(0)
-    kwargs: dict[str, Any] = {"generator": generator, "device": "cuda", "dtype": torch.bfloat16}
-    inputs = [torch.randn(rows, width, **kwargs) for width in parts]
-    weight = torch.randn(3072, sum(parts), **kwargs) * 0.02
-    bias, gate = torch.randn(3072, **kwargs), torch.randn(3072, **kwargs) * 0.5
-    residual = torch.randn(rows, 3072, **kwargs)
-    starts = [sum(parts[:i]) for i in range(len(parts))]
-    views = [weight[:, start : start + width] for start, width in zip(starts, parts, strict=True)]
-    gating = torch.compile(lambda residual, gate, projected, bias: residual + gate * (projected + bias))
-
-    def worker() -> torch.Tensor:
-        projected = torch.mm(inputs[0], views[0].t())
-        for extra, view in zip(inputs[1:], views[1:], strict=True):
-            projected.addmm_(extra, view.t())
-        return gating(residual, gate, projected, bias)
-
+    operands = gated_operands(rows, parts)
+    worker = operands.worker(gating_kernel())
     out = torch.empty(rows, 3072, device="cuda", dtype=torch.bfloat16)
+    first, gate = (operands.inputs[0], operands.views[0]), operands.gate
 
     def fused() -> torch.Tensor:
         quack_epilogues.gated_residual(
-            inputs[0], views[0].t(), residual, out={"D": out}, tuned=tuned, bias=bias, gate=gate
+            first[0],
+            first[1].t(),
+            operands.residual,
+            out={"D": out},
+            tuned=tuned,
+            bias=operands.bias,
+            gate=gate,
         )
-        for extra, view in zip(inputs[1:], views[1:], strict=True):
+        for extra, view in zip(operands.inputs[1:], operands.views[1:], strict=True):
             quack_epilogues.gated(extra, view.t(), out={"D": out}, add_to_output=True, tuned=tuned, gate=gate)
         return out
 
-    projections = sum(x.float() @ view.float().t() for x, view in zip(inputs, views, strict=True))
-    truth = residual.float() + gate.float() * (projections + bias.float())
+    truth = operands.truth()
     return {
         "rows": rows,
         "worker_max_abs_err": (worker().float() - truth).abs().max().item(),
