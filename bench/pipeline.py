@@ -43,6 +43,7 @@ from worker.optimizations.cuda_graphs import GraphedCalls
 from worker.optimizations.epilogues import EpilogueSingleBlock, apply_gemm_epilogues
 from worker.optimizations.fp8_attention_processor import Fp8FluxAttnProcessor
 from worker.optimizations.fp8_mlp import apply_fp8_mlp_epilogues
+from worker.optimizations.quack_gating import GatedFeedForwardBlock
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import DType, EngineOptions
 
@@ -187,6 +188,8 @@ VARIANTS: dict[str, Variant] = {
     "compiled-no-split-k": Variant(COMPILED, blas="cublaslt, no split-K"),
     # SDPA's cuDNN kernel, not FlashAttention-4's (the worker's default where it runs, since lease 85)
     "compiled-no-fa4": Variant({**COMPILED, "fa4_attention": False}),
+    # the double blocks' feed-forward gating in quack's GEMM epilogue (worker.optimizations.quack_gating)
+    "compiled-quack-gating": Variant({**COMPILED, "quack_gating": True}),
     "cache-fast-no-fa4": Variant({**COMPILED, "fa4_attention": False}, "fast"),
     "fp8-compiled-no-fa4": Variant({**FP8, **COMPILED, "fa4_attention": False}),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
@@ -423,6 +426,9 @@ def run_prepared(
     # attention modules whose processor attends through FlashAttention-4 (worker.optimizations.fa4_attention)
     processors = [getattr(module, "processor", None) for module in pipe.transformer.modules()]
     result["fa4_attention_modules"] = sum(bool(getattr(processor, "fa4", False)) for processor in processors)
+    # double blocks gating their feed-forward in quack's GEMM epilogue (worker.optimizations.quack_gating)
+    gated = [module for module in pipe.transformer.modules() if isinstance(module, GatedFeedForwardBlock)]
+    result["quack_gated_blocks"] = len(gated)
     compiled = options.compile or variant.whole is not None
     result.update(measure(engine, variant, args.repeats, params, compiled))
     # the restart figure: worker start to first image, beyond loading (here: building) the weights

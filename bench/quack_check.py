@@ -85,7 +85,7 @@ def shape_row(shape: Shape, seconds: float, tuned: bool) -> dict[str, Any]:
 def gated_row(rows: int, parts: tuple[int, ...], seconds: float, tuned: bool) -> dict[str, Any]:
     """``residual + gate * (cat(inputs) @ W.T + bias)``: the worker's cuBLAS GEMMs and gating kernel against
     quack GEMMs with the gating in their epilogues."""
-    from bench import quack_epilogues
+    from worker.optimizations import quack_epilogues
 
     operands = gated_operands(rows, parts)
     worker = operands.worker(gating_kernel())

@@ -78,6 +78,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "flash-attn-4 is installed and the GPU is a Hopper)",
     )
     add(
+        "--quack-gating",
+        action="store_true",
+        default=None,
+        help="with --compile on one Hopper GPU, gate the double blocks' feed-forward inside its output GEMM "
+        "(quack's epilogue; needs the fa4-attention extra)",
+    )
+    add(
         "--no-compile-vae",
         dest="compile_vae",
         action="store_false",

@@ -36,6 +36,7 @@ from worker.optimizations.qk_norm_rope import (
     apply_fused_qk_norm_rope,
     use_fa4_attention,
 )
+from worker.optimizations.quack_gating import apply_quack_gating, quack_unavailable
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
 from worker.optimizations.rows import one_pass_rows
 from worker.optimizations.settled_devices import settle_devices
@@ -205,7 +206,7 @@ def running_with(pipeline: Any, components: dict[str, Any]) -> Iterator[None]:
 
 
 def compile_for_speed(
-    pipeline: Any, options: EngineOptions, layout: ParallelLayout, offloaded: set[str]
+    pipeline: Any, options: EngineOptions, layout: ParallelLayout, offloaded: set[str], device: torch.device
 ) -> None:
     """``--compile``: the transformer's blocks compiled regionally, with what was measured faster beside
     them (docs/performance.md): the GEMM epilogues on a resident, unsharded transformer, and the VAE's
@@ -223,11 +224,25 @@ def compile_for_speed(
         # blocks call the new forwards when they are first traced (the warm-up)
         changed = apply_gemm_epilogues(pipeline.transformer)
         log.info("GEMM epilogues: %d MLP modules run their GELU inside the GEMMs", changed)
+    if options.quack_gating:
+        set_quack_gating(pipeline, resident and layout.sp == 1, device)
     vae: Any = getattr(pipeline, "vae", None)
     whole = type(vae).__name__ == "AutoencoderKL" and "vae" not in offloaded
     if options.compile_vae and whole and not layout.parallel_vae:  # the split decode patches the decoder
         vae.decoder.compile()  # inductor's defaults, as measured (the compile mode is the blocks')
         log.info("VAE decoder compiled")
+
+
+def set_quack_gating(pipeline: Any, applies: bool, device: torch.device) -> None:
+    """``--quack-gating``: the double blocks' feed-forward gated in quack's GEMM epilogue, on one GPU with a
+    resident, unsharded transformer where quack runs; the log says where it went, or why not."""
+    reason = None if applies else "it runs on one GPU with a resident, unsharded transformer"
+    reason = reason or quack_unavailable(device)
+    if reason is not None:
+        log.info("quack gating: off (%s)", reason)
+        return
+    changed = apply_quack_gating(pipeline.transformer)
+    log.info("quack gating: %d double blocks gate their feed-forward inside its output GEMM", changed)
 
 
 def fuses_qk(options: EngineOptions, layout: ParallelLayout, offloaded: set[str]) -> bool:
@@ -366,7 +381,7 @@ class FluxEngine:
         if options.precompute_modulation and "transformer" not in offloaded and layout.dit_tp == 1:
             engine.precompute_modulation()  # before compile: the compiled blocks trace the tabled layers
         if options.compile:
-            compile_for_speed(pipeline, options, layout, offloaded)
+            compile_for_speed(pipeline, options, layout, offloaded, device)
             engine.row_limit = options.one_pass_rows
             if options.cuda_graphs and device.type == "cuda":
                 engine.apply_graphs(options, offloaded, cache is not None)
