@@ -209,9 +209,9 @@ def compile_for_speed(
     pipeline: Any, options: EngineOptions, layout: ParallelLayout, offloaded: set[str], device: torch.device
 ) -> None:
     """``--compile``: the transformer's blocks compiled regionally, with what was measured faster beside
-    them (docs/performance.md): the GEMM epilogues on a resident, unsharded transformer, and the VAE's
-    decoder compiled when it is resident and whole (the fused query/key processor is set earlier:
-    ``set_fused_attention``)."""
+    them (docs/performance.md): the GEMM epilogues on a resident, unsharded transformer, ``--quack-gating``
+    where asked, and the VAE's decoder compiled when it is resident and whole (the fused query/key
+    processor is set earlier: ``set_fused_attention``)."""
     resident = "transformer" not in offloaded and layout.dit_tp == 1
     config = CompileConfig(
         mode=options.compile_mode,
