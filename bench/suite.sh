@@ -157,6 +157,7 @@
 #   fa4first Ulysses-2's first image after the warm-up: without FA4 on a cold compile cache, then with it
 #   quack    quack's GEMMs against cuBLAS at FLUX.1's shapes, and the gating in their epilogue (bench.quack_check)
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
+#   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
 #   fa4u2    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with FA4 (the default) and without it
 #   fa4u4    the same at Ulysses-4: stock Ulysses-4 (torchrun), then the worker's with FA4 and without it
 #   fa4fp8   fp8 (--quantize fp8) with FA4's bf16 attention and without, against eager's image; then lossless
@@ -721,6 +722,10 @@ lane_quackgate() {  # the double blocks' feed-forward gated in quack's GEMM epil
   stock "$1"
   python3 -m bench.pipeline --variants compiled-quack-gating,compiled --repeats 3 --reference all \
     --output-file "$1/quackgate.json"
+}
+
+lane_quackrestart() {  # --quack-gating's engine started twice on one compile cache (quack's tuning in it too)
+  restarts "$1" compiled-quack-gating quack_restart
 }
 
 lane_concur() {  # the attention's last wave beside a GEMM (bench.concurrency)

@@ -143,10 +143,12 @@ def test_regional_compile_compiles_each_repeated_block_and_sets_the_cache_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("QUACK_CACHE_DIR", raising=False)
     pipe = build_tiny_pipeline("flux1")
     reference = run(build_tiny_pipeline("flux1"))
     apply_regional_compile(pipe, CompileConfig(cache_dir=str(tmp_path / "cache"), backend="eager"))
     blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "cache").resolve())
+    assert os.environ["QUACK_CACHE_DIR"] == str((tmp_path / "cache" / "quack").resolve())
     assert run(pipe).tobytes() == reference.tobytes()

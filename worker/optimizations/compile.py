@@ -22,12 +22,15 @@ class CompileConfig:
 
 
 def configure_compile_cache(cache_dir: str) -> None:
-    """Point inductor's caches at ``cache_dir`` (read by torch when it compiles, so set before)."""
+    """Point inductor's caches at ``cache_dir`` (read by torch when it compiles, so set before), and quack's
+    (``--quack-gating``: its compiled GEMMs and their autotuning, read when quack is first imported, at the
+    first gated call) at a folder inside it."""
     path = Path(cache_dir).resolve()
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
     os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
+    os.environ["QUACK_CACHE_DIR"] = str(path / "quack")
 
 
 def apply_regional_compile(pipe: Any, config: CompileConfig) -> None:
