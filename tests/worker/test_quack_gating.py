@@ -133,6 +133,20 @@ def test_quack_needs_a_hopper_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert reason is not None and "sm_100" in reason
 
 
+def test_an_install_that_fails_its_trial_call_keeps_diffusers_gating(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(quack_gating.importlib.util, "find_spec", lambda name: object())
+
+    def broken(device: torch.device) -> None:
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(quack_gating, "trial_call", broken)
+    reason = quack_gating.quack_unavailable(torch.device("cuda", 0))
+    assert reason == "quack's trial call failed: RuntimeError: no kernel image for this device"
+    monkeypatch.setattr(quack_gating, "trial_call", lambda device: None)
+    assert quack_gating.quack_unavailable(torch.device("cuda", 0)) is None
+
+
 def test_quack_gating_is_off_by_default_and_the_flag_turns_it_on() -> None:
     parser = argparse.ArgumentParser()
     add_worker_arguments(parser)

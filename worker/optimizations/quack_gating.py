@@ -16,7 +16,8 @@ single blocks' 4,608 rows quack's GEMMs are 8-9% slower than cuBLAS's, so those 
 - ``GatedFeedForwardBlock`` is diffusers' double block with that one change, for a batch of one. A batch
   of several jobs (one gate per job) keeps diffusers' gating.
 - Where: one GPU, a resident bf16 transformer with plain linear layers (not fp8), ``--compile``, a Hopper
-  GPU, and quack installed (``quack_unavailable`` says why not).
+  GPU, quack installed, and a small trial call at load that succeeds (``quack_unavailable`` says why not;
+  the trial call came after leases 100-101 and has not yet run on a GPU).
 - Opt-in: in the image the step was 0.3% faster (lease 100: 3.527 against 3.565 s, runs overlapping), the
   same image. quack's autotuning of each new shape adds ~40 s to a cold warm-up. It is kept in
   ``--compile-cache-dir`` (``QUACK_CACHE_DIR``), so a warm restart reached its first image in 16.4 s
@@ -38,7 +39,7 @@ from worker.optimizations.epilogues import plain_linear
 
 def quack_unavailable(device: torch.device) -> str | None:
     """Why quack's gated GEMM cannot run on ``device`` (``None``: it can): Hopper only, where it was measured,
-    with ``quack-kernels`` and the CuTe DSL installed."""
+    with ``quack-kernels`` and the CuTe DSL installed, and a trial call that succeeds (``trial_call``)."""
     if device.type != "cuda":
         return "quack's GEMMs need a CUDA GPU"
     major, minor = torch.cuda.get_device_capability(device)
@@ -47,7 +48,25 @@ def quack_unavailable(device: torch.device) -> str | None:
     for module in ("quack", "cutlass"):
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed (pip install 'fluxgate[fa4-attention]')"
+    try:
+        trial_call(device)
+    except Exception as error:  # a broken install, or a kernel this GPU or driver cannot build or run
+        return f"quack's trial call failed: {type(error).__name__}: {str(error)[:300]}"
     return None
+
+
+def trial_call(device: torch.device) -> None:
+    """One small gated GEMM in quack's default configuration, at the model's width (3,072 outputs): imports
+    quack and the CuTe DSL and builds a kernel at load, so a broken install costs the worker the option, not
+    its first job."""
+    from worker.optimizations.quack_epilogues import gated_residual
+
+    x, weight = (torch.zeros(rows, 256, device=device, dtype=torch.bfloat16) for rows in (256, 3072))
+    residual = torch.zeros(256, 3072, device=device, dtype=torch.bfloat16)
+    vector = torch.zeros(3072, device=device, dtype=torch.bfloat16)
+    out = {"D": torch.empty_like(residual)}
+    gated_residual(x, weight.t(), residual, out=out, tuned=False, bias=vector, gate=vector)
+    torch.cuda.synchronize(device)
 
 
 @torch.library.custom_op("fluxgate::gated_linear", mutates_args=())
