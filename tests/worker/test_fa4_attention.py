@@ -22,6 +22,7 @@ from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor, apply_fu
 from worker.options import EngineOptions
 from worker.tiny_model import build_tiny_pipeline
 
+from .device_support import failing_trial, pretend_hopper_with_packages
 from .transformer_support import compiled_error, inputs, tiny_transformer
 
 
@@ -84,12 +85,8 @@ def test_fa4_is_used_only_on_a_hopper_gpu_with_the_package(monkeypatch: pytest.M
 
 
 def test_an_install_that_fails_its_trial_call_keeps_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
-    monkeypatch.setattr(fa4.importlib.util, "find_spec", lambda name: object())
-
-    def broken(device: torch.device) -> None:
-        raise ImportError("libcute_dsl_runtime.so: cannot open shared object file")
-
+    pretend_hopper_with_packages(monkeypatch, fa4)
+    broken = failing_trial(ImportError("libcute_dsl_runtime.so: cannot open shared object file"))
     monkeypatch.setattr(fa4, "trial_call", broken)
     reason = str(fa4.fa4_unavailable(torch.device("cuda", 0)))
     assert "trial call failed: ImportError: libcute_dsl_runtime.so" in reason

@@ -19,6 +19,7 @@ from worker.optimizations.quack_gating import GatedFeedForwardBlock, apply_quack
 from worker.options import EngineOptions
 from worker.tiny_model import build_tiny_pipeline
 
+from .device_support import failing_trial, pretend_hopper_with_packages
 from .transformer_support import inputs, relative_rms, tiny_transformer
 
 
@@ -134,13 +135,10 @@ def test_quack_needs_a_hopper_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_an_install_that_fails_its_trial_call_keeps_diffusers_gating(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
-    monkeypatch.setattr(quack_gating.importlib.util, "find_spec", lambda name: object())
-
-    def broken(device: torch.device) -> None:
-        raise RuntimeError("no kernel image for this device")
-
-    monkeypatch.setattr(quack_gating, "trial_call", broken)
+    pretend_hopper_with_packages(monkeypatch, quack_gating)
+    monkeypatch.setattr(
+        quack_gating, "trial_call", failing_trial(RuntimeError("no kernel image for this device"))
+    )
     reason = quack_gating.quack_unavailable(torch.device("cuda", 0))
     assert reason == "quack's trial call failed: RuntimeError: no kernel image for this device"
     monkeypatch.setattr(quack_gating, "trial_call", lambda device: None)

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from worker.optimizations.trials import trial_failure
+
 # FA4's compile warns that an internal argument is no JIT argument (flash_attn.cute.utils.AuxData), once per
 # compile; nothing the caller passes.
 warnings.filterwarnings("ignore", message=r"Argument aux_data .* cannot be converted to a JitArgument")
@@ -86,11 +88,7 @@ def fa4_unavailable(device: torch.device) -> str | None:
         found = False
     if not found:
         return "flash-attn-4 is not installed (pip install 'fluxgate[fa4-attention]')"
-    try:
-        trial_call(device)
-    except Exception as error:  # a broken install, or a kernel this GPU or driver cannot build or run
-        return f"FlashAttention-4's trial call failed: {type(error).__name__}: {str(error)[:300]}"
-    return None
+    return trial_failure("FlashAttention-4", trial_call, device)
 
 
 def trial_call(device: torch.device) -> None:

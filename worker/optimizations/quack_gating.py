@@ -35,6 +35,7 @@ from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 from torch import nn
 
 from worker.optimizations.epilogues import plain_linear
+from worker.optimizations.trials import trial_failure
 
 
 def quack_unavailable(device: torch.device) -> str | None:
@@ -48,11 +49,7 @@ def quack_unavailable(device: torch.device) -> str | None:
     for module in ("quack", "cutlass"):
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed (pip install 'fluxgate[fa4-attention]')"
-    try:
-        trial_call(device)
-    except Exception as error:  # a broken install, or a kernel this GPU or driver cannot build or run
-        return f"quack's trial call failed: {type(error).__name__}: {str(error)[:300]}"
-    return None
+    return trial_failure("quack", trial_call, device)
 
 
 def trial_call(device: torch.device) -> None:
