@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from bench.attention_probe import captured, report
-from bench.gemm_check import Shape, launched, operation, shapes
+from bench.gemm_check import Shape, draws, launched, operation, shapes
 
 # cublasLt.h (stable since CUDA 11.x)
 CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF = 68, 0, 14
@@ -243,18 +243,13 @@ class Lt:
 
 def problem_for(shape: Shape) -> tuple[Problem, Callable[[], torch.Tensor], torch.Tensor]:
     """The shape's tensors, torch's call on them as the worker makes it, and that call's result."""
-    generator = torch.Generator("cuda").manual_seed(0)
-    kwargs: dict[str, Any] = {"generator": generator, "device": "cuda", "dtype": torch.bfloat16}
-    x = torch.randn(shape.tokens, shape.inputs, **kwargs)
-    weight = torch.randn(shape.outputs, shape.inputs, **kwargs) * 0.02
-    bias = torch.randn(shape.outputs, **kwargs)
+    x, weight, bias = draws(shape)
     out = torch.zeros(shape.tokens, shape.outputs, device="cuda", dtype=torch.bfloat16)
     problem = Problem(shape, x, weight, bias, out)
     if shape.op == "accumulate":  # epilogues.accumulate_mm: cuBLAS's beta = 1 into the output
         accumulator = torch.zeros_like(out)
         return problem, lambda: accumulator.addmm_(x, weight.t()), torch.mm(x, weight.t())
-    call = operation(shape)
-    # operation() draws its own tensors from the same seed in the same order: the same values
+    call = operation(shape)  # its own draws of the same values
     return problem, call, call().clone()
 
 
@@ -432,12 +427,9 @@ def pointer_mode_support(lt: Lt, rows: int) -> dict[str, str]:
     support = {}
     for mode in (3, POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST):
         for op in ("mm", "linear", "accumulate"):
-            problem = Problem(Shape("probe", rows, 3072, 3072, 1, op), x, weight, bias, out, gate=gate)
+            shape = Shape("probe", rows, 3072, 3072, 1, op)
+            problem = Problem(shape, x, weight, bias, out, gate=gate, pointer_mode=mode)
             lt.describe(problem)
-            mode_value = ctypes.c_int32(mode)
-            lt._set(
-                lt.lib.cublasLtMatmulDescSetAttribute, problem.handles["desc"], DESC_POINTER_MODE, mode_value
-            )
             try:
                 support[f"mode {mode}, {op}"] = f"{len(lt.candidates(problem, 4))} algorithms"
             except RuntimeError as error:

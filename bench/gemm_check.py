@@ -89,12 +89,18 @@ def blas_setting(library: str, reduction: tuple[bool, bool]) -> Iterator[None]:
         torch.backends.cuda.preferred_blas_library(library_before)
 
 
-def operation(shape: Shape) -> Callable[[], torch.Tensor]:
+def draws(shape: Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shape's input, weight and bias on the GPU, seeded: every check draws the same values."""
     device, bf16 = torch.device("cuda"), torch.bfloat16
     generator = torch.Generator(device).manual_seed(0)
     x = torch.randn(shape.tokens, shape.inputs, generator=generator, device=device, dtype=bf16)
     weight = torch.randn(shape.outputs, shape.inputs, generator=generator, device=device, dtype=bf16) * 0.02
     bias = torch.randn(shape.outputs, generator=generator, device=device, dtype=bf16)
+    return x, weight, bias
+
+
+def operation(shape: Shape) -> Callable[[], torch.Tensor]:
+    x, weight, bias = draws(shape)
     if shape.op == "gelu":
         return lambda: torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
     if shape.op == "mm":

@@ -33,21 +33,17 @@ from typing import Any
 import torch
 
 from bench.attention_probe import report
-from bench.gemm_algos import gated_operands, gating_kernel, sustained_us, worker_shapes
-from bench.gemm_check import Shape, launched, operation
+from bench.gemm_algos import gated_operands, gating_kernel, problem_for, sustained_us, worker_shapes
+from bench.gemm_check import Shape, draws, launched, operation
 
 SHAPES = ("single q/k/v", "single mlp in (GELU)", "single out, mlp part", "double image ff out")
 
 
 def quack_call(shape: Shape, tuned: bool) -> Callable[[], torch.Tensor]:
-    """quack's GEMM on ``operation(shape)``'s tensors (the same seed and draws), the same epilogue."""
+    """quack's GEMM on the shape's seeded tensors (``gemm_check.draws``), with the same epilogue."""
     from quack.gemm_interface import gemm, gemm_act
 
-    generator = torch.Generator("cuda").manual_seed(0)
-    kwargs: dict[str, Any] = {"generator": generator, "device": "cuda", "dtype": torch.bfloat16}
-    x = torch.randn(shape.tokens, shape.inputs, **kwargs)
-    weight = torch.randn(shape.outputs, shape.inputs, **kwargs) * 0.02
-    bias = torch.randn(shape.outputs, **kwargs)
+    x, weight, bias = draws(shape)
     if shape.op == "gelu":
         return lambda: gemm_act(
             x, weight.t(), bias=bias, activation="gelu_tanh_approx", store_preact=False, tuned=tuned
@@ -58,21 +54,10 @@ def quack_call(shape: Shape, tuned: bool) -> Callable[[], torch.Tensor]:
     return lambda: gemm(x, weight.t(), bias=bias if shape.op == "linear" else None, tuned=tuned)
 
 
-def torch_call(shape: Shape) -> Callable[[], torch.Tensor]:
-    if shape.op == "accumulate":  # time the GEMM as cuBLAS runs it with beta = 1 (the worker's form)
-        generator = torch.Generator("cuda").manual_seed(0)
-        kwargs: dict[str, Any] = {"generator": generator, "device": "cuda", "dtype": torch.bfloat16}
-        x = torch.randn(shape.tokens, shape.inputs, **kwargs)
-        weight = torch.randn(shape.outputs, shape.inputs, **kwargs) * 0.02
-        out = torch.zeros(shape.tokens, shape.outputs, device="cuda", dtype=torch.bfloat16)
-        return lambda: out.addmm_(x, weight.t())
-    return operation(shape)
-
-
 def shape_row(shape: Shape, seconds: float, tuned: bool) -> dict[str, Any]:
     flops = 2 * shape.tokens * shape.inputs * shape.outputs
     row: dict[str, Any] = {"tokens": shape.tokens, "inputs": shape.inputs, "outputs": shape.outputs}
-    cublas, quack = torch_call(shape), quack_call(shape, tuned)
+    cublas, quack = problem_for(shape)[1], quack_call(shape, tuned)  # torch's call as the worker makes it
     if shape.op != "accumulate":
         row["max_abs_diff"] = (quack().float() - cublas().float()).abs().max().item()
     for name, call in (("cublas", cublas), ("quack", quack)):
@@ -90,20 +75,16 @@ def gated_row(rows: int, parts: tuple[int, ...], seconds: float, tuned: bool) ->
     operands = gated_operands(rows, parts)
     worker = operands.worker(gating_kernel())
     out = torch.empty(rows, 3072, device="cuda", dtype=torch.bfloat16)
-    first, gate = (operands.inputs[0], operands.views[0]), operands.gate
+    gate, residual, bias = operands.gate, operands.residual, operands.bias
+    blocks = list(zip(operands.inputs, operands.views, strict=True))  # (input, its weight columns)
 
     def fused() -> torch.Tensor:
+        x, view = blocks[0]
         quack_epilogues.gated_residual(
-            first[0],
-            first[1].t(),
-            operands.residual,
-            out={"D": out},
-            tuned=tuned,
-            bias=operands.bias,
-            gate=gate,
+            x, view.t(), residual, out={"D": out}, tuned=tuned, bias=bias, gate=gate
         )
-        for extra, view in zip(operands.inputs[1:], operands.views[1:], strict=True):
-            quack_epilogues.gated(extra, view.t(), out={"D": out}, add_to_output=True, tuned=tuned, gate=gate)
+        for x, view in blocks[1:]:
+            quack_epilogues.gated(x, view.t(), out={"D": out}, add_to_output=True, tuned=tuned, gate=gate)
         return out
 
     truth = operands.truth()
