@@ -10,11 +10,14 @@ match cuBLAS's rate at these shapes: this check times both, sustained at the car
 
     python -m bench.quack_check --output-file quack.json      # on the device, after bench/fa4_site.sh
 
-Per shape: torch's call (cuBLAS) against quack's ``gemm`` / ``gemm_act`` (its default configuration, and
-autotuned with ``--tuned``). Then a single block's gated output projection as the worker runs it (two
-cuBLAS GEMMs, the second accumulating, and inductor's gating kernel) against two quack GEMMs with the
-gating in their epilogues (the residual as C, the second added into the output), and a double block's
-feed-forward output the same way. Each with its error against fp32.
+``--parts`` picks what runs (all by default). Per shape (``shapes``): torch's call (cuBLAS) against quack's
+``gemm`` / ``gemm_act`` (its default configuration, and autotuned with ``--tuned``). Then a single block's
+gated output projection as the worker runs it (two cuBLAS GEMMs, the second accumulating, and inductor's
+gating kernel) against two quack GEMMs with the gating in their epilogues (the residual as C, the second added
+into the output), and a double block's feed-forward output the same way (``gated``). Each with its error
+against fp32. Last (``rope``), a query's projections with their per-head RMSNorm and RoPE: the worker's
+(cuBLAS, then ``fluxgate::qk_norm_rope``) against quack GEMMs with both in their epilogue
+(``quack_epilogues.normed_rotated``), per tile shape whose columns hold whole heads.
 
 Lease 99 (H100, autotuned): at 4,096 rows quack's GEMM matches cuBLAS (443 against 453 µs) and the gated
 epilogue is free: the double block's gated feed-forward output 442 µs against the worker's 482. At the
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -99,6 +103,164 @@ def gated_row(rows: int, parts: tuple[int, ...], seconds: float, tuned: bool) ->
     }
 
 
+ROPE_CONFIGS = {  # tile rows x columns, pingpong, cluster: tiles whose columns hold whole heads (128)
+    "192x128 pingpong c1x2": (192, 128, True, 1, 2),
+    "128x128 pingpong c1x2": (128, 128, True, 1, 2),
+    "128x256 cooperative c1x2": (128, 256, False, 1, 2),
+    "256x128 cooperative c2x1": (256, 128, False, 2, 1),
+}
+
+
+@dataclass
+class RopeOperands:
+    """One attention's query (or key) projections, text rows first: inputs, weights, biases, norm weights,
+    and FLUX's interleaved rotation (each pair's angle in both of its columns)."""
+
+    inputs: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor]
+    norms: list[torch.Tensor]
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @property
+    def rows(self) -> list[int]:
+        return [x.shape[0] for x in self.inputs]
+
+    def table(self) -> torch.Tensor:
+        """quack's (tokens, head_dim) table: cos at even columns, sin at odd ones."""
+        return torch.stack((self.cos[:, ::2], self.sin[:, ::2]), dim=-1).flatten(1).contiguous()
+
+    def worker(self) -> Callable[[], torch.Tensor]:
+        """The worker's way: cuBLAS projections, then ``fluxgate::qk_norm_rope`` over text and image."""
+        from worker.optimizations.qk_norm_rope import qk_norm_rope
+
+        calls = list(zip(self.inputs, self.weights, self.biases, strict=True))
+        text_norm, image_norm = self.norms[0], self.norms[-1]
+
+        def call() -> torch.Tensor:
+            projected = [torch.nn.functional.linear(x, w, b)[None] for x, w, b in calls]
+            text = projected[0] if len(projected) == 2 else projected[0][:, :0]
+            joint = qk_norm_rope(
+                text, text_norm, projected[-1], image_norm, self.cos, self.sin, 1e-6, 128, None, True
+            )
+            return joint.flatten(2)[0]
+
+        return call
+
+    def truth(self) -> torch.Tensor:
+        from worker.optimizations.qk_norm_rope import reference
+
+        projected = [
+            torch.nn.functional.linear(x.float(), w.float(), b.float())[None]
+            for x, w, b in zip(self.inputs, self.weights, self.biases, strict=True)
+        ]
+        text = projected[0] if len(projected) == 2 else projected[0][:, :0]
+        norms = [norm.float() for norm in self.norms]
+        return reference(text, norms[0], projected[-1], norms[-1], self.cos, self.sin, 1e-6, 128, None, True)[
+            0
+        ].flatten(1)
+
+
+def rope_operands(rows: tuple[int, ...], device: torch.device | None = None) -> RopeOperands:
+    device, bf16 = device or torch.device("cuda"), torch.bfloat16
+    generator = torch.Generator(device).manual_seed(0)
+
+    def draw(*shape: int, dtype: torch.dtype = bf16) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    angles = draw(sum(rows), 64, dtype=torch.float32) * 3
+    return RopeOperands(
+        inputs=[draw(count, 3072) for count in rows],
+        weights=[draw(3072, 3072) * 0.02 for _ in rows],
+        biases=[draw(3072) for _ in rows],
+        norms=[1 + 0.1 * draw(128) for _ in rows],
+        cos=angles.cos().repeat_interleave(2, dim=-1),
+        sin=angles.sin().repeat_interleave(2, dim=-1),
+    )
+
+
+def rope_row(rows: tuple[int, ...], seconds: float) -> dict[str, Any]:
+    """A query's projections with their norms and rotation: the worker's (cuBLAS + ``qk_norm_rope``) against
+    quack GEMMs with both in the epilogue (``quack_epilogues.normed_rotated``), each writing its rows of the
+    joint output, per tile configuration; the plain cuBLAS projections alone for what the glue costs."""
+    from quack.gemm_config import GemmConfig
+
+    from worker.optimizations import quack_epilogues
+
+    operands = rope_operands(rows)
+    truth, worker = operands.truth(), operands.worker()
+    joint = torch.empty(sum(rows), 3072, device="cuda", dtype=torch.bfloat16)
+    library = torch.empty_like(joint[: rows[-1]])
+    starts = [sum(rows[:index]) for index in range(len(rows))]
+    table = operands.table()
+    parts = [
+        (x, w.t(), b, norm.repeat(24), table[start : start + count], joint[start : start + count])
+        for x, w, b, norm, start, count in zip(
+            operands.inputs, operands.weights, operands.biases, operands.norms, starts, rows, strict=True
+        )
+    ]
+
+    def fused(config: Any) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            for x, weight_t, bias, norm, cs, out in parts:
+                quack_epilogues.normed_rotated(
+                    x,
+                    weight_t,
+                    out={"D": out},
+                    config=config,
+                    tuned=False,
+                    table=cs,
+                    head_rstd=128,
+                    weight=norm,
+                    bias=bias,
+                )
+            return joint
+
+        return call
+
+    plain = [
+        partial(torch.nn.functional.linear, x, w, b)
+        for x, w, b in zip(operands.inputs, operands.weights, operands.biases, strict=True)
+    ]
+    result: dict[str, Any] = {
+        "rows": list(rows),
+        "cublas_projections_us": round(sustained_us(lambda: [call() for call in plain][-1], seconds), 2),
+        "worker_us": round(sustained_us(worker, seconds), 2),
+        "worker_max_abs_err": (worker().float() - truth).abs().max().item(),
+        "worker_kernels": launched(worker),
+    }
+
+    def configured(pins: tuple[int, int, bool, int, int]) -> dict[str, Any]:
+        tile_m, tile_n, pingpong, cluster_m, cluster_n = pins
+        config = GemmConfig(
+            tile_m=tile_m,
+            tile_n=tile_n,
+            pingpong=pingpong,
+            cluster_m=cluster_m,
+            cluster_n=cluster_n,
+            is_dynamic_persistent=False,
+            device_capacity=9,
+        )
+        call = fused(config)
+        return {
+            "us": round(sustained_us(call, seconds), 2),
+            "max_abs_err": (call().float() - truth).abs().max().item(),
+        }
+
+    result["quack"] = {name: guarded(partial(configured, pins)) for name, pins in ROPE_CONFIGS.items()}
+
+    def library_epilogue() -> dict[str, Any]:  # quack's own qk_rope_epi (no bias), the image rows: its cost
+        from quack.epilogue.library import qk_rope_epi
+
+        x, weight_t, _, norm, cs, _ = parts[-1]
+        call = partial(qk_rope_epi, x, weight_t, out={"D": library}, tuned=False, cs=cs, qk=128, w=norm)
+        return {"rows": rows[-1], "us": round(sustained_us(lambda: call()["D"], seconds), 2)}
+
+    result["quack_library_qk_rope_epi"] = guarded(library_epilogue)
+    return result
+
+
 def guarded(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         return work()
@@ -110,20 +272,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=0.5, help="sustained stretch per timing")
     parser.add_argument("--tuned", action="store_true", help="let quack autotune each shape (slow)")
+    parser.add_argument(
+        "--parts", default="shapes,gated,rope", help="comma-separated: shapes, gated, rope (all by default)"
+    )
     parser.add_argument("--output-file", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "tuned": args.tuned}
     sustained_us(operation(worker_shapes(1)[-1]), 3.0)  # the card at its power cap first
-    shapes = {shape.name: shape for shape in worker_shapes(1)}
-    result["shapes"] = {
-        name: guarded(partial(shape_row, shapes[name], args.seconds, args.tuned)) for name in SHAPES
-    }
-    result["gated"] = {
-        "single block": guarded(partial(gated_row, 4608, (3072, 12288), args.seconds, args.tuned)),
-        "double ff out": guarded(partial(gated_row, 4096, (12288,), args.seconds, args.tuned)),
-    }
+    parts = set(args.parts.split(","))
+    if "shapes" in parts:
+        shapes = {shape.name: shape for shape in worker_shapes(1)}
+        result["shapes"] = {
+            name: guarded(partial(shape_row, shapes[name], args.seconds, args.tuned)) for name in SHAPES
+        }
+    if "gated" in parts:
+        result["gated"] = {
+            "single block": guarded(partial(gated_row, 4608, (3072, 12288), args.seconds, args.tuned)),
+            "double ff out": guarded(partial(gated_row, 4096, (12288,), args.seconds, args.tuned)),
+        }
+    if "rope" in parts:
+        result["qk_norm_rope"] = {
+            "double block (512 text + 4096 image rows)": guarded(
+                partial(rope_row, (512, 4096), args.seconds)
+            ),
+            "single block (4608 rows)": guarded(partial(rope_row, (4608,), args.seconds)),
+        }
     report(result, args.output_file)
     return 0
 

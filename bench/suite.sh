@@ -156,6 +156,7 @@
 #   gemmalgos  cuBLASLt's ranked candidates for each FLUX.1 GEMM against torch's call, sustained (bench.gemm_algos)
 #   fa4first Ulysses-2's first image after the warm-up: without FA4 on a cold compile cache, then with it
 #   quack    quack's GEMMs against cuBLAS at FLUX.1's shapes, and the gating in their epilogue (bench.quack_check)
+#   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
 #   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
 #   fa4u2    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with FA4 (the default) and without it
@@ -716,6 +717,10 @@ lane_fa4first() {  # the group's first image after its warm-up: cuDNN first (col
 
 lane_quack() {  # quack's CuTe DSL GEMMs against cuBLAS at FLUX.1's shapes, and with the gating in their epilogue
   python3 -m bench.quack_check --output-file "$1/quack.json"
+}
+
+lane_quackrope() {  # a query's projections with their norm and RoPE in quack's epilogue, against the worker's
+  python3 -m bench.quack_check --parts rope --output-file "$1/quackrope.json"
 }
 
 lane_quackgate() {  # the double blocks' feed-forward gated in quack's GEMM epilogue, against cuBLAS + gating kernel

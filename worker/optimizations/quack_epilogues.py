@@ -10,7 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from quack.epilogue.frontend import gemm_epilogue
+from quack.epilogue.head_rmsnorm import HeadRstd
+from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import RowVecLoad
+from quack.epilogue.rotary import rotary_cos_sin_load
 
 
 @gemm_epilogue(ops={"bias": RowVecLoad("bias"), "gate": RowVecLoad("gate")})
@@ -24,3 +27,30 @@ def gated_residual(acc: Any, c: Any, bias: Any, gate: Any) -> dict[str, Any]:
 def gated(acc: Any, gate: Any) -> dict[str, Any]:
     """``gate * (x @ W.T)``, for adding into an output (quack's ``add_to_output``)."""
     return {"D": acc * gate}
+
+
+def _biased_squares(acc: Any, bias: Any) -> dict[str, Any]:
+    """The per-head RMSNorm's statistic input: the projection's output, its bias included, squared."""
+    biased = acc + bias
+    return {"head_rstd": biased * biased}
+
+
+@gemm_epilogue(
+    ops={
+        "table": rotary_cos_sin_load("table"),
+        "head_rstd": HeadRstd("head_rstd", eps=1e-6),
+        "weight": RowVecLoad("weight"),
+        "bias": RowVecLoad("bias"),
+    },
+    prepass=_biased_squares,
+    prepass_outs=("head_rstd",),
+    mode="acc_pair",
+)
+def normed_rotated(acc: Any, table: Any, head_rstd: Any, weight: Any, bias: Any) -> dict[str, Any]:
+    """FLUX.1's query or key projection with its per-head RMSNorm (eps 1e-6) and interleaved RoPE:
+    ``rope(rms_norm(x @ W.T + bias) * weight)``, from the fp32 accumulator. ``table`` is (tokens, head_dim),
+    cos at even columns and sin at odd ones; ``weight`` the norm's weight repeated per head; ``head_rstd``
+    the head width."""
+    first, second = unpack((acc + bias) * head_rstd * weight)
+    cos, sin = unpack(table)
+    return {"D": pack(first * cos - second * sin, first * sin + second * cos)}
