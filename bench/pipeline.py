@@ -44,6 +44,7 @@ from worker.optimizations.epilogues import EpilogueSingleBlock, apply_gemm_epilo
 from worker.optimizations.fp8_attention_processor import Fp8FluxAttnProcessor
 from worker.optimizations.fp8_mlp import apply_fp8_mlp_epilogues
 from worker.optimizations.quack_gating import GatedFeedForwardBlock
+from worker.optimizations.quack_qk import QuackQKFluxAttnProcessor
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import DType, EngineOptions
 
@@ -190,6 +191,10 @@ VARIANTS: dict[str, Variant] = {
     "compiled-no-fa4": Variant({**COMPILED, "fa4_attention": False}),
     # the double blocks' feed-forward gating in quack's GEMM epilogue (worker.optimizations.quack_gating)
     "compiled-quack-gating": Variant({**COMPILED, "quack_gating": True}),
+    # the query/key projections normed and rotated in quack's GEMM epilogue (worker.optimizations.quack_qk)
+    "compiled-quack-qk": Variant({**COMPILED, "quack_qk": True}),
+    # both quack epilogues
+    "compiled-quack": Variant({**COMPILED, "quack_gating": True, "quack_qk": True}),
     "cache-fast-no-fa4": Variant({**COMPILED, "fa4_attention": False}, "fast"),
     "fp8-compiled-no-fa4": Variant({**FP8, **COMPILED, "fa4_attention": False}),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
@@ -429,6 +434,10 @@ def run_prepared(
     # double blocks gating their feed-forward in quack's GEMM epilogue (worker.optimizations.quack_gating)
     gated = [module for module in pipe.transformer.modules() if isinstance(module, GatedFeedForwardBlock)]
     result["quack_gated_blocks"] = len(gated)
+    # attention modules projecting their query and key in quack's epilogue (worker.optimizations.quack_qk)
+    result["quack_qk_modules"] = sum(
+        isinstance(processor, QuackQKFluxAttnProcessor) for processor in processors
+    )
     compiled = options.compile or variant.whole is not None
     result.update(measure(engine, variant, args.repeats, params, compiled))
     # the restart figure: worker start to first image, beyond loading (here: building) the weights

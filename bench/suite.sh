@@ -157,6 +157,7 @@
 #   fa4first Ulysses-2's first image after the warm-up: without FA4 on a cold compile cache, then with it
 #   quack    quack's GEMMs against cuBLAS at FLUX.1's shapes, and the gating in their epilogue (bench.quack_check)
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
+#   quackqk  lossless with --quack-qk, with both quack epilogues, and without
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
 #   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
 #   fa4u2    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with FA4 (the default) and without it
@@ -727,6 +728,12 @@ lane_quackgate() {  # the double blocks' feed-forward gated in quack's GEMM epil
   stock "$1"
   python3 -m bench.pipeline --variants compiled-quack-gating,compiled --repeats 3 --reference all \
     --output-file "$1/quackgate.json"
+}
+
+lane_quackqk() {  # the query/key projections normed and rotated in quack's epilogue, with and without its gating
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled-quack-qk,compiled-quack,compiled --repeats 3 --reference all \
+    --output-file "$1/quackqk.json"
 }
 
 lane_quackrestart() {  # --quack-gating's engine started twice on one compile cache (quack's tuning in it too)

@@ -85,6 +85,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "(quack's epilogue; needs the fa4-attention extra)",
     )
     add(
+        "--quack-qk",
+        action="store_true",
+        default=None,
+        help="with --compile on one Hopper GPU, norm and rotate the attention's query and key inside their "
+        "projection GEMMs (quack's epilogue; needs the fa4-attention extra)",
+    )
+    add(
         "--no-compile-vae",
         dest="compile_vae",
         action="store_false",

@@ -37,6 +37,7 @@ from worker.optimizations.qk_norm_rope import (
     use_fa4_attention,
 )
 from worker.optimizations.quack_gating import apply_quack_gating, quack_unavailable
+from worker.optimizations.quack_qk import apply_quack_qk, quack_qk_unavailable
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
 from worker.optimizations.rows import one_pass_rows
 from worker.optimizations.settled_devices import settle_devices
@@ -210,8 +211,8 @@ def compile_for_speed(
 ) -> None:
     """``--compile``: the transformer's blocks compiled regionally, with what was measured faster beside
     them (docs/performance.md): the GEMM epilogues on a resident, unsharded transformer, ``--quack-gating``
-    where asked, and the VAE's decoder compiled when it is resident and whole (the fused query/key
-    processor is set earlier: ``set_fused_attention``)."""
+    and ``--quack-qk`` where asked, and the VAE's decoder compiled when it is resident and whole (the fused
+    query/key processor is set earlier: ``set_fused_attention``)."""
     resident = "transformer" not in offloaded and layout.dit_tp == 1
     config = CompileConfig(
         mode=options.compile_mode,
@@ -226,6 +227,8 @@ def compile_for_speed(
         log.info("GEMM epilogues: %d MLP modules run their GELU inside the GEMMs", changed)
     if options.quack_gating:
         set_quack_gating(pipeline, resident and layout.sp == 1, device)
+    if options.quack_qk:
+        set_quack_qk(pipeline, resident and layout.sp == 1, device)
     vae: Any = getattr(pipeline, "vae", None)
     whole = type(vae).__name__ == "AutoencoderKL" and "vae" not in offloaded
     if options.compile_vae and whole and not layout.parallel_vae:  # the split decode patches the decoder
@@ -236,13 +239,29 @@ def compile_for_speed(
 def set_quack_gating(pipeline: Any, applies: bool, device: torch.device) -> None:
     """``--quack-gating``: the double blocks' feed-forward gated in quack's GEMM epilogue, on one GPU with a
     resident, unsharded transformer where quack runs; the log says where it went, or why not."""
-    reason = None if applies else "it runs on one GPU with a resident, unsharded transformer"
-    reason = reason or quack_unavailable(device)
+    reason = quack_off(applies, quack_unavailable, device)
     if reason is not None:
         log.info("quack gating: off (%s)", reason)
         return
     changed = apply_quack_gating(pipeline.transformer)
     log.info("quack gating: %d double blocks gate their feed-forward inside its output GEMM", changed)
+
+
+def set_quack_qk(pipeline: Any, applies: bool, device: torch.device) -> None:
+    """``--quack-qk``: the fused processors' query and key projected, normed and rotated in quack's GEMM
+    epilogue, on one GPU with a resident, unsharded transformer where it builds; the log says where, or why
+    not."""
+    reason = quack_off(applies, quack_qk_unavailable, device)
+    if reason is not None:
+        log.info("quack query/key epilogue: off (%s)", reason)
+        return
+    changed = apply_quack_qk(pipeline.transformer)
+    log.info("quack query/key epilogue: %d attention modules project, norm and rotate in one GEMM", changed)
+
+
+def quack_off(applies: bool, unavailable: Any, device: torch.device) -> str | None:
+    """Why a quack epilogue stays off (``None``: it goes on): the layout first, then what quack needs."""
+    return unavailable(device) if applies else "it runs on one GPU with a resident, unsharded transformer"
 
 
 def fuses_qk(options: EngineOptions, layout: ParallelLayout, offloaded: set[str]) -> bool:
