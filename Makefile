@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 # a multi-GB CUDA build. On a GPU machine: make TORCH=torch==2.13.0 run (or any CUDA build you have).
 TORCH ?= torch==2.13.0
 export FLUXGATE_REDIS_URL ?= redis://127.0.0.1:6379/0
+# `make test` runs the suite in this many pytest-xdist processes, a test file to each (2: the CI machines'
+# cores; the suite saturates them). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint typecheck unit integration venv redis clean
 
@@ -38,7 +41,7 @@ integration: venv redis
 	$(BIN)/python -m pytest -m integration -q
 
 test: lint typecheck redis
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -18,15 +18,17 @@ REDIS_SERVER = pytest.StashKey[subprocess.Popen[bytes]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Start a private redis-server for this test run, so that nothing else on the machine (another
-    run, a local deployment) shares or flushes the tests' databases. FLUXGATE_TEST_REDIS_URL set
-    in the environment skips it and uses that server instead."""
-    if os.environ.get("FLUXGATE_TEST_REDIS_URL"):
+    """Start a private redis-server for this test process, so that nothing else on the machine (another
+    run, a local deployment, another pytest-xdist worker of this run) shares or flushes the tests'
+    databases. FLUXGATE_TEST_REDIS_URL set in the environment skips it and uses that server instead;
+    pytest-xdist's workers inherit the URL of the server their controller started, and start their own."""
+    if os.environ.get("FLUXGATE_TEST_REDIS_URL") and not os.environ.get("FLUXGATE_TEST_PRIVATE_REDIS"):
         return
     from tests.support import start_redis_server
 
     server, port = start_redis_server(Path(tempfile.mkdtemp(prefix="fluxgate-test-redis-")))
     config.stash[REDIS_SERVER] = server
+    os.environ["FLUXGATE_TEST_PRIVATE_REDIS"] = "1"
     os.environ["FLUXGATE_TEST_REDIS_URL"] = f"redis://127.0.0.1:{port}/15"
     os.environ["FLUXGATE_TEST_INTEGRATION_REDIS_URL"] = f"redis://127.0.0.1:{port}/14"
     os.environ["FLUXGATE_TEST_WEBHOOK_REDIS_URL"] = f"redis://127.0.0.1:{port}/13"
