@@ -184,9 +184,8 @@ def rope_row(rows: tuple[int, ...], seconds: float) -> dict[str, Any]:
     """A query's projections with their norms and rotation: the worker's (cuBLAS + ``qk_norm_rope``) against
     quack GEMMs with both in the epilogue (``quack_epilogues.normed_rotated``), each writing its rows of the
     joint output, per tile configuration; the plain cuBLAS projections alone for what the glue costs."""
-    from quack.gemm_config import GemmConfig
-
     from worker.optimizations import quack_epilogues
+    from worker.optimizations.quack_qk import hopper_config
 
     operands = rope_operands(rows)
     truth, worker = operands.truth(), operands.worker()
@@ -232,17 +231,7 @@ def rope_row(rows: tuple[int, ...], seconds: float) -> dict[str, Any]:
     }
 
     def configured(pins: tuple[int, int, bool, int, int]) -> dict[str, Any]:
-        tile_m, tile_n, pingpong, cluster_m, cluster_n = pins
-        config = GemmConfig(
-            tile_m=tile_m,
-            tile_n=tile_n,
-            pingpong=pingpong,
-            cluster_m=cluster_m,
-            cluster_n=cluster_n,
-            is_dynamic_persistent=False,
-            device_capacity=9,
-        )
-        call = fused(config)
+        call = fused(hopper_config(*pins))
         return {
             "us": round(sustained_us(call, seconds), 2),
             "max_abs_err": (call().float() - truth).abs().max().item(),

@@ -239,29 +239,46 @@ def compile_for_speed(
 def set_quack_gating(pipeline: Any, applies: bool, device: torch.device) -> None:
     """``--quack-gating``: the double blocks' feed-forward gated in quack's GEMM epilogue, on one GPU with a
     resident, unsharded transformer where quack runs; the log says where it went, or why not."""
-    reason = quack_off(applies, quack_unavailable, device)
-    if reason is not None:
-        log.info("quack gating: off (%s)", reason)
-        return
-    changed = apply_quack_gating(pipeline.transformer)
-    log.info("quack gating: %d double blocks gate their feed-forward inside its output GEMM", changed)
+    set_quack_epilogue(
+        pipeline,
+        applies,
+        device,
+        quack_unavailable,
+        apply_quack_gating,
+        ("quack gating", "double blocks gate their feed-forward inside its output GEMM"),
+    )
 
 
 def set_quack_qk(pipeline: Any, applies: bool, device: torch.device) -> None:
     """``--quack-qk``: the fused processors' query and key projected, normed and rotated in quack's GEMM
     epilogue, on one GPU with a resident, unsharded transformer where it builds; the log says where, or why
     not."""
-    reason = quack_off(applies, quack_qk_unavailable, device)
+    set_quack_epilogue(
+        pipeline,
+        applies,
+        device,
+        quack_qk_unavailable,
+        apply_quack_qk,
+        ("quack query/key epilogue", "attention modules project, norm and rotate in one GEMM"),
+    )
+
+
+def set_quack_epilogue(
+    pipeline: Any,
+    applies: bool,
+    device: torch.device,
+    unavailable: Callable[[torch.device], str | None],
+    apply: Callable[[Any], int],
+    log_words: tuple[str, str],
+) -> None:
+    """Apply a quack epilogue to the transformer where the layout ``applies`` and quack can run it; the log
+    (``log_words``: its name, what the changed modules do) says how many changed, or why none."""
+    name, what = log_words
+    reason = unavailable(device) if applies else "it runs on one GPU with a resident, unsharded transformer"
     if reason is not None:
-        log.info("quack query/key epilogue: off (%s)", reason)
+        log.info("%s: off (%s)", name, reason)
         return
-    changed = apply_quack_qk(pipeline.transformer)
-    log.info("quack query/key epilogue: %d attention modules project, norm and rotate in one GEMM", changed)
-
-
-def quack_off(applies: bool, unavailable: Any, device: torch.device) -> str | None:
-    """Why a quack epilogue stays off (``None``: it goes on): the layout first, then what quack needs."""
-    return unavailable(device) if applies else "it runs on one GPU with a resident, unsharded transformer"
+    log.info("%s: %d %s", name, apply(pipeline.transformer), what)
 
 
 def fuses_qk(options: EngineOptions, layout: ParallelLayout, offloaded: set[str]) -> bool:

@@ -19,10 +19,8 @@ from worker.cli import add_worker_arguments, engine_options
 from worker.optimizations import fa4_attention as fa4
 from worker.optimizations import qk_norm_rope as qk_module
 from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor, apply_fused_qk_norm_rope
-from worker.options import EngineOptions
-from worker.tiny_model import build_tiny_pipeline
 
-from .device_support import failing_trial, pretend_hopper_with_packages
+from .device_support import compiled_engine_transformer, failing_trial, pretend_hopper_with_packages
 from .transformer_support import compiled_error, inputs, tiny_transformer
 
 
@@ -132,11 +130,7 @@ def test_compiled_blocks_trace_fa4_in_one_graph() -> None:
 
 
 def engine_processors(monkeypatch: pytest.MonkeyPatch, **options: Any) -> list[Any]:
-    monkeypatch.setattr(engine_module, "apply_regional_compile", lambda *args: None)  # no CPU compile here
-    pipe = build_tiny_pipeline("flux1", seed=0).to(torch.bfloat16)
-    settings = EngineOptions(compile=True, compile_vae=False, cuda_graphs=False, **options)
-    engine_module.FluxEngine.from_pipeline(pipe, settings, torch.device("cpu"))
-    return processors(pipe.transformer)
+    return processors(compiled_engine_transformer(monkeypatch, **options))
 
 
 def test_the_compiled_engine_attends_through_fa4_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,10 +16,9 @@ from worker.cli import add_worker_arguments, engine_options
 from worker.optimizations import quack_gating
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.quack_gating import GatedFeedForwardBlock, apply_quack_gating, gated_linear
-from worker.options import EngineOptions
 from worker.tiny_model import build_tiny_pipeline
 
-from .device_support import failing_trial, pretend_hopper_with_packages
+from .device_support import compiled_engine_transformer, failing_trial, pretend_hopper_with_packages
 from .transformer_support import inputs, relative_rms, tiny_transformer
 
 
@@ -94,11 +93,8 @@ def test_gating_composes_with_the_gelu_epilogues_and_compiles_in_one_graph() -> 
 
 def engine_blocks(monkeypatch: pytest.MonkeyPatch, **options: Any) -> tuple[list[Any], int]:
     """The engine's gated double blocks, and how many double blocks the tiny transformer has."""
-    monkeypatch.setattr(engine_module, "apply_regional_compile", lambda *args: None)  # no CPU compile here
-    pipe = build_tiny_pipeline("flux1", seed=0).to(torch.bfloat16)
-    settings = EngineOptions(compile=True, compile_vae=False, cuda_graphs=False, **options)
-    engine_module.FluxEngine.from_pipeline(pipe, settings, torch.device("cpu"))
-    return gated_blocks(pipe.transformer), len(pipe.transformer.transformer_blocks)
+    transformer = compiled_engine_transformer(monkeypatch, **options)
+    return gated_blocks(transformer), len(transformer.transformer_blocks)
 
 
 def test_the_engine_gates_with_quack_only_when_asked_and_quack_runs(monkeypatch: pytest.MonkeyPatch) -> None:

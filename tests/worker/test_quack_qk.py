@@ -17,10 +17,9 @@ from worker.optimizations import quack_qk
 from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor, apply_fused_qk_norm_rope
 from worker.optimizations.quack_qk import QuackQKFluxAttnProcessor, apply_quack_qk, projected_qk, rope_table
-from worker.options import EngineOptions
 from worker.tiny_model import build_tiny_pipeline
 
-from .device_support import failing_trial, pretend_hopper_with_packages
+from .device_support import compiled_engine_transformer, failing_trial, pretend_hopper_with_packages
 from .transformer_support import inputs, relative_rms, tiny_transformer
 
 TINY_HEAD_DIM = 16  # tiny_transformer's
@@ -164,11 +163,7 @@ def test_only_fused_processors_on_one_gpu_change() -> None:
 
 
 def engine_processors(monkeypatch: pytest.MonkeyPatch, **options: Any) -> list[Any]:
-    monkeypatch.setattr(engine_module, "apply_regional_compile", lambda *args: None)  # no CPU compile here
-    pipe = build_tiny_pipeline("flux1", seed=0).to(torch.bfloat16)
-    settings = EngineOptions(compile=True, compile_vae=False, cuda_graphs=False, **options)
-    engine_module.FluxEngine.from_pipeline(pipe, settings, torch.device("cpu"))
-    return quack_processors(pipe.transformer)
+    return quack_processors(compiled_engine_transformer(monkeypatch, **options))
 
 
 def test_the_engine_uses_the_epilogue_only_when_asked_and_it_builds(monkeypatch: pytest.MonkeyPatch) -> None:
