@@ -111,11 +111,10 @@ def projected_qk(
             start += rows
         return out
     cos, sin = (table[:, column::2].repeat_interleave(2, dim=-1) for column in (0, 1))
-    (text, image), norms = (
-        (F.linear(x, w, b)[None] for x, w, b, _ in parts),
-        [n[:head_dim] for *_, n in parts],
-    )
-    return reference(text, norms[0], image, norms[1], cos, sin, EPS, head_dim, None, True).flatten(2)[0]
+    text, image = (F.linear(x, weight, bias)[None] for x, weight, bias, _ in parts)
+    head_norms = text_norm[:head_dim], image_norm[:head_dim]
+    joint = reference(text, head_norms[0], image, head_norms[1], cos, sin, EPS, head_dim, None, True)
+    return joint.flatten(2)[0]
 
 
 @projected_qk.register_fake
