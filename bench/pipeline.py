@@ -198,6 +198,12 @@ VARIANTS: dict[str, Variant] = {
     "cache-fast-no-fa4": Variant({**COMPILED, "fa4_attention": False}, "fast"),
     "fp8-compiled-no-fa4": Variant({**FP8, **COMPILED, "fa4_attention": False}),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
+    # inductor's Triton kernels with Programmatic Dependent Launch (Hopper): each launches while the kernel
+    # before it drains and waits for its results in-kernel, so the launch latency between them is hidden
+    "compiled-pdl": Variant(COMPILED, inductor={"triton.enable_pdl": True}),
+    "compiled-quack-pdl": Variant(
+        {**COMPILED, "quack_gating": True, "quack_qk": True}, inductor={"triton.enable_pdl": True}
+    ),
     "fp8-compiled-cd": Variant({**FP8, **COMPILED}, inductor={"coordinate_descent_tuning": True}),
 }
 

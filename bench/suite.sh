@@ -158,6 +158,7 @@
 #   quack    quack's GEMMs against cuBLAS at FLUX.1's shapes, and the gating in their epilogue (bench.quack_check)
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
+#   pdl      lossless with inductor's Programmatic Dependent Launch, alone and with both quack epilogues
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
 #   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
 #   fa4u2    stock Ulysses-2 (torchrun), then the worker's Ulysses-2 with FA4 (the default) and without it
@@ -734,6 +735,12 @@ lane_quackqk() {  # the query/key projections normed and rotated in quack's epil
   stock "$1"
   python3 -m bench.pipeline --variants compiled-quack-qk,compiled-quack,compiled --repeats 3 --reference all \
     --output-file "$1/quackqk.json"
+}
+
+lane_pdl() {  # inductor's kernels with Programmatic Dependent Launch, alone and with both quack epilogues
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled-pdl,compiled,compiled-quack-pdl --repeats 3 --reference all \
+    --output-file "$1/pdl.json"
 }
 
 lane_quackrestart() {  # --quack-gating's engine started twice on one compile cache (quack's tuning in it too)
