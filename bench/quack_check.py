@@ -35,6 +35,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from bench.attention_probe import report
 from bench.gemm_algos import gated_operands, gating_kernel, problem_for, sustained_us, worker_shapes
@@ -123,43 +124,33 @@ class RopeOperands:
     cos: torch.Tensor
     sin: torch.Tensor
 
-    @property
-    def rows(self) -> list[int]:
-        return [x.shape[0] for x in self.inputs]
-
-    def table(self) -> torch.Tensor:
-        """quack's (tokens, head_dim) table: cos at even columns, sin at odd ones."""
-        return torch.stack((self.cos[:, ::2], self.sin[:, ::2]), dim=-1).flatten(1).contiguous()
-
     def worker(self) -> Callable[[], torch.Tensor]:
         """The worker's way: cuBLAS projections, then ``fluxgate::qk_norm_rope`` over text and image."""
         from worker.optimizations.qk_norm_rope import qk_norm_rope
 
         calls = list(zip(self.inputs, self.weights, self.biases, strict=True))
-        text_norm, image_norm = self.norms[0], self.norms[-1]
-
-        def call() -> torch.Tensor:
-            projected = [torch.nn.functional.linear(x, w, b)[None] for x, w, b in calls]
-            text = projected[0] if len(projected) == 2 else projected[0][:, :0]
-            joint = qk_norm_rope(
-                text, text_norm, projected[-1], image_norm, self.cos, self.sin, 1e-6, 128, None, True
-            )
-            return joint.flatten(2)[0]
-
-        return call
+        return lambda: self.joint(qk_norm_rope, [F.linear(x, w, b) for x, w, b in calls], self.norms)
 
     def truth(self) -> torch.Tensor:
+        """The same in fp32 (``qk_norm_rope``'s eager reference on fp32 projections)."""
         from worker.optimizations.qk_norm_rope import reference
 
         projected = [
-            torch.nn.functional.linear(x.float(), w.float(), b.float())[None]
+            F.linear(x.float(), w.float(), b.float())
             for x, w, b in zip(self.inputs, self.weights, self.biases, strict=True)
         ]
-        text = projected[0] if len(projected) == 2 else projected[0][:, :0]
-        norms = [norm.float() for norm in self.norms]
-        return reference(text, norms[0], projected[-1], norms[-1], self.cos, self.sin, 1e-6, 128, None, True)[
-            0
-        ].flatten(1)
+        return self.joint(reference, projected, [norm.float() for norm in self.norms])
+
+    def joint(
+        self, normed_rotated: Any, projected: list[torch.Tensor], norms: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """(tokens, features): ``normed_rotated`` (``qk_norm_rope`` or its reference) over the projections,
+        text first where there are two parts."""
+        text = projected[0] if len(projected) == 2 else projected[0][:0]
+        joint = normed_rotated(
+            text[None], norms[0], projected[-1][None], norms[-1], self.cos, self.sin, 1e-6, 128, None, True
+        )
+        return joint[0].flatten(1)
 
 
 def rope_operands(rows: tuple[int, ...], device: torch.device | None = None) -> RopeOperands:
@@ -185,14 +176,14 @@ def rope_row(rows: tuple[int, ...], seconds: float) -> dict[str, Any]:
     quack GEMMs with both in the epilogue (``quack_epilogues.normed_rotated``), each writing its rows of the
     joint output, per tile configuration; the plain cuBLAS projections alone for what the glue costs."""
     from worker.optimizations import quack_epilogues
-    from worker.optimizations.quack_qk import hopper_config
+    from worker.optimizations.quack_qk import hopper_config, rope_table
 
     operands = rope_operands(rows)
     truth, worker = operands.truth(), operands.worker()
     joint = torch.empty(sum(rows), 3072, device="cuda", dtype=torch.bfloat16)
     library = torch.empty_like(joint[: rows[-1]])
     starts = [sum(rows[:index]) for index in range(len(rows))]
-    table = operands.table()
+    table = rope_table(operands.cos, operands.sin)
     parts = [
         (x, w.t(), b, norm.repeat(24), table[start : start + count], joint[start : start + count])
         for x, w, b, norm, start, count in zip(
@@ -219,7 +210,7 @@ def rope_row(rows: tuple[int, ...], seconds: float) -> dict[str, Any]:
         return call
 
     plain = [
-        partial(torch.nn.functional.linear, x, w, b)
+        partial(F.linear, x, w, b)
         for x, w, b in zip(operands.inputs, operands.weights, operands.biases, strict=True)
     ]
     result: dict[str, Any] = {

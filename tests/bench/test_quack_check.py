@@ -21,8 +21,10 @@ def test_quack_check_refuses_to_run_without_a_gpu(capsys: pytest.CaptureFixture[
 def test_rope_table_interleaves_each_pairs_cos_and_sin() -> None:
     import torch
 
+    from worker.optimizations.quack_qk import rope_table
+
     operands = quack_check.rope_operands((3, 5), torch.device("cpu"))
-    table = operands.table()
+    table = rope_table(operands.cos, operands.sin)
     assert table.shape == (8, 128)
     assert torch.equal(table[:, 0::2], operands.cos[:, 0::2])
     assert torch.equal(table[:, 1::2], operands.sin[:, 1::2])

@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from worker.optimizations.epilogues import plain_linear
-from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor, Parts, joined, qk_norms, reference
+from worker.optimizations.qk_norm_rope import (
+    FusedQKFluxAttnProcessor,
+    Parts,
+    joined,
+    reference,
+    weighted_norms_with_one_eps,
+)
 from worker.optimizations.quack_gating import quack_unavailable
 from worker.optimizations.trials import trial_failure
 
@@ -142,13 +148,13 @@ def projects_in_epilogue(attn: Any, hidden_states: torch.Tensor, text: Any) -> b
     """The call the epilogue covers: a batch of one, plain biased query/key projections of the measured head
     width, weighted norms with quack's epsilon."""
     linears = [attn.to_q, attn.to_k] + ([attn.add_q_proj, attn.add_k_proj] if text is not None else [])
-    norms = [*qk_norms(attn, "q", text is not None), *qk_norms(attn, "k", text is not None)]
     return (
         hidden_states.shape[0] == 1
         and attn.head_dim == HEAD_DIM
         and not attn.fused_projections
         and all(plain_linear(linear) and linear.bias is not None for linear in linears)
-        and all(getattr(norm, "weight", None) is not None and norm.eps == EPS for norm in norms)
+        and weighted_norms_with_one_eps(attn)
+        and attn.norm_q.eps == EPS
         and hasattr(attn, "quack_norm_q")  # apply_quack_qk's repeated weights
     )
 
