@@ -43,6 +43,7 @@ from worker.optimizations.cuda_graphs import GraphedCalls
 from worker.optimizations.epilogues import EpilogueSingleBlock, apply_gemm_epilogues
 from worker.optimizations.fp8_attention_processor import Fp8FluxAttnProcessor
 from worker.optimizations.fp8_mlp import apply_fp8_mlp_epilogues
+from worker.optimizations.fused_qkv import fused_buffers
 from worker.optimizations.quack_gating import GatedFeedForwardBlock
 from worker.optimizations.quack_qk import QuackQKFluxAttnProcessor
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
@@ -189,6 +190,10 @@ VARIANTS: dict[str, Variant] = {
     "compiled-no-split-k": Variant(COMPILED, blas="cublaslt, no split-K"),
     # SDPA's cuDNN kernel, not FlashAttention-4's (the worker's default where it runs, since lease 85)
     "compiled-no-fa4": Variant({**COMPILED, "fa4_attention": False}),
+    # three GEMMs a stream for the query, key and value, and the double blocks' values concatenated (the
+    # worker's default before worker.optimizations.fused_qkv)
+    "compiled-unfused-qkv": Variant({**COMPILED, "fused_qkv": False}),
+    "cache-fast-unfused-qkv": Variant({**COMPILED, "fused_qkv": False}, "fast"),
     # the double blocks' feed-forward gating in quack's GEMM epilogue (worker.optimizations.quack_gating)
     "compiled-quack-gating": Variant({**COMPILED, "quack_gating": True}),
     # the query/key projections normed and rotated in quack's GEMM epilogue (worker.optimizations.quack_qk)
@@ -437,6 +442,10 @@ def run_prepared(
     # attention modules whose processor attends through FlashAttention-4 (worker.optimizations.fa4_attention)
     processors = [getattr(module, "processor", None) for module in pipe.transformer.modules()]
     result["fa4_attention_modules"] = sum(bool(getattr(processor, "fa4", False)) for processor in processors)
+    # attention modules projecting each stream's q/k/v with one GEMM (worker.optimizations.fused_qkv)
+    result["fused_qkv_modules"] = sum(
+        fused_buffers(module, "image") is not None for module in pipe.transformer.modules()
+    )
     # double blocks gating their feed-forward in quack's GEMM epilogue (worker.optimizations.quack_gating)
     gated = [module for module in pipe.transformer.modules() if isinstance(module, GatedFeedForwardBlock)]
     result["quack_gated_blocks"] = len(gated)

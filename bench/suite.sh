@@ -158,6 +158,9 @@
 #   quack    quack's GEMMs against cuBLAS at FLUX.1's shapes, and the gating in their epilogue (bench.quack_check)
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
+#   qkvviews lossless with each stream's q/k/v in one GEMM over their weights' buffer (the default) and with
+#            three (the default before), profiled; stock first
+#   qkvquack the same default with --quack-gating, with both quack epilogues, and alone again; then `fast`
 #   pdl      lossless with inductor's Programmatic Dependent Launch, alone and with both quack epilogues
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
 #   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
@@ -741,6 +744,18 @@ lane_pdl() {  # inductor's kernels with Programmatic Dependent Launch, alone and
   stock "$1"
   python3 -m bench.pipeline --variants compiled-pdl,compiled,compiled-quack-pdl --repeats 3 --reference all \
     --output-file "$1/pdl.json"
+}
+
+lane_qkvviews() {  # one GEMM per stream for the query, key and value (worker.optimizations.fused_qkv)
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled,compiled-unfused-qkv --repeats 5 --reference all --profile \
+    --output-file "$1/qkvviews.json"
+}
+
+lane_qkvquack() {  # the quack epilogues on top of the fused projections (a later call: NO_STOCK=1)
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled-quack-gating,compiled-quack,compiled,cache-fast --repeats 5 \
+    --reference all --output-file "$1/qkvquack.json"
 }
 
 lane_quackrestart() {  # --quack-gating's engine started twice on one compile cache (quack's tuning in it too)

@@ -78,6 +78,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "flash-attn-4 is installed and the GPU is a Hopper)",
     )
     add(
+        "--no-fused-qkv",
+        dest="fused_qkv",
+        action="store_false",
+        default=None,
+        help="with --compile on one GPU, project the attention's query, key and value with three GEMMs per "
+        "stream, not one over their weights' shared buffer",
+    )
+    add(
         "--quack-gating",
         action="store_true",
         default=None,

@@ -29,6 +29,7 @@ from worker.optimizations.epilogues import apply_gemm_epilogues
 from worker.optimizations.fa4_attention import fa4_unavailable
 from worker.optimizations.fp8_attention import check_fp8_attention_supported
 from worker.optimizations.fp8_attention_processor import apply_fp8_attention
+from worker.optimizations.fused_qkv import apply_fused_qkv
 from worker.optimizations.modulation import ModulationTables, Schedule, apply_modulation_tables
 from worker.optimizations.offload import OffloadConfig, apply_offload
 from worker.optimizations.qk_norm_rope import (
@@ -225,6 +226,9 @@ def compile_for_speed(
         # blocks call the new forwards when they are first traced (the warm-up)
         changed = apply_gemm_epilogues(pipeline.transformer)
         log.info("GEMM epilogues: %d MLP modules run their GELU inside the GEMMs", changed)
+    if options.fused_qkv and resident and layout.sp == 1:  # before quack's query/key epilogue takes the class
+        changed = apply_fused_qkv(pipeline.transformer, FusedQKFluxAttnProcessor)
+        log.info("fused q/k/v projections: %d attention modules project each stream with one GEMM", changed)
     if options.quack_gating:
         set_quack_gating(pipeline, resident and layout.sp == 1, device)
     if options.quack_qk:

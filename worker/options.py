@@ -60,6 +60,10 @@ class EngineOptions(BaseSettings):
     # attention runs FlashAttention-4's kernel, not SDPA's cuDNN one (worker.optimizations.fa4_attention):
     # 6% less attention time at FLUX.1's shapes, 1.6% off a lossless image on an H100 (leases 84-85).
     fa4_attention: bool = True
+    # With --compile's fused query/key processor on one GPU, each stream's query, key and value projections
+    # run as one GEMM over one buffer of their weights, which the layers keep as views (no memory added), and
+    # the double blocks' joint value is a view, not a copy (worker.optimizations.fused_qkv).
+    fused_qkv: bool = True
     # With --compile on one Hopper GPU where quack is installed, the double blocks' feed-forward gating runs
     # in the output GEMM's epilogue (worker.optimizations.quack_gating): opt-in, 0.3% off a step (lease 100).
     quack_gating: bool = False

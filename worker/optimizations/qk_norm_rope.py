@@ -30,6 +30,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.fa4_attention import fa4_attention, takes
 from worker.optimizations.fp8_attention import E4M3_MAX
+from worker.optimizations.fused_qkv import projected_qkv
 from worker.optimizations.joint_value import joint_value
 from worker.optimizations.symmetric_exchange import power_of_two_divisor, symmetric_exchange_applies
 from worker.optimizations.ulysses import PendingAttention, packed_exchange_applies, packed_ulysses_attention
@@ -335,8 +336,12 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
 
     def _projections(self, attn: Any, hidden_states: torch.Tensor, text: Any) -> tuple[Parts, Parts, Parts]:
-        """The query, key and value projections, each as (text tokens, image tokens); with ``joint_value``
-        the value comes whole, as its "image" part (``joined`` takes it as it is)."""
+        """The query, key and value projections, each as (text tokens, image tokens); with fused weights
+        (``worker.optimizations.fused_qkv``) or ``joint_value`` the value comes whole, as its "image" part
+        (``joined`` takes it as it is)."""
+        fused = None if self._parallel_config is not None else projected_qkv(attn, hidden_states, text)
+        if fused is not None:
+            return fused
         text_value: Any = getattr(attn, "add_v_proj", None)
         joint = (
             self.joint_value and text is not None and text_value is not None and not attn.fused_projections
