@@ -161,6 +161,8 @@
 #   qkvviews lossless with each stream's q/k/v in one GEMM over their weights' buffer (the default) and with
 #            three (the default before), profiled; stock first
 #   qkvquack the same default with --quack-gating, with both quack epilogues, and alone again; then `fast`
+#   vae      the VAE's decode alone: eager and compiled, NCHW and channels-last (bench.vae_check); then the
+#            default engine started twice on one compile cache (cold, warm). No stock
 #   pdl      lossless with inductor's Programmatic Dependent Launch, alone and with both quack epilogues
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
 #   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
@@ -756,6 +758,11 @@ lane_qkvquack() {  # the quack epilogues on top of the fused projections (a late
   stock "$1"
   python3 -m bench.pipeline --variants compiled-quack-gating,compiled-quack,compiled,cache-fast --repeats 5 \
     --reference all --output-file "$1/qkvquack.json"
+}
+
+lane_vae() {  # the decode's layouts, then the worker's restart with the fused projections
+  python3 -m bench.vae_check --output-file "$1/vae_check.json"
+  restarts "$1" compiled restart
 }
 
 lane_quackrestart() {  # --quack-gating's engine started twice on one compile cache (quack's tuning in it too)

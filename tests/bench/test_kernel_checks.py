@@ -36,3 +36,17 @@ def test_exchange_summary_reads_bandwidth_and_the_hidden_fraction() -> None:
     assert result["symmetric_hidden_fraction"] == 0.75  # 90 of the round trip's 120 us hidden
     serial = summarise({**us, "gemm+one": 140.0}, tensor_mb=14.16)
     assert serial["hidden_fraction"] == 0.0
+
+
+def test_the_vae_check_times_each_variant_and_compares_it_with_the_first(tmp_path: Path) -> None:
+    import argparse
+
+    from bench.vae_check import run
+
+    out = tmp_path / "vae.json"
+    variants = "eager,eager-channels-last"  # the compiled ones add a minute of CPU compile, nothing else
+    args = argparse.Namespace(smoke=True, res=32, repeats=1, variants=variants, output_file=str(out))
+    results = run(args)
+    assert results["eager"]["max_abs_diff_vs_first"] == 0.0
+    assert results["eager-channels-last"]["ms"] > 0
+    assert results["eager-channels-last"]["max_abs_diff_vs_first"] < 1e-3  # the same decode, other strides

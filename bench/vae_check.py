@@ -1,0 +1,139 @@
+"""FLUX.1's VAE decode at 1024x1024 as the worker runs it, and in channels-last (``bench.vae_check``).
+
+Outside its 28 steps a lossless image on an H100 spends ~45 ms (lease 106): the text encoders, the decode
+and the image's copy. The decode's convolutions run cuDNN's NHWC kernels (``..._nhwckrsc_nhwc``) on
+NCHW tensors, and its GroupNorms reduce 4 channels x 1 M pixels per group in 32 groups. This times the
+decoder (FLUX.1-dev's config, random weights, bf16) on one 128 x 128 x 16 latent:
+
+* eager and compiled (``decoder.compile()``, the worker's ``--compile``), the tensors NCHW;
+* the same with the VAE's weights and the latent in channels-last;
+
+GPU milliseconds per decode from CUDA events (after the warm-up, which compiles), the peak memory, and each
+output's max abs difference from the eager NCHW decode. ``--smoke`` runs a tiny VAE on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+
+from bench.random_flux import init_random
+
+FLUX_VAE = {
+    "act_fn": "silu",
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
+SMOKE_VAE = {**FLUX_VAE, "block_out_channels": (32, 32, 32, 32), "norm_num_groups": 8}
+VARIANTS = {  # name: (compiled, channels-last)
+    "eager": (False, False),
+    "compiled": (True, False),
+    "eager-channels-last": (False, True),
+    "compiled-channels-last": (True, True),
+}
+
+
+def prepared(vae: Any, compiled: bool, channels_last: bool) -> Any:
+    """A copy of ``vae`` with its decoder compiled and its weights in channels-last, as asked."""
+    variant = copy.deepcopy(vae)
+    if channels_last:
+        variant.to(memory_format=torch.channels_last)
+    if compiled:
+        variant.decoder.compile()
+    return variant
+
+
+def decode_ms(decode: Any, repeats: int, cuda: bool) -> float:
+    """Milliseconds per decode: CUDA events on a GPU, the host's clock elsewhere."""
+    if not cuda:
+        started = time.perf_counter()
+        for _ in range(repeats):
+            decode()
+        return (time.perf_counter() - started) * 1000 / repeats
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        decode()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+@torch.no_grad()
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    torch.manual_seed(0)
+    vae: Any = init_random(AutoencoderKL(**(SMOKE_VAE if args.smoke else FLUX_VAE)))  # type: ignore[arg-type]
+    vae = vae.to(device, dtype).eval()
+    side = args.res // 8
+    latents = torch.randn(1, 16, side, side, device=device, dtype=dtype)
+    results: dict[str, Any] = {
+        "res": args.res,
+        "device": torch.cuda.get_device_name() if not args.smoke else "cpu",
+    }
+    reference = None
+    for name in args.variants.split(","):
+        compiled, channels_last = VARIANTS[name]
+        variant = prepared(vae, compiled, channels_last)
+        latent = latents.contiguous(memory_format=torch.channels_last) if channels_last else latents
+
+        def decode(variant: Any = variant, latent: torch.Tensor = latent) -> torch.Tensor:
+            return variant.decode(latent, return_dict=False)[0]
+
+        started = time.perf_counter()
+        output = decode()  # the warm-up: a compiled variant compiles here
+        if not args.smoke:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        warmup_s = time.perf_counter() - started
+        for _ in range(2):
+            decode()
+        entry: dict[str, Any] = {"warmup_s": round(warmup_s, 1)}
+        entry["ms"] = round(decode_ms(decode, args.repeats, not args.smoke), 3)
+        if not args.smoke:
+            entry["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        output = decode().float()
+        reference = output if reference is None else reference
+        entry["max_abs_diff_vs_first"] = round(float((output - reference).abs().max()), 5)
+        results[name] = entry
+        print("RESULT", json.dumps({"variant": name, **entry}), flush=True)
+        del variant
+        torch._dynamo.reset()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS)
+    )
+    parser.add_argument("--res", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="a tiny VAE on the CPU (checks the script)")
+    parser.add_argument("--output-file")
+    args = parser.parse_args()
+    results = run(args)
+    if args.output_file:
+        with open(args.output_file, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
