@@ -163,6 +163,7 @@
 #   qkvquack the same default with --quack-gating, with both quack epilogues, and alone again; then `fast`
 #   vae      the VAE's decode alone: eager and compiled, NCHW and channels-last (bench.vae_check); then the
 #            default engine started twice on one compile cache (cold, warm). No stock
+#   vaenorm  the compiled decode profiled, and with inductor's reductions configured otherwise. No stock
 #   pdl      lossless with inductor's Programmatic Dependent Launch, alone and with both quack epilogues
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
 #   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
@@ -763,6 +764,11 @@ lane_qkvquack() {  # the quack epilogues on top of the fused projections (a late
 lane_vae() {  # the decode's layouts, then the worker's restart with the fused projections
   python3 -m bench.vae_check --output-file "$1/vae_check.json"
   restarts "$1" compiled restart
+}
+
+lane_vaenorm() {  # the compiled decode profiled, with inductor's reductions configured three other ways
+  python3 -m bench.vae_check --variants compiled,compiled-no-persistent,compiled-tuned,compiled-cd --profile \
+    --output-file "$1/vae_norm.json"
 }
 
 lane_quackrestart() {  # --quack-gating's engine started twice on one compile cache (quack's tuning in it too)

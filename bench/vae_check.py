@@ -7,6 +7,7 @@ decoder (FLUX.1-dev's config, random weights, bf16) on one 128 x 128 x 16 latent
 
 * eager and compiled (``decoder.compile()``, the worker's ``--compile``), the tensors NCHW;
 * the same with the VAE's weights and the latent in channels-last;
+* compiled with inductor's reductions configured otherwise (``VARIANTS``);
 
 GPU milliseconds per decode from CUDA events (after the warm-up, which compiles), the peak memory, and each
 output's max abs difference from the eager NCHW decode. ``--smoke`` runs a tiny VAE on the CPU.
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
+from bench.profiling import kernel_seconds
 from bench.random_flux import init_random
 
 FLUX_VAE = {
@@ -41,21 +43,28 @@ FLUX_VAE = {
     "mid_block_add_attention": True,
 }
 SMOKE_VAE = {**FLUX_VAE, "block_out_channels": (32, 32, 32, 32), "norm_num_groups": 8}
-VARIANTS = {  # name: (compiled, channels-last)
-    "eager": (False, False),
-    "compiled": (True, False),
-    "eager-channels-last": (False, True),
-    "compiled-channels-last": (True, True),
+# name: (compiled, channels-last, inductor options). The options: GroupNorm's reductions of 4 channels x
+# 1 M pixels per group without persistent reductions, with the reductions' launch configurations tuned
+# (``max_autotune_pointwise``), or with coordinate descent over their block sizes.
+VARIANTS: dict[str, tuple[bool, bool, dict[str, Any]]] = {
+    "eager": (False, False, {}),
+    "compiled": (True, False, {}),
+    "eager-channels-last": (False, True, {}),
+    "compiled-channels-last": (True, True, {}),
+    "compiled-no-persistent": (True, False, {"triton.persistent_reductions": False}),
+    "compiled-tuned": (True, False, {"max_autotune_pointwise": True}),
+    "compiled-cd": (True, False, {"coordinate_descent_tuning": True}),
 }
 
 
-def prepared(vae: Any, compiled: bool, channels_last: bool) -> Any:
-    """A copy of ``vae`` with its decoder compiled and its weights in channels-last, as asked."""
+def prepared(vae: Any, compiled: bool, channels_last: bool, options: dict[str, Any]) -> Any:
+    """A copy of ``vae`` with its decoder compiled (with these inductor options) and its weights in
+    channels-last, as asked."""
     variant = copy.deepcopy(vae)
     if channels_last:
         variant.to(memory_format=torch.channels_last)
     if compiled:
-        variant.decoder.compile()
+        variant.decoder.compile(options=options or None)
     return variant
 
 
@@ -90,8 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     reference = None
     for name in args.variants.split(","):
-        compiled, channels_last = VARIANTS[name]
-        variant = prepared(vae, compiled, channels_last)
+        compiled, channels_last, options = VARIANTS[name]
+        variant = prepared(vae, compiled, channels_last, options)
         latent = latents.contiguous(memory_format=torch.channels_last) if channels_last else latents
 
         def decode(variant: Any = variant, latent: torch.Tensor = latent) -> torch.Tensor:
@@ -109,6 +118,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         entry["ms"] = round(decode_ms(decode, args.repeats, not args.smoke), 3)
         if not args.smoke:
             entry["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if args.profile and not args.smoke:
+            entry["kernels"] = kernel_seconds(decode)
         output = decode().float()
         reference = output if reference is None else reference
         entry["max_abs_diff_vs_first"] = round(float((output - reference).abs().max()), 5)
@@ -126,6 +137,7 @@ def main() -> None:
     )
     parser.add_argument("--res", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--profile", action="store_true", help="each decode's kernels by kind and name")
     parser.add_argument("--smoke", action="store_true", help="a tiny VAE on the CPU (checks the script)")
     parser.add_argument("--output-file")
     args = parser.parse_args()

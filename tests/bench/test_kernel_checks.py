@@ -45,7 +45,9 @@ def test_the_vae_check_times_each_variant_and_compares_it_with_the_first(tmp_pat
 
     out = tmp_path / "vae.json"
     variants = "eager,eager-channels-last"  # the compiled ones add a minute of CPU compile, nothing else
-    args = argparse.Namespace(smoke=True, res=32, repeats=1, variants=variants, output_file=str(out))
+    args = argparse.Namespace(
+        smoke=True, res=32, repeats=1, variants=variants, output_file=str(out), profile=True
+    )
     results = run(args)
     assert results["eager"]["max_abs_diff_vs_first"] == 0.0
     assert results["eager-channels-last"]["ms"] > 0
