@@ -236,8 +236,14 @@ def compile_for_speed(
     vae: Any = getattr(pipeline, "vae", None)
     whole = type(vae).__name__ == "AutoencoderKL" and "vae" not in offloaded
     if options.compile_vae and whole and not layout.parallel_vae:  # the split decode patches the decoder
-        vae.decoder.compile()  # inductor's defaults, as measured (the compile mode is the blocks')
+        vae.decoder.compile(options=DECODER_COMPILE_OPTIONS)  # not the blocks' compile mode
         log.info("VAE decoder compiled")
+
+
+# The decoder's reductions (its GroupNorms: 4 channels x 1 M pixels a group at 1024x1024) with launch
+# configurations inductor benchmarks at compile: a 1024x1024 decode 33.3 against 37.8 ms on an H100
+# (bench.vae_check, lease 108, docs/performance.md); coordinate descent (32.4 ms) took 180 s to compile.
+DECODER_COMPILE_OPTIONS = {"max_autotune_pointwise": True}
 
 
 def set_quack_gating(pipeline: Any, applies: bool, device: torch.device) -> None:

@@ -79,6 +79,18 @@ def test_engine_compiles_the_vae_decoder_when_it_compiles_and_the_decoder_is_res
     assert pipe.vae.encoder._compiled_call_impl is None  # Kontext's references still encode eagerly
 
 
+def test_the_decoder_compiles_with_its_reductions_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers.models.autoencoders.vae import Decoder
+
+    asked: list[dict[str, Any]] = []
+    original = Decoder.compile
+    monkeypatch.setattr(
+        Decoder, "compile", lambda self, **kwargs: asked.append(kwargs) or original(self, **kwargs)
+    )
+    prepared({"compile": True}, monkeypatch)
+    assert asked == [{"options": {"max_autotune_pointwise": True}}]
+
+
 def test_no_fused_qk_and_no_compile_vae_flags_turn_them_off() -> None:
     parser = argparse.ArgumentParser()
     add_worker_arguments(parser)
