@@ -164,6 +164,7 @@
 #   vae      the VAE's decode alone: eager and compiled, NCHW and channels-last (bench.vae_check); then the
 #            default engine started twice on one compile cache (cold, warm). No stock
 #   vaenorm  the compiled decode profiled, and with inductor's reductions configured otherwise. No stock
+#   defaults lossless and `fast` as the worker runs them, then its cold and warm restart; stock first
 #   pdl      lossless with inductor's Programmatic Dependent Launch, alone and with both quack epilogues
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
 #   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
@@ -769,6 +770,13 @@ lane_vae() {  # the decode's layouts, then the worker's restart with the fused p
 lane_vaenorm() {  # the compiled decode profiled, with inductor's reductions configured three other ways
   python3 -m bench.vae_check --variants compiled,compiled-no-persistent,compiled-tuned,compiled-cd --profile \
     --output-file "$1/vae_norm.json"
+}
+
+lane_defaults() {  # the worker's defaults: lossless and `fast`, then two fresh starts on one compile cache
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled,cache-fast --repeats 5 --reference all \
+    --output-file "$1/defaults.json"
+  restarts "$1" compiled restart
 }
 
 lane_quackrestart() {  # --quack-gating's engine started twice on one compile cache (quack's tuning in it too)
