@@ -165,6 +165,8 @@
 #            default engine started twice on one compile cache (cold, warm). No stock
 #   vaenorm  the compiled decode profiled, and with inductor's reductions configured otherwise. No stock
 #   defaults lossless and `fast` as the worker runs them, then its cold and warm restart; stock first
+#   textbeside  a double block's text-stream GEMMs beside its image-stream GEMMs on a second stream
+#            (bench.text_beside, a diagnosis). No stock
 #   pdl      lossless with inductor's Programmatic Dependent Launch, alone and with both quack epilogues
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
 #   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
@@ -777,6 +779,10 @@ lane_defaults() {  # the worker's defaults: lossless and `fast`, then two fresh 
   python3 -m bench.pipeline --variants compiled,cache-fast --repeats 5 --reference all \
     --output-file "$1/defaults.json"
   restarts "$1" compiled restart
+}
+
+lane_textbeside() {  # do the double blocks' text GEMMs hide beside their image GEMMs?
+  python3 -m bench.text_beside --output-file "$1/text_beside.json"
 }
 
 lane_quackrestart() {  # --quack-gating's engine started twice on one compile cache (quack's tuning in it too)
