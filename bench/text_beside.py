@@ -3,9 +3,8 @@
 FLUX.1's 19 double blocks carry the 512 text tokens in a stream of their own: after the joint attention,
 the text tokens' output projection, feed-forward (in with its GELU, out) and gatings never read the image
 tokens' until the next block's attention, and the image tokens' never read theirs. Their GEMMs have 512
-rows: 4 row tiles, under one wave of the H100's 132 SMs per GEMM, at ~520 TFLOP/s against the image GEMMs'
-~670 (lease 106's profile: the text GEMMs ~0.11 s an image). Run beside the image GEMMs on a second stream,
-their tiles could fill the SMs the image GEMMs' last waves leave idle.
+rows, a wave or two of the H100's 132 SMs each. Run beside the image GEMMs on a second stream, their tiles
+could fill the SMs the image GEMMs' last waves leave idle.
 
 This times, replayed from CUDA graphs, each double block's chain after the attention and the projections
 before it, at one GPU's shapes (the worker's GEMM calls, bias and GELU epilogues included):
@@ -15,6 +14,10 @@ before it, at one GPU's shapes (the worker's GEMM calls, bias and GELU epilogues
 * ``beside_low``: the text chain on a low-priority side stream (its tiles wait for free SMs).
 
 ``saved`` is ``serial`` less the better of the two: per double block, x 19 x 28 for an image.
+
+Measured on an H100 (lease 110, docs/performance.md): the text chain after the attention takes 131 µs alone
+(~660 TFLOP/s, the image GEMMs' rate) and beside the image chain costs 51 µs more than after it: cuBLAS's
+cooperative GEMMs compete rather than fill each other's tails. Not a lever; the worker keeps one stream.
 """
 
 from __future__ import annotations
