@@ -80,6 +80,14 @@ def serial(first: Callable[[], Any], second: Callable[[], Any]) -> Callable[[], 
     return run
 
 
+def timed(cases: dict[str, Callable[[], Any]], calls: int, arrangements: tuple[str, str]) -> dict[str, float]:
+    """Each case's µs a call, replayed from a CUDA graph, and ``saved``: the ``serial`` case's less the
+    faster of the two ``arrangements`` (negative: running side by side costs more)."""
+    us = {case: round(graph_ms(fn, calls=calls)[0] * 1000, 1) for case, fn in cases.items()}
+    us["saved"] = round(us["serial"] - min(us[name] for name in arrangements), 1)
+    return us
+
+
 def measure(sequence_parallel: int, calls: int) -> dict[str, Any]:
     device = torch.device("cuda", torch.cuda.current_device())
     high = torch.cuda.Stream(device, priority=-1)
@@ -99,17 +107,21 @@ def measure(sequence_parallel: int, calls: int) -> dict[str, Any]:
             "beside": overlapped(gemm, attend, high),
             "beside_gemm_first": overlapped(attend, gemm, high),
         }
-        us = {case: round(graph_ms(fn, calls=calls)[0] * 1000, 1) for case, fn in times.items()}
-        us["saved"] = round(us["serial"] - min(us["beside"], us["beside_gemm_first"]), 1)
+        us = timed(times, calls, ("beside", "beside_gemm_first"))
         result[name] = {**us, "gemm_kernels": launched(gemm)}
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def graph_arguments(doc: str, argv: list[str] | None) -> argparse.Namespace:
+    """What the side-by-side checks take: ``--calls`` captured in each CUDA graph, and ``--output-file``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20, help="calls captured in each CUDA graph")
     parser.add_argument("--output-file")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = graph_arguments(__doc__, argv)
     result = {
         "device": torch.cuda.get_device_name(),
         "one_gpu": measure(1, args.calls),

@@ -22,14 +22,14 @@ cooperative GEMMs compete rather than fill each other's tails. Not a lever; the 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bench.attention_probe import graph_ms, report
+from bench.attention_probe import report
+from bench.concurrency import graph_arguments, timed
 from bench.exchange import overlapped
 
 TEXT, IMAGE, HIDDEN, MLP = 512, 4096, 3072, 12288
@@ -81,18 +81,14 @@ def measure(calls: int) -> dict[str, Any]:
             "beside": overlapped(image[part], text[part], high),
             "beside_low": overlapped(image[part], text[part], low),
         }
-        us = {case: round(graph_ms(fn, calls=calls)[0] * 1000, 1) for case, fn in cases.items()}
-        us["saved"] = round(us["serial"] - min(us["beside"], us["beside_low"]), 1)
+        us = timed(cases, calls, ("beside", "beside_low"))
         us["saved_ms_an_image"] = round(us["saved"] * 19 * 28 / 1000, 1)
         result[part] = us
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=20, help="calls captured in each CUDA graph")
-    parser.add_argument("--output-file")
-    args = parser.parse_args(argv)
+    args = graph_arguments(__doc__, argv)
     result = {"device": torch.cuda.get_device_name(), **measure(args.calls)}
     result["sustained"] = measure(args.calls * 10)  # ~10x the work a graph: the card at its power cap
     report(result, args.output_file)

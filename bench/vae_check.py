@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
+from bench.attention_probe import time_ms
 from bench.profiling import kernel_seconds
 from bench.random_flux import init_random
 
@@ -69,19 +70,13 @@ def prepared(vae: Any, compiled: bool, channels_last: bool, options: dict[str, A
 
 
 def decode_ms(decode: Any, repeats: int, cuda: bool) -> float:
-    """Milliseconds per decode: CUDA events on a GPU, the host's clock elsewhere."""
-    if not cuda:
-        started = time.perf_counter()
-        for _ in range(repeats):
-            decode()
-        return (time.perf_counter() - started) * 1000 / repeats
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    """Milliseconds per decode: CUDA events on a GPU (``time_ms``), the host's clock elsewhere."""
+    if cuda:
+        return time_ms(decode, repeats)
+    started = time.perf_counter()
     for _ in range(repeats):
         decode()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+    return (time.perf_counter() - started) * 1000 / repeats
 
 
 @torch.no_grad()
