@@ -96,6 +96,9 @@ def test_layers_that_cannot_share_one_gemm_keep_theirs() -> None:
     assert not fuse_qkv_weights(hooked)  # its image stream fused, its text stream cannot: neither kept
     assert not hasattr(hooked, "fused_image_qkv_weight")
     assert not fuse_qkv_weights(unbiased)
+    narrower = model.single_transformer_blocks[2].attn  # a key and value narrower than the query (GQA)
+    narrower.to_k = torch.nn.Linear(32, 16)
+    assert not fuse_qkv_weights(narrower)
     assert fuse_qkv_weights(model.single_transformer_blocks[1].attn)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.joint_value import linear_into
 
-# a stream's projections, in the buffer's order, and the buffers' names on the attention module
+# each stream's projections, in the order their rows sit in the stream's buffer
 STREAMS = {"image": ("to_q", "to_k", "to_v"), "text": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 Parts = tuple[torch.Tensor | None, torch.Tensor]  # text tokens (None: none) and image tokens
@@ -41,12 +41,14 @@ def buffer_names(stream: str) -> tuple[str, str]:
 
 
 def fusable(linears: list[Any]) -> bool:
-    """Plain biased ``nn.Linear`` layers of one input width, dtype and device: one GEMM can do them."""
+    """Plain biased ``nn.Linear`` layers of one shape, dtype and device: one GEMM can do them, and its output
+    splits in equal thirds (``projected_qkv``)."""
     if not all(plain_linear(linear) for linear in linears):
         return False
     first = linears[0].weight
     return all(
         linear.in_features == linears[0].in_features
+        and linear.out_features == linears[0].out_features
         and linear.weight.dtype == first.dtype
         and linear.weight.device == first.device
         and linear.bias.dtype == first.dtype
@@ -79,8 +81,9 @@ def fuse_stream(attn: nn.Module, stream: str) -> bool:
 
 
 def fuse_qkv_weights(attn: nn.Module) -> bool:
-    """Fuse ``attn``'s image stream and, where it has one, its text stream; whether the image stream fused
-    (a text stream that cannot fuse while its image stream did leaves the module unfused)."""
+    """Fuse ``attn``'s image stream and, where it has one, its text stream; whether the module now projects
+    each stream with one GEMM (a text stream that cannot fuse leaves the module unfused, its image stream's
+    buffer dropped: the layers keep their views as ordinary parameters)."""
     if getattr(attn, "fused_projections", False) or not fuse_stream(attn, "image"):
         return False
     if getattr(attn, "add_q_proj", None) is None or fuse_stream(attn, "text"):
