@@ -72,10 +72,12 @@ def gemms(tokens: int, device: torch.device) -> dict[str, Callable[[], torch.Ten
     }
 
 
-def serial(first: Callable[[], Any], second: Callable[[], Any]) -> Callable[[], None]:
+def serial(*steps: Callable[[], Any]) -> Callable[[], None]:
+    """The steps one after the other, as one call."""
+
     def run() -> None:
-        first()
-        second()
+        for step in steps:
+            step()
 
     return run
 

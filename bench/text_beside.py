@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attention_probe import report
-from bench.concurrency import graph_arguments, timed
+from bench.concurrency import graph_arguments, serial, timed
 from bench.exchange import overlapped
 
 TEXT, IMAGE, HIDDEN, MLP = 512, 4096, 3072, 12288
@@ -46,20 +46,12 @@ def linear(rows: int, inputs: int, outputs: int, device: torch.device, gelu: boo
     return lambda: F.linear(x, weight, bias)
 
 
-def chain(*steps: Chain) -> Chain:
-    def run() -> None:
-        for step in steps:
-            step()
-
-    return run
-
-
 def stream_chains(rows: int, device: torch.device) -> dict[str, Chain]:
     """A stream's GEMMs in a double block: the projections before the attention (one GEMM for the query,
     key and value), and after it the output projection and the feed-forward."""
     return {
         "before": linear(rows, HIDDEN, 3 * HIDDEN, device),
-        "after": chain(
+        "after": serial(
             linear(rows, HIDDEN, HIDDEN, device),
             linear(rows, HIDDEN, MLP, device, gelu=True),
             linear(rows, MLP, HIDDEN, device),
@@ -77,7 +69,7 @@ def measure(calls: int) -> dict[str, Any]:
         cases = {
             "image": image[part],
             "text": text[part],
-            "serial": chain(image[part], text[part]),
+            "serial": serial(image[part], text[part]),
             "beside": overlapped(image[part], text[part], high),
             "beside_low": overlapped(image[part], text[part], low),
         }

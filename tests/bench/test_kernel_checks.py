@@ -57,12 +57,13 @@ def test_the_vae_check_times_each_variant_and_compares_it_with_the_first(tmp_pat
 def test_the_text_beside_check_times_the_workers_gemm_calls_in_order() -> None:
     import torch
 
-    from bench.text_beside import chain, linear
+    from bench.concurrency import serial
+    from bench.text_beside import linear
 
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     plain, gelu = linear(4, 8, 16, cpu), linear(4, 8, 16, cpu, gelu=True)
     assert plain().shape == (4, 16) and gelu().shape == (4, 16)
     calls: list[str] = []
-    chain(lambda: calls.append("first"), lambda: calls.append("second"))()
+    serial(lambda: calls.append("first"), lambda: calls.append("second"))()
     assert calls == ["first", "second"]

@@ -33,7 +33,7 @@ from worker.optimizations.joint_value import linear_into
 # each stream's projections, in the order their rows sit in the stream's buffer
 STREAMS = {"image": ("to_q", "to_k", "to_v"), "text": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
-Parts = tuple[torch.Tensor | None, torch.Tensor]  # text tokens (None: none) and image tokens
+Parts = tuple[torch.Tensor | None, torch.Tensor]  # a projection's text tokens (None: none) and image tokens
 
 
 def buffer_names(stream: str) -> tuple[str, str]:

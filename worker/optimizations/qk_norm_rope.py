@@ -30,7 +30,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.fa4_attention import fa4_attention, takes
 from worker.optimizations.fp8_attention import E4M3_MAX
-from worker.optimizations.fused_qkv import projected_qkv
+from worker.optimizations.fused_qkv import Parts, projected_qkv
 from worker.optimizations.joint_value import joint_value
 from worker.optimizations.symmetric_exchange import power_of_two_divisor, symmetric_exchange_applies
 from worker.optimizations.ulysses import PendingAttention, packed_exchange_applies, packed_ulysses_attention
@@ -279,9 +279,6 @@ def qk_norms(attn: Any, which: str, joint: bool) -> tuple[Any, Any]:
     """The image tokens' and the text tokens' norm of the query ("q") or key ("k"); one if not ``joint``."""
     image_norm = getattr(attn, f"norm_{which}")
     return image_norm, getattr(attn, f"norm_added_{which}") if joint else image_norm
-
-
-Parts = tuple[torch.Tensor | None, torch.Tensor]  # a projection's text tokens (None: none) and image tokens
 
 
 def joined(text: torch.Tensor | None, image: torch.Tensor) -> torch.Tensor:
