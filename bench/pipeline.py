@@ -82,6 +82,9 @@ class Variant:
     blas: str | None = None
     # the double blocks' value projections writing the joint value in place (worker.optimizations.joint_value)
     joint_value: bool = False
+    # the fused projections' query and key normed and rotated in a launch each, the worker's way before
+    # ``qk_pair_norm_rope`` did both in one
+    unpaired_qk: bool = False
     # the single blocks' proj_out: its second GEMM adds into the first's output (epilogues.accumulate_mm,
     # the worker's since lease 64) or the gating kernel adds both; None: the worker's
     accumulate: bool | None = None
@@ -194,6 +197,9 @@ VARIANTS: dict[str, Variant] = {
     # worker's default before worker.optimizations.fused_qkv)
     "compiled-unfused-qkv": Variant({**COMPILED, "fused_qkv": False}),
     "cache-fast-unfused-qkv": Variant({**COMPILED, "fused_qkv": False}, "fast"),
+    # the fused projections' query and key normed and rotated in two launches (the worker's before
+    # qk_pair_norm_rope)
+    "compiled-unpaired-qk": Variant(COMPILED, unpaired_qk=True),
     # the double blocks' feed-forward gating in quack's GEMM epilogue (worker.optimizations.quack_gating)
     "compiled-quack-gating": Variant({**COMPILED, "quack_gating": True}),
     # the query/key projections normed and rotated in quack's GEMM epilogue (worker.optimizations.quack_qk)
@@ -206,6 +212,9 @@ VARIANTS: dict[str, Variant] = {
     # inductor's Triton kernels with Programmatic Dependent Launch (Hopper): each launches while the kernel
     # before it drains and waits for its results in-kernel, so the launch latency between them is hidden
     "compiled-pdl": Variant(COMPILED, inductor={"triton.enable_pdl": True}),
+    # inductor's combo kernels: independent kernels of a graph (a double block's text and image norms and
+    # gatings) launched as one
+    "compiled-combo": Variant(COMPILED, inductor={"combo_kernels": True}),
     "compiled-quack-pdl": Variant(
         {**COMPILED, "quack_gating": True, "quack_qk": True}, inductor={"triton.enable_pdl": True}
     ),
@@ -342,6 +351,10 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
         for module in pipe.transformer.modules():
             if type(getattr(module, "processor", None)) is qk_module.FusedQKFluxAttnProcessor:
                 module.processor.joint_value = True
+    if variant.unpaired_qk:  # before the first call traces the processors
+        for module in pipe.transformer.modules():
+            if isinstance(getattr(module, "processor", None), qk_module.FusedQKFluxAttnProcessor):
+                module.processor.paired_qk = False
     if variant.accumulate is not None:  # before the first call traces the blocks
         singles = [m for m in pipe.transformer.modules() if isinstance(m, EpilogueSingleBlock)]
         for module in singles:
@@ -368,6 +381,7 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "head_major_qk": variant.head_major_qk,
         "accumulate": variant.accumulate,
         "joint_value": variant.joint_value,
+        "unpaired_qk": variant.unpaired_qk,
         "qk_tokens": variant.qk_tokens,
         "blas": variant.blas,
         "sdpa_first": args.sdpa_first,

@@ -167,6 +167,9 @@
 #   defaults lossless and `fast` as the worker runs them, then its cold and warm restart; stock first
 #   textbeside  a double block's text-stream GEMMs beside its image-stream GEMMs on a second stream
 #            (bench.text_beside, a diagnosis). No stock
+#   qkpair   the query and key normed and rotated in one launch or two: the kernels alone
+#            (bench.qk_rope_check --pair-only), then stock, then lossless both ways and with inductor's
+#            combo kernels, profiled
 #   pdl      lossless with inductor's Programmatic Dependent Launch, alone and with both quack epilogues
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
 #   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
@@ -783,6 +786,13 @@ lane_defaults() {  # the worker's defaults: lossless and `fast`, then two fresh 
 
 lane_textbeside() {  # do the double blocks' text GEMMs hide beside their image GEMMs?
   python3 -m bench.text_beside --output-file "$1/text_beside.json"
+}
+
+lane_qkpair() {  # the fused projections' query and key in one norm-and-rotate launch (the default) or two
+  python3 -m bench.qk_rope_check --pair-only --output-file "$1/qk_pair_check.json"
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled,compiled-unpaired-qk,compiled-combo --repeats 5 --reference all \
+    --profile --output-file "$1/qkpair.json"
 }
 
 lane_quackrestart() {  # --quack-gating's engine started twice on one compile cache (quack's tuning in it too)

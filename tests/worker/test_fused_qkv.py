@@ -58,17 +58,24 @@ def test_the_fused_projections_give_the_three_projections_values(batch: int) -> 
     attn = fused_model().transformer_blocks[0].attn
     text, image = torch.randn(batch, 7, 32), torch.randn(batch, 36, 32)
     fused = projected_qkv(attn, image, text)
-    assert fused is not None
-    (text_q, image_q), (text_k, image_k), (no_text, value) = fused
-    assert no_text is None and text_q is not None and text_k is not None
+    assert fused is not None and fused.query_key is not None
+    (text_q, image_q), (text_k, image_k), (no_text, value), (text_qk, image_qk) = fused
+    assert no_text is None and text_q is not None and text_k is not None and text_qk is not None
     torch.testing.assert_close(image_q, attn.to_q(image))
     torch.testing.assert_close(text_k, attn.add_k_proj(text))
     torch.testing.assert_close(image_k, attn.to_k(image))
     torch.testing.assert_close(value, torch.cat([attn.add_v_proj(text), attn.to_v(image)], dim=1))
+    torch.testing.assert_close(text_qk, torch.cat([text_q, text_k], dim=-1))  # the query's, then the key's
+    torch.testing.assert_close(image_qk, torch.cat([image_q, image_k], dim=-1))
     single = fused_model().single_transformer_blocks[0].attn
-    (_, query), _, (_, single_value) = projected_qkv(single, image, None) or ((None, image),) * 3
-    torch.testing.assert_close(query, single.to_q(image))
-    torch.testing.assert_close(single_value, single.to_v(image))
+    single_fused = projected_qkv(single, image, None)
+    assert single_fused is not None and single_fused.query_key is not None
+    torch.testing.assert_close(single_fused.query[1], single.to_q(image))
+    torch.testing.assert_close(single_fused.value[1], single.to_v(image))
+    torch.testing.assert_close(
+        single_fused.query_key[1], torch.cat([single.to_q(image), single.to_k(image)], -1)
+    )
+    assert single_fused.query[0] is None and single_fused.query_key[0] is None
 
 
 @torch.no_grad()
@@ -120,18 +127,22 @@ def test_under_compile_the_views_reach_the_kernel_and_the_attention_without_a_co
     )
 
     def joint(text: torch.Tensor, image: torch.Tensor) -> Any:
-        (text_q, image_q), _, (_, value) = projected_qkv(attn, image, text) or ((None, image),) * 3
-        query = torch.ops.fluxgate.qk_norm_rope(
-            text_q, attn.norm_added_q.weight, image_q, attn.norm_q.weight, cos, sin, 1e-6, 16
+        fused = projected_qkv(attn, image, text)
+        assert fused is not None and fused.query_key is not None
+        text_qk, image_qk = fused.query_key
+        weights = (attn.norm_added_q.weight, attn.norm_added_k.weight, attn.norm_q.weight, attn.norm_k.weight)
+        pair = torch.ops.fluxgate.qk_pair_norm_rope(
+            text_qk, *weights[:2], image_qk, *weights[2:], cos, sin, 1e-6, 16
         )
-        return query, value * 2
+        return pair, fused.value[1] * 2
 
     with torch.inference_mode():
         _, (code, *_) = run_and_get_code(torch.compile(joint, fullgraph=True), text, image)
     body = code.split("def call")[1]
     assert body.count("fluxgate.linear_into.default(") == 2
-    kernel_call = next(line for line in body.splitlines() if "fluxgate.qk_norm_rope.default(" in line)
-    assert kernel_call.count("reinterpret_tensor(buf0") == 2  # the query's text and image rows, no copies
+    kernel_call = next(line for line in body.splitlines() if "fluxgate.qk_pair_norm_rope.default(" in line)
+    # the query's and key's text rows and image rows, views of the GEMMs' output, no copies
+    assert kernel_call.count("reinterpret_tensor(buf0") == 2
 
 
 def test_a_compiled_fused_transformer_keeps_one_graph_and_its_output() -> None:

@@ -26,9 +26,9 @@ from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from worker.optimizations.fp8_attention import E4M3_MAX, default_scale, quantize_per_tensor, sdpa_fp8
 from worker.optimizations.fp8_mlp import fp8_project, rowwise_fp8_linear
+from worker.optimizations.fused_qkv import Parts, Projections
 from worker.optimizations.qk_norm_rope import (
     FusedQKFluxAttnProcessor,
-    Parts,
     apply_fused_qk_norm_rope,
     joined,
     normed_rotated,
@@ -75,7 +75,8 @@ class Fp8FluxAttnProcessor(FusedQKFluxAttnProcessor):
         image_out = attn.to_out[1](e4m3_project(attn.to_out[0], image, descale, hidden_states.dtype))
         return image_out, e4m3_project(attn.to_add_out, text, descale, hidden_states.dtype)
 
-    def attend(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> torch.Tensor:
+    def attend(self, attn: Any, projections: Projections, rope: Any) -> torch.Tensor:
+        query, key, value, _ = projections  # three GEMMs here (fused_qkv leaves this class's alone)
         out, descale = self.attend_e4m3(attn, query, key, value, rope)
         return (out.float() * descale).to(value[1].dtype).flatten(2, 3)
 

@@ -21,7 +21,7 @@ module and the processor projects the three as before.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,17 @@ from worker.optimizations.joint_value import linear_into
 STREAMS = {"image": ("to_q", "to_k", "to_v"), "text": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 Parts = tuple[torch.Tensor | None, torch.Tensor]  # a projection's text tokens (None: none) and image tokens
+
+
+class Projections(NamedTuple):
+    """An attention's query, key and value, each as (text tokens, image tokens); ``query_key``, where the
+    query's features and then the key's sit side by side in one output (this module's GEMMs), the same
+    tokens over both, for a kernel that norms and rotates the two in one pass."""
+
+    query: Parts
+    key: Parts
+    value: Parts
+    query_key: Parts | None = None
 
 
 def buffer_names(stream: str) -> tuple[str, str]:
@@ -108,11 +119,10 @@ def fused_buffers(attn: Any, stream: str) -> tuple[torch.Tensor, torch.Tensor] |
     return weight, bias
 
 
-def projected_qkv(
-    attn: Any, hidden_states: torch.Tensor, text: torch.Tensor | None
-) -> tuple[Parts, Parts, Parts] | None:
-    """The query, key and value as (text, image) parts, views of one GEMM's output per stream; the value
-    whole (text tokens first) as its image part. ``None`` where the module's weights are not fused."""
+def projected_qkv(attn: Any, hidden_states: torch.Tensor, text: torch.Tensor | None) -> Projections | None:
+    """The query, key and value as (text, image) parts, views of one GEMM's output per stream, and the
+    query and key together; the value whole (text tokens first) as its image part. ``None`` where the
+    module's weights are not fused."""
     if getattr(attn, "fused_projections", False):  # diffusers' own ``to_qkv`` (a benchmark's variant)
         return None
     image = fused_buffers(attn, "image")
@@ -122,14 +132,19 @@ def projected_qkv(
     width = image[0].shape[0] // 3
     if text is None or joint_text is None:
         out = F.linear(hidden_states, *image)
-        return (None, out[..., :width]), (None, out[..., width : 2 * width]), (None, out[..., 2 * width :])
+        query, key, value = (out[..., index * width : (index + 1) * width] for index in range(3))
+        return Projections((None, query), (None, key), (None, value), (None, out[..., : 2 * width]))
     text_tokens = text.shape[1]
     joint = hidden_states.new_empty(hidden_states.shape[0], text_tokens + hidden_states.shape[1], 3 * width)
     linear_into(joint[:, :text_tokens], text, *joint_text)
     linear_into(joint[:, text_tokens:], hidden_states, *image)
-    query, key, value = (joint[..., index * width : (index + 1) * width] for index in range(3))
-    parts = (query[:, :text_tokens], query[:, text_tokens:]), (key[:, :text_tokens], key[:, text_tokens:])
-    return parts[0], parts[1], (None, value)
+    query, key, value, query_key = (
+        joint[..., start * width : end * width] for start, end in ((0, 1), (1, 2), (2, 3), (0, 2))
+    )
+    query_parts, key_parts, query_key_parts = (
+        (part[:, :text_tokens], part[:, text_tokens:]) for part in (query, key, query_key)
+    )
+    return Projections(query_parts, key_parts, (None, value), query_key_parts)
 
 
 def apply_fused_qkv(transformer: nn.Module, processor_class: type) -> int:

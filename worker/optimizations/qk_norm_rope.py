@@ -15,6 +15,11 @@ diffusers' runtime (lease 57; ``worker.engine.fuses_qk``). Set before a sequence
 processor runs the layout's exchange synchronously: under Ulysses alone its own, with the query, key and
 value in one all-to-all (``worker.optimizations.ulysses``), otherwise diffusers' dispatch. On cache-dit's
 runtime it would replace the processor async Ulysses patches.
+
+Where one GEMM wrote the query's and key's features side by side (``worker.optimizations.fused_qkv``),
+``fluxgate::qk_pair_norm_rope`` norms and rotates both in one launch of the same kernel: a program's group
+of heads is the query's or the key's, and takes that one's norm weights. Its outputs are what the two
+calls give, bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.fa4_attention import fa4_attention, takes
 from worker.optimizations.fp8_attention import E4M3_MAX
-from worker.optimizations.fused_qkv import Parts, projected_qkv
+from worker.optimizations.fused_qkv import Projections, projected_qkv
 from worker.optimizations.joint_value import joint_value
 from worker.optimizations.symmetric_exchange import power_of_two_divisor, symmetric_exchange_applies
 from worker.optimizations.ulysses import PendingAttention, packed_exchange_applies, packed_ulysses_attention
@@ -115,12 +120,19 @@ def qk_output(
     like: torch.Tensor, tokens: int, head_dim: int, dtype: torch.dtype, token_major: bool
 ) -> torch.Tensor:
     """The op's (batch, tokens, heads, head_dim) output, stored head-major or token-major."""
-    batch, heads = like.shape[0], like.shape[-1] // head_dim
+    shape, strides = qk_layout(like.shape[0], tokens, like.shape[-1] // head_dim, head_dim, token_major)
+    return like.new_empty_strided(shape, strides, dtype=dtype)
+
+
+def qk_layout(
+    batch: int, tokens: int, heads: int, head_dim: int, token_major: bool
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(batch, tokens, heads, head_dim) and its strides, head-major or token-major."""
     if token_major:
         strides = (tokens * heads * head_dim, heads * head_dim, head_dim, 1)
     else:
         strides = (heads * tokens * head_dim, head_dim, tokens * head_dim, 1)
-    return like.new_empty_strided((batch, tokens, heads, head_dim), strides, dtype=dtype)
+    return (batch, tokens, heads, head_dim), strides
 
 
 if triton is not None:
@@ -129,8 +141,10 @@ if triton is not None:
     def _qk_norm_rope_kernel(
         text_ptr,
         text_weight_ptr,
+        text_key_weight_ptr,
         image_ptr,
         image_weight_ptr,
+        image_key_weight_ptr,
         cos_ptr,
         sin_ptr,
         fp8_scale_ptr,
@@ -138,6 +152,7 @@ if triton is not None:
         text_tokens,
         tokens,
         heads,
+        key_offset,
         eps,
         text_batch_stride,
         text_token_stride,
@@ -148,18 +163,26 @@ if triton is not None:
         TOKENS: tl.constexpr,
         FP8: tl.constexpr,
         TOKEN_MAJOR: tl.constexpr,
+        PAIR: tl.constexpr,
     ):
         """One program per (batch, ``TOKENS`` tokens, group of heads): each token's heads loaded whole from
         the text or the image part, normed, rotated in pairs (``x * cos + stack(-odd, even) * sin``, as
         ``apply_rotary_emb``), written head-major (or token-major); with ``FP8``, the rounded result scaled
-        and rounded again to e4m3."""
+        and rounded again to e4m3.
+
+        With ``PAIR`` the parts hold the query's ``heads`` and then the key's: a program whose heads are the
+        key's norms them with the key weights and writes them ``key_offset`` elements further on."""
         batch = tl.program_id(2)
         token = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)[:, None, None]
-        head = tl.program_id(1) * GROUP_HEADS + tl.arange(0, GROUP_HEADS)[None, :, None]
+        first = tl.program_id(1) * GROUP_HEADS
+        key = 0  # 1 in a program of the key's heads (a group is the query's or the key's)
+        if PAIR:
+            key = (first >= heads).to(tl.int32)
+        head = first - key * heads + tl.arange(0, GROUP_HEADS)[None, :, None]
         dim = tl.arange(0, HEAD_DIM)[None, None, :]
         valid = token < tokens
         text_row = token < text_tokens
-        features = head * HEAD_DIM + dim
+        features = (first + tl.arange(0, GROUP_HEADS)[None, :, None]) * HEAD_DIM + dim
         text_at = text_ptr + batch * text_batch_stride + token * text_token_stride + features
         image_at = (
             image_ptr + batch * image_batch_stride + (token - text_tokens) * image_token_stride + features
@@ -171,6 +194,10 @@ if triton is not None:
         ).to(tl.float32)
         dtype = image_ptr.dtype.element_ty
         weight = tl.where(text_row, tl.load(text_weight_ptr + dim), tl.load(image_weight_ptr + dim))
+        if PAIR:
+            text_key_weight = tl.load(text_key_weight_ptr + dim)
+            key_weight = tl.where(text_row, text_key_weight, tl.load(image_key_weight_ptr + dim))
+            weight = tl.where(key != 0, key_weight, weight)
         scale = tl.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
         x = (x * scale * weight.to(tl.float32)).to(dtype).to(tl.float32)
         even, odd = tl.split(tl.reshape(x, (TOKENS, GROUP_HEADS, HEAD_DIM // 2, 2)))
@@ -185,6 +212,8 @@ if triton is not None:
             at = ((batch * tokens + token) * heads + head) * HEAD_DIM + dim
         else:
             at = (batch * heads + head) * tokens * HEAD_DIM + angle
+        if PAIR:
+            at += key * key_offset
         tl.store(out_ptr + at, out, mask=valid)
 
 
@@ -210,23 +239,47 @@ def _triton_qk_norm_rope(
     fp8_scale: torch.Tensor | None,
     token_major: bool,
 ) -> torch.Tensor:
-    text_tokens = text.shape[1]
-    tokens = text_tokens + image.shape[1]
+    tokens = text.shape[1] + image.shape[1]
     dtype = torch.float8_e4m3fn if fp8_scale is not None else image.dtype
     out = qk_output(image, tokens, head_dim, dtype, token_major)
-    heads = out.shape[2]
+    weights = ((text_weight, text_weight), (image_weight, image_weight))
+    _launch(text, image, weights, cos, sin, eps, head_dim, fp8_scale, token_major, out, key_offset=None)
+    return out
+
+
+def _launch(
+    text: torch.Tensor,
+    image: torch.Tensor,
+    weights: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    head_dim: int,
+    fp8_scale: torch.Tensor | None,
+    token_major: bool,
+    out: torch.Tensor,
+    key_offset: int | None,
+) -> None:
+    """The kernel over ``out`` (batch, tokens, heads, head_dim); ``weights``: the text's and the image's
+    (query, key) norm weights. ``key_offset`` (elements of ``out``'s storage): the parts hold the query's
+    heads and then the key's, whose results go that far after the query's."""
+    text_tokens, tokens, heads = text.shape[1], out.shape[1], out.shape[2]
+    (text_weight, text_key_weight), (image_weight, image_key_weight) = weights
     if text_tokens == 0:  # the kernel never reads it; any pointer of the right type will do
-        text, text_weight = image, image_weight
+        text, text_weight, text_key_weight = image, image_weight, image_key_weight
     for part in (text, image):
         if part.stride(-1) != 1:
             raise ValueError("qk_norm_rope needs each token's features contiguous")
     group = group_heads(heads)
-    grid = (triton.cdiv(tokens, TOKENS_PER_PROGRAM), heads // group, out.shape[0])
+    pairs = 1 if key_offset is None else 2
+    grid = (triton.cdiv(tokens, TOKENS_PER_PROGRAM), pairs * heads // group, out.shape[0])
     _qk_norm_rope_kernel[grid](
         text,
         text_weight.contiguous(),
+        text_key_weight.contiguous(),
         image,
         image_weight.contiguous(),
+        image_key_weight.contiguous(),
         cos.float().contiguous(),
         sin.float().contiguous(),
         fp8_scale.float() if fp8_scale is not None else cos,  # never read without FP8
@@ -234,6 +287,7 @@ def _triton_qk_norm_rope(
         text_tokens,
         tokens,
         heads,
+        key_offset or 0,
         eps,
         text.stride(0),
         text.stride(1),
@@ -244,8 +298,92 @@ def _triton_qk_norm_rope(
         TOKENS=TOKENS_PER_PROGRAM,
         FP8=fp8_scale is not None,
         TOKEN_MAJOR=token_major,
+        PAIR=key_offset is not None,
     )
+
+
+def pair_reference(
+    text: torch.Tensor,
+    text_weights: tuple[torch.Tensor, torch.Tensor],
+    image: torch.Tensor,
+    image_weights: tuple[torch.Tensor, torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    head_dim: int,
+    token_major: bool,
+) -> torch.Tensor:
+    """``reference`` for the query (each part's first half of features) and the key (the second half),
+    stacked: (2, batch, tokens, heads, head_dim)."""
+    width = image.shape[-1] // 2
+    halves = [
+        reference(
+            text[..., index * width : (index + 1) * width],
+            text_weights[index],
+            image[..., index * width : (index + 1) * width],
+            image_weights[index],
+            cos,
+            sin,
+            eps,
+            head_dim,
+            token_major=token_major,
+        )
+        for index in (0, 1)
+    ]
+    out = pair_output(image, text.shape[1] + image.shape[1], head_dim, token_major)
+    for index, half in enumerate(halves):
+        out[index].copy_(half)
     return out
+
+
+@torch.library.custom_op("fluxgate::qk_pair_norm_rope", mutates_args=())
+def qk_pair_norm_rope(
+    text: torch.Tensor,
+    text_query_weight: torch.Tensor,
+    text_key_weight: torch.Tensor,
+    image: torch.Tensor,
+    image_query_weight: torch.Tensor,
+    image_key_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    head_dim: int,
+    token_major: bool = False,
+) -> torch.Tensor:
+    """``qk_norm_rope`` of the query and the key in one pass, from parts whose features are the query's
+    and then the key's (views of the fused projection's output, ``worker.optimizations.fused_qkv``): (2,
+    batch, tokens, heads, head_dim), the query at 0 and the key at 1, each stored as ``qk_norm_rope``
+    stores it."""
+    weights = (text_query_weight, text_key_weight), (image_query_weight, image_key_weight)
+    if image.is_cuda and triton is not None and head_dim & (head_dim - 1) == 0:
+        out = pair_output(image, text.shape[1] + image.shape[1], head_dim, token_major)
+        _launch(text, image, weights, cos, sin, eps, head_dim, None, token_major, out[0], out.stride(0))
+        return out
+    return pair_reference(text, weights[0], image, weights[1], cos, sin, eps, head_dim, token_major)
+
+
+@qk_pair_norm_rope.register_fake
+def _(
+    text: torch.Tensor,
+    text_query_weight: torch.Tensor,
+    text_key_weight: torch.Tensor,
+    image: torch.Tensor,
+    image_query_weight: torch.Tensor,
+    image_key_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    head_dim: int,
+    token_major: bool = False,
+) -> torch.Tensor:
+    return pair_output(image, text.shape[1] + image.shape[1], head_dim, token_major)
+
+
+def pair_output(like: torch.Tensor, tokens: int, head_dim: int, token_major: bool) -> torch.Tensor:
+    """Two of ``qk_output``'s outputs in one buffer, the query's then the key's, from parts holding both."""
+    heads = like.shape[-1] // (2 * head_dim)
+    shape, strides = qk_layout(like.shape[0], tokens, heads, head_dim, token_major)
+    return like.new_empty_strided((2, *shape), (strides[0] * shape[0], *strides))
 
 
 def normed_rotated(
@@ -275,6 +413,30 @@ def normed_rotated(
     )
 
 
+def normed_rotated_pair(
+    attn: Any, text: torch.Tensor | None, image: torch.Tensor, rope: Any, token_major: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``normed_rotated``'s query and key of ``attn`` from parts holding the query's features and then the
+    key's, in one launch (``qk_pair_norm_rope``)."""
+    joint = text is not None
+    (image_query, text_query), (image_key, text_key) = (qk_norms(attn, which, joint) for which in "qk")
+    cos, sin = rope
+    pair = qk_pair_norm_rope(
+        image[:, :0] if text is None else text,
+        text_query.weight,
+        text_key.weight,
+        image,
+        image_query.weight,
+        image_key.weight,
+        cos,
+        sin,
+        image_query.eps,
+        attn.head_dim,
+        token_major,
+    )
+    return pair[0], pair[1]
+
+
 def qk_norms(attn: Any, which: str, joint: bool) -> tuple[Any, Any]:
     """The image tokens' and the text tokens' norm of the query ("q") or key ("k"); one if not ``joint``."""
     image_norm = getattr(attn, f"norm_{which}")
@@ -291,6 +453,9 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     token_major = True  # the query and key's layout (``attend``); head-major, as before, is a benchmark's
     # the value projections write the joint value in place (a benchmark's; lease 65: no gain)
     joint_value = False
+    # the query and key, where one GEMM wrote them side by side, normed and rotated in one launch
+    # (``qk_pair_norm_rope``); off: a launch each, as before (a benchmark's)
+    paired_qk = True
     # Ulysses groups: query, key and value in one exchange (``worker.optimizations.ulysses``): 1% off a
     # Ulysses-2 image on 2xH200, the same image (2.232 against 2.255 s, lease 68, docs/performance.md)
     packed_exchange = True
@@ -319,10 +484,10 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
             return super().__call__(
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
-        query, key, value = self._projections(attn, hidden_states, encoder_hidden_states)
-        if overlap and encoder_hidden_states is None and self._overlapped(query[1]):
-            return self.attend_later(attn, query, key, value, image_rotary_emb)
-        hidden_states = self.attend(attn, query, key, value, image_rotary_emb)
+        projections = self._projections(attn, hidden_states, encoder_hidden_states)
+        if overlap and encoder_hidden_states is None and self._overlapped(projections.query[1]):
+            return self.attend_later(attn, projections, image_rotary_emb)
+        hidden_states = self.attend(attn, projections, image_rotary_emb)
         if encoder_hidden_states is None:
             return hidden_states
         text_tokens = encoder_hidden_states.shape[1]
@@ -332,10 +497,10 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
 
-    def _projections(self, attn: Any, hidden_states: torch.Tensor, text: Any) -> tuple[Parts, Parts, Parts]:
+    def _projections(self, attn: Any, hidden_states: torch.Tensor, text: Any) -> Projections:
         """The query, key and value projections, each as (text tokens, image tokens); with fused weights
         (``worker.optimizations.fused_qkv``) or ``joint_value`` the value comes whole, as its "image" part
-        (``joined`` takes it as it is)."""
+        (``joined`` takes it as it is), and with fused weights the query and key come together too."""
         fused = None if self._parallel_config is not None else projected_qkv(attn, hidden_states, text)
         if fused is not None:
             return fused
@@ -346,11 +511,11 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         if joint and plain_linear(attn.to_v) and plain_linear(text_value):
             value = joint_value(text, hidden_states, text_value, attn.to_v)
             query = (attn.add_q_proj(text), attn.to_q(hidden_states))
-            return query, (attn.add_k_proj(text), attn.to_k(hidden_states)), (None, value)
+            return Projections(query, (attn.add_k_proj(text), attn.to_k(hidden_states)), (None, value))
         q, k, v, text_q, text_k, text_v = _get_qkv_projections(attn, hidden_states, text)
         if attn.added_kv_proj_dim is None:
             text_q = text_k = text_v = None
-        return (text_q, q), (text_k, k), (text_v, v)
+        return Projections((text_q, q), (text_k, k), (text_v, v))
 
     def _overlapped(self, image_query: torch.Tensor) -> bool:
         """A Ulysses layout whose exchanges go through symmetric memory: the ones a GEMM can hide."""
@@ -361,14 +526,14 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
             and symmetric_exchange_applies(image_query)
         )
 
-    def attend_later(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> Any:
+    def attend_later(self, attn: Any, projections: Projections, rope: Any) -> Any:
         """``attend``'s attention as a ``PendingAttention`` whose exchanges run beside the caller's GEMMs."""
-        q, k, v = self._inputs(attn, query, key, value, rope)
+        q, k, v = self._inputs(attn, projections, rope)
         return PendingAttention(q, k, v, self._parallel_config, self._local_attention(), symmetric=True)
 
-    def attend(self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any) -> torch.Tensor:
+    def attend(self, attn: Any, projections: Projections, rope: Any) -> torch.Tensor:
         """Attention over the (text, image) projections, text first: (batch, tokens, heads x head_dim)."""
-        q, k, v = self._inputs(attn, query, key, value, rope)
+        q, k, v = self._inputs(attn, projections, rope)
         if self.packed_exchange and packed_exchange_applies(self._parallel_config, None):
             symmetric = self.symmetric_exchange and symmetric_exchange_applies(q)
             out = packed_ulysses_attention(
@@ -382,13 +547,18 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         return out.flatten(2, 3).to(q.dtype)
 
     def _inputs(
-        self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any
+        self, attn: Any, projections: Projections, rope: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The query and key normed, rotated and written token-major, as the value already is: cuDNN's
         attention writes its output in the query's layout, so the output projection reads it without a
-        copy (head-major, each layer copied its 28 MB output once: 57 copies a step)."""
-        q = normed_rotated(attn, *query, "q", rope, token_major=self.token_major)
-        k = normed_rotated(attn, *key, "k", rope, token_major=self.token_major)
+        copy (head-major, each layer copied its 28 MB output once: 57 copies a step). Where the two come
+        side by side (``query_key``), one launch does both."""
+        query, key, value, query_key = projections
+        if query_key is not None and self.paired_qk:
+            q, k = normed_rotated_pair(attn, *query_key, rope, token_major=self.token_major)
+        else:
+            q = normed_rotated(attn, *query, "q", rope, token_major=self.token_major)
+            k = normed_rotated(attn, *key, "k", rope, token_major=self.token_major)
         return q, k, joined(*value).unflatten(-1, (-1, attn.head_dim))
 
     def _local_attention(self) -> Any:

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from worker.optimizations.epilogues import plain_linear
+from worker.optimizations.fused_qkv import Projections
 from worker.optimizations.qk_norm_rope import (
     FusedQKFluxAttnProcessor,
-    Parts,
     joined,
     reference,
     weighted_norms_with_one_eps,
@@ -171,17 +171,18 @@ class QuackQKFluxAttnProcessor(FusedQKFluxAttnProcessor):
         (``_inputs``): the batch, whether text tokens come, and the module."""
         return self._parallel_config is None and projects_in_epilogue(attn, hidden_states, text)
 
-    def _projections(self, attn: Any, hidden_states: torch.Tensor, text: Any) -> tuple[Parts, Parts, Parts]:
+    def _projections(self, attn: Any, hidden_states: torch.Tensor, text: Any) -> Projections:
         if not self._in_epilogue(attn, hidden_states, text):
             return super()._projections(attn, hidden_states, text)
         value = (attn.add_v_proj(text) if text is not None else None, attn.to_v(hidden_states))
-        return (text, hidden_states), (text, hidden_states), value
+        return Projections((text, hidden_states), (text, hidden_states), value)
 
     def _inputs(
-        self, attn: Any, query: Parts, key: Parts, value: Parts, rope: Any
+        self, attn: Any, projections: Projections, rope: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        query, key, value, _ = projections
         if not self._in_epilogue(attn, query[1], query[0]):
-            return super()._inputs(attn, query, key, value, rope)
+            return super()._inputs(attn, projections, rope)
         table = rope_table(*rope)  # once for the query and the key
         q, k = (self._projected(attn, *part, which, table) for part, which in ((query, "q"), (key, "k")))
         return q, k, joined(*value).unflatten(-1, (-1, attn.head_dim))
