@@ -168,8 +168,8 @@
 #   textbeside  a double block's text-stream GEMMs beside its image-stream GEMMs on a second stream
 #            (bench.text_beside, a diagnosis). No stock
 #   qkpair   the query and key normed and rotated in one launch or two: the kernels alone
-#            (bench.qk_rope_check --pair-only), then stock, then lossless both ways and with inductor's
-#            combo kernels, profiled
+#            (bench.qk_rope_check --pair-only), then stock, then lossless both ways, profiled
+#   combo    lossless with inductor's combo kernels and without, profiled; then `fast`
 #   pdl      lossless with inductor's Programmatic Dependent Launch, alone and with both quack epilogues
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
 #   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
@@ -791,8 +791,14 @@ lane_textbeside() {  # do the double blocks' text GEMMs hide beside their image 
 lane_qkpair() {  # the fused projections' query and key in one norm-and-rotate launch (the default) or two
   python3 -m bench.qk_rope_check --pair-only --output-file "$1/qk_pair_check.json"
   stock "$1"
-  python3 -m bench.pipeline --variants compiled,compiled-unpaired-qk,compiled-combo --repeats 5 --reference all \
-    --profile --output-file "$1/qkpair.json"
+  python3 -m bench.pipeline --variants compiled,compiled-unpaired-qk --repeats 5 --reference all --profile \
+    --output-file "$1/qkpair.json"
+}
+
+lane_combo() {  # inductor's combo kernels: a graph's independent kernels launched as one
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled-combo,compiled,cache-fast --repeats 5 --reference all --profile \
+    --output-file "$1/combo.json"
 }
 
 lane_quackrestart() {  # --quack-gating's engine started twice on one compile cache (quack's tuning in it too)
