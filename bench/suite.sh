@@ -170,6 +170,8 @@
 #   qkpair   the query and key normed and rotated in one launch or two: the kernels alone
 #            (bench.qk_rope_check --pair-only), then stock, then lossless both ways, profiled
 #   combo    lossless with inductor's combo kernels and without, profiled; then `fast`
+#   targets  issue 4's one-GPU targets at HEAD in one lease: lossless, the `fast`, `medium` and `ultra`
+#            masks, fp8 with fp8 attention and fp8 alone, each against eager's image; stock first
 #   pdl      lossless with inductor's Programmatic Dependent Launch, alone and with both quack epilogues
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
 #   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
@@ -799,6 +801,12 @@ lane_combo() {  # inductor's combo kernels: a graph's independent kernels launch
   stock "$1"
   python3 -m bench.pipeline --variants compiled-combo,compiled,cache-fast --repeats 5 --reference all --profile \
     --output-file "$1/combo.json"
+}
+
+lane_targets() {  # the one-GPU targets at HEAD, one lease, one card
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled,cache-fast,cache-medium,cache-ultra,fp8-compiled-fp8-attention,fp8-compiled \
+    --repeats 3 --reference all --output-file "$1/targets.json"
 }
 
 lane_quackrestart() {  # --quack-gating's engine started twice on one compile cache (quack's tuning in it too)
