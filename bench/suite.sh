@@ -172,6 +172,8 @@
 #   combo    lossless with inductor's combo kernels and without, profiled; then `fast`
 #   targets  issue 4's one-GPU targets at HEAD in one lease: lossless, the `fast`, `medium` and `ultra`
 #            masks, fp8 with fp8 attention and fp8 alone, each against eager's image; stock first
+#            (--attention-fp8 needs .whl-cudnn carried: nvidia-cudnn-frontend)
+#   fp8targets  the fp8 targets alone: fp8 with fp8 attention, fp8 alone; stock first (.whl-cudnn carried)
 #   pdl      lossless with inductor's Programmatic Dependent Launch, alone and with both quack epilogues
 #   quackgate  lossless with --quack-gating (the double blocks' feed-forward gated in quack's epilogue) and without
 #   quackrestart  --quack-gating's engine in two fresh processes on one compile cache (cold, then warm)
@@ -807,6 +809,12 @@ lane_targets() {  # the one-GPU targets at HEAD, one lease, one card
   stock "$1"
   python3 -m bench.pipeline --variants compiled,cache-fast,cache-medium,cache-ultra,fp8-compiled-fp8-attention,fp8-compiled \
     --repeats 3 --reference all --output-file "$1/targets.json"
+}
+
+lane_fp8targets() {  # the fp8 targets at HEAD (the attention's fp8 kernel needs .whl-cudnn)
+  stock "$1"
+  python3 -m bench.pipeline --variants fp8-compiled-fp8-attention,fp8-compiled --repeats 3 --reference all \
+    --output-file "$1/fp8targets.json"
 }
 
 lane_quackrestart() {  # --quack-gating's engine started twice on one compile cache (quack's tuning in it too)
