@@ -237,38 +237,48 @@ def test_cache_dit_presets_on_a_transformer_sharded_over_two_ranks_cache_the_one
     assert [job["cached_steps"][0] > 0 for job in result["jobs"]] == [True, False, True]
 
 
-def test_async_ulysses_and_a_split_decode_draw_the_one_rank_image(
-    tmp_path: Path, tiny_model_dir: Path
-) -> None:
+# One group, async Ulysses with a split decode and the `fast` preset, serves the next two tests: the first
+# three jobs are the first test's, the last three the second's (a group start costs ~35 s on a CPU).
+SPLIT_DECODE_JOBS = [(128, "fast"), (128, "off"), (64, "off"), (112, "fast"), (112, "off"), (128, "fast")]
+
+
+@pytest.fixture(scope="module")
+def split_decode_group(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    options = {"ulysses_async": True, "parallel_vae": True}
+    tmp_path = tmp_path_factory.mktemp("split-decode-group")
+    return run_tiny_group(tiny_model_dir, tmp_path, SPLIT_DECODE_JOBS, options, ("fast",), steps=8)
+
+
+def test_async_ulysses_and_a_split_decode_draw_the_one_rank_image(split_decode_group: dict[str, Any]) -> None:
     """At 128x128 the decode is split into four tiles, rank 0 decoding two; the one-rank engine decodes
     the same four. At 64x64 the latent is too small to split: every rank decodes it whole."""
-    options = {"ulysses_async": True, "parallel_vae": True}
-    jobs = [(128, "fast"), (128, "off"), (64, "off")]
-    result = run_tiny_group(tiny_model_dir, tmp_path, jobs, options, ("fast",), steps=8)
-    assert result["layout"] == "ulysses=2,ring=1,tp=1,runtime=cache-dit,ulysses_async,parallel_vae"
-    for job in result["jobs"]:
+    assert (
+        split_decode_group["layout"] == "ulysses=2,ring=1,tp=1,runtime=cache-dit,ulysses_async,parallel_vae"
+    )
+    jobs = split_decode_group["jobs"][:3]
+    assert [(job["size"], job["preset"]) for job in jobs] == SPLIT_DECODE_JOBS[:3]
+    for job in jobs:
         assert "error" not in job, job
         assert job["max_pixel_difference"] <= 1, job
         assert job["cached_steps"][0] == job["cached_steps"][1], job
-    assert [job["tiles"] for job in result["jobs"]] == [[2, 4], [2, 4], [1, 1]]
-    assert result["jobs"][0]["cached_steps"][0] > 0
+    assert [job["tiles"] for job in jobs] == [[2, 4], [2, 4], [1, 1]]
+    assert jobs[0]["cached_steps"][0] > 0
 
 
 def test_sizes_the_group_cannot_split_run_replicated_with_presets_and_a_split_decode(
-    tmp_path: Path, tiny_model_dir: Path
+    split_decode_group: dict[str, Any],
 ) -> None:
     """112x112 has 49 image tokens, which no CPU group splits: every rank runs the unsplit replica, with
     its own cache controller (the same cached steps as one rank), the decode still split; the next job,
     which divides, is back on the split transformer and its cache."""
-    options = {"ulysses_async": True, "parallel_vae": True}
-    jobs = [(112, "fast"), (112, "off"), (128, "fast")]
-    result = run_tiny_group(tiny_model_dir, tmp_path, jobs, options, ("fast",), steps=8)
-    for job in result["jobs"]:
+    jobs = split_decode_group["jobs"][3:]
+    assert [(job["size"], job["preset"]) for job in jobs] == SPLIT_DECODE_JOBS[3:]
+    for job in jobs:
         assert "error" not in job, job
         assert job["max_pixel_difference"] <= 1, job
         assert job["cached_steps"][0] == job["cached_steps"][1], job
-    assert [job["cached_steps"][0] > 0 for job in result["jobs"]] == [True, False, True]
-    assert [job["tiles"] for job in result["jobs"]] == [[2, 4], [2, 4], [2, 4]]
+    assert [job["cached_steps"][0] > 0 for job in jobs] == [True, False, True]
+    assert [job["tiles"] for job in jobs] == [[2, 4], [2, 4], [2, 4]]
 
 
 def test_a_group_on_diffusers_context_parallelism_refuses_cache_dit_presets_at_start(
