@@ -275,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graphs (the worker's flag)")
     parser.add_argument(
+        "--no-compile-vae",
+        action="store_true",
+        help="the VAE's decoder eager under --compile (the worker's flag)",
+    )
+    parser.add_argument(
         "--no-fused-qk-norm-rope",
         action="store_true",
         help="inductor's query/key norm + rotary, not the fused kernel (the worker's flag)",
@@ -324,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         quantize=args.quantize,
         attention_backend=args.attention_backend,
         compile=args.compile,
+        compile_vae=not args.no_compile_vae,
         gemm_epilogues=not args.no_epilogues,
         cuda_graphs=not args.no_cuda_graphs,
         fused_qk_norm_rope=not args.no_fused_qk_norm_rope,
@@ -354,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "symmetric_exchange": not (args.nccl_exchange or args.unpacked_exchange),
         "exchange_beside_gemms": not (args.no_overlap or args.nccl_exchange or args.unpacked_exchange),
         "cuda_graphs": not args.no_cuda_graphs,
+        "compile_vae": args.compile and not args.no_compile_vae,
         "fused_qk_norm_rope": not args.no_fused_qk_norm_rope,
         "fa4_attention": not args.no_fa4_attention,
         "precompute_modulation": not args.no_precompute_modulation,

@@ -34,12 +34,13 @@ def test_skipping_guards_after_the_warm_up_keeps_the_compiled_groups_image(tmp_p
         "2",
         "--compile",
         "--skip-guards",
+        "--no-compile-vae",  # it tests the blocks' guards; the decoder's C++ kernels cost ~45 s cold
         "--output-file",
         str(report_file),
     ]
     subprocess.run(command, check=True, timeout=300, capture_output=True)
     report = json.loads(report_file.read_text())
-    assert report["skip_guards"] is True and report["compile"] is True
+    assert report["skip_guards"] is True and report["compile"] is True and report["compile_vae"] is False
     assert report["packed_exchange"] is True  # the compiled fused processor's one exchange for q, k, v
     assert len(report["128"]["seconds"]) == 2
     assert report["128"]["max_pixel_difference_vs_one_gpu"] <= 1
