@@ -328,6 +328,15 @@ def reference_capture(
     return references[key]
 
 
+def set_on_processors(transformer: Any, kind: type, name: str, value: Any, exact: bool = False) -> None:
+    """Set ``name`` to ``value`` on every attention processor that is a ``kind`` (exactly that class, with
+    ``exact``)."""
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if type(processor) is kind if exact else isinstance(processor, kind):
+            setattr(processor, name, value)
+
+
 def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: torch.device) -> FluxEngine:
     """The benchmark's own changes for alternatives, then the worker's load-time options."""
     if variant.fuse_qkv:
@@ -339,22 +348,16 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
         apply_gemm_epilogues(pipe.transformer)
     if variant.fp8_mlp:  # after fp8, before the first call compiles
         apply_fp8_mlp_epilogues(pipe.transformer)
-    if variant.fp8_attention_dequant:  # before the first call traces the processors
-        for module in pipe.transformer.modules():
-            if isinstance(getattr(module, "processor", None), Fp8FluxAttnProcessor):
-                module.processor.project_e4m3 = False
-    if variant.head_major_qk:  # before the first call traces the processors
-        for module in pipe.transformer.modules():
-            if isinstance(getattr(module, "processor", None), qk_module.FusedQKFluxAttnProcessor):
-                module.processor.token_major = False
-    if variant.joint_value:  # before the first call traces the processors
-        for module in pipe.transformer.modules():
-            if type(getattr(module, "processor", None)) is qk_module.FusedQKFluxAttnProcessor:
-                module.processor.joint_value = True
-    if variant.unpaired_qk:  # before the first call traces the processors
-        for module in pipe.transformer.modules():
-            if isinstance(getattr(module, "processor", None), qk_module.FusedQKFluxAttnProcessor):
-                module.processor.paired_qk = False
+    # before the first call traces the processors
+    fused = qk_module.FusedQKFluxAttnProcessor
+    if variant.fp8_attention_dequant:
+        set_on_processors(pipe.transformer, Fp8FluxAttnProcessor, "project_e4m3", False)
+    if variant.head_major_qk:
+        set_on_processors(pipe.transformer, fused, "token_major", False)
+    if variant.joint_value:  # the fused processor itself, not its subclasses (fp8's projects its own way)
+        set_on_processors(pipe.transformer, fused, "joint_value", True, exact=True)
+    if variant.unpaired_qk:
+        set_on_processors(pipe.transformer, fused, "paired_qk", False)
     if variant.accumulate is not None:  # before the first call traces the blocks
         singles = [m for m in pipe.transformer.modules() if isinstance(m, EpilogueSingleBlock)]
         for module in singles:
