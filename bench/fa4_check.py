@@ -11,6 +11,8 @@ replayed from CUDA graphs (which FA4's calls must survive to be of use to the wo
 
 * cuDNN through SDPA, on token-major views, as the worker calls it;
 * FA4 with its default tile for head dim 128 (128 x 128) and with each tile of ``--tiles``;
+* FA4's default with the value read as the worker's fused projections leave it (``value_strided``): the last
+  third of each token's (query, key, value) row, a row stride three times the value's width;
 
 each in short bursts (20 calls a graph, 5 replays) and sustained (``--sustained-replays``, ~1 s of work:
 the card holds its power cap, and the rates inside an image are the sustained ones). Every FA4 output is
@@ -94,9 +96,12 @@ def measure(heads: int, tiles: list[tuple[int, int] | None], sustained_replays: 
             "vs_fp32_first_head": errors(reference[:, :, :1], truth),
         }
     }
-    for tile in tiles:
-        name = "fa4_default" if tile is None else f"fa4_{tile[0]}x{tile[1]}"
-        fn = fa4(q, k, v, tile)
+    projected = torch.empty(1, TOKENS, 3 * heads * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    strided_v = projected[..., 2 * heads * HEAD_DIM :].unflatten(-1, (heads, HEAD_DIM))
+    strided_v.copy_(v)
+    variants = [("fa4_default" if tile is None else f"fa4_{tile[0]}x{tile[1]}", tile, v) for tile in tiles]
+    for name, tile, value in [*variants, ("fa4_default_value_strided", None, strided_v)]:
+        fn = fa4(q, k, value, tile)
         try:
             start = time.perf_counter()
             out = fn()

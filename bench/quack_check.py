@@ -17,7 +17,10 @@ gating kernel) against two quack GEMMs with the gating in their epilogues (the r
 into the output), and a double block's feed-forward output the same way (``gated``). Each with its error
 against fp32. Last (``rope``), a query's projections with their per-head RMSNorm and RoPE: the worker's
 (cuBLAS, then ``fluxgate::qk_norm_rope``) against quack GEMMs with both in their epilogue
-(``quack_epilogues.normed_rotated``), per tile shape whose columns hold whole heads.
+(``quack_epilogues.normed_rotated``), per tile shape whose columns hold whole heads. ``gelu``: the
+feed-forwards' input projections (4,608 and 4,096 rows, 3,072 -> 12,288) with their tanh GELU,
+cuBLAS's ``gelubias`` epilogue (the worker's) and its bias alone (the bound) against quack GEMMs with the
+GELU on the SFU (``quack_epilogues.gelu_biased``) and with the bias alone, per tile configuration.
 
 Lease 99 (H100, autotuned): at 4,096 rows quack's GEMM matches cuBLAS (443 against 453 µs) and the gated
 epilogue is free: the double block's gated feed-forward output 442 µs against the worker's 482. At the
@@ -241,6 +244,64 @@ def rope_row(rows: tuple[int, ...], seconds: float) -> dict[str, Any]:
     return result
 
 
+GELU_CONFIGS = {  # tile rows x columns, pingpong, cluster: 12,288 columns in whole tiles
+    "256x192 cooperative c2x1": (256, 192, False, 2, 1),
+    "256x192 cooperative c1x2": (256, 192, False, 1, 2),
+    "256x128 cooperative c2x1": (256, 128, False, 2, 1),
+    "128x256 cooperative c1x2": (128, 256, False, 1, 2),
+    "128x192 pingpong c2x1": (128, 192, True, 2, 1),
+    "128x192 pingpong c1x2": (128, 192, True, 1, 2),
+    "192x128 pingpong c1x2": (192, 128, True, 1, 2),
+}
+
+
+Pins = tuple[int, int, bool, int, int]
+
+
+def gelu_row(rows: int, seconds: float, configs: dict[str, Pins]) -> dict[str, Any]:
+    """A feed-forward's input projection (3,072 -> 12,288) with its tanh GELU at ``rows`` tokens: cuBLAS's
+    GELU epilogue (the worker's ``gelu_linear``) and its bias alone, against quack's GEMM with the GELU in its
+    epilogue and with the bias alone, per tile configuration; each GELU's error against fp32."""
+    from worker.optimizations import quack_epilogues
+    from worker.optimizations.quack_qk import hopper_config
+
+    shape = Shape("mlp in", rows, 3072, 12288, 1, "gelu")
+    x, weight, bias = draws(shape)
+    flops = 2 * rows * 3072 * 12288
+    truth = F.gelu(F.linear(x.float(), weight.float(), bias.float()), approximate="tanh")
+    cublas_gelu = partial(torch._addmm_activation, bias, x, weight.t(), use_gelu=True)
+    cublas_bias = partial(torch.addmm, bias, x, weight.t())
+
+    def timed(call: Callable[[], torch.Tensor], gelu: bool) -> dict[str, Any]:
+        us = sustained_us(call, seconds)
+        row = {"us": round(us, 2), "tflop_s": round(flops / us / 1e6, 1)}
+        if gelu:
+            row["max_abs_err"] = (call().float() - truth).abs().max().item()
+        return row
+
+    result: dict[str, Any] = {
+        "rows": rows,
+        "cublas_gelu": {**timed(cublas_gelu, True), "kernels": launched(cublas_gelu)},
+        "cublas_bias": timed(cublas_bias, False),
+    }
+    out = torch.empty(rows, 12288, device="cuda", dtype=torch.bfloat16)
+
+    def quack(epilogue: Any, config: Any) -> Callable[[], torch.Tensor]:
+        return lambda: epilogue(x, weight.t(), out={"D": out}, config=config, tuned=False, bias=bias)["D"]
+
+    def configured(pins: Pins) -> dict[str, Any]:
+        config = hopper_config(*pins)
+        row: dict[str, Any] = {}
+        for name, epilogue in (("gelu", quack_epilogues.gelu_biased), ("bias", quack_epilogues.biased)):
+            row[name] = timed(quack(epilogue, config), name == "gelu")
+        row["gelu_vs_cublas_gelu"] = round(row["gelu"]["us"] / result["cublas_gelu"]["us"], 4)
+        print(rows, pins, row, flush=True)
+        return row
+
+    result["quack"] = {name: guarded(partial(configured, pins)) for name, pins in configs.items()}
+    return result
+
+
 def guarded(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         return work()
@@ -253,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0.5, help="sustained stretch per timing")
     parser.add_argument("--tuned", action="store_true", help="let quack autotune each shape (slow)")
     parser.add_argument(
-        "--parts", default="shapes,gated,rope", help="comma-separated: shapes, gated, rope (all by default)"
+        "--parts", default="shapes,gated,rope", help="comma-separated: shapes, gated, rope, gelu"
+    )
+    parser.add_argument(
+        "--gelu-configs", default=",".join(GELU_CONFIGS), help="comma-separated names of GELU_CONFIGS"
     )
     parser.add_argument("--output-file", default=None)
     args = parser.parse_args(argv)
@@ -278,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
                 partial(rope_row, (512, 4096), args.seconds)
             ),
             "single block (4608 rows)": guarded(partial(rope_row, (4608,), args.seconds)),
+        }
+    if "gelu" in parts:
+        configs = {name: GELU_CONFIGS[name] for name in args.gelu_configs.split(",") if name}
+        result["gelu"] = {
+            f"{rows} rows": guarded(partial(gelu_row, rows, args.seconds, configs)) for rows in (4608, 4096)
         }
     report(result, args.output_file)
     return 0

@@ -156,6 +156,8 @@
 #   gemmalgos  cuBLASLt's ranked candidates for each FLUX.1 GEMM against torch's call, sustained (bench.gemm_algos)
 #   fa4first Ulysses-2's first image after the warm-up: without FA4 on a cold compile cache, then with it
 #   quack    quack's GEMMs against cuBLAS at FLUX.1's shapes, and the gating in their epilogue (bench.quack_check)
+#   gelu     the feed-forwards' input projections with their tanh GELU in quack's epilogue against cuBLAS's
+#            gelubias and bias-only GEMMs, per tile; FA4 with the value strided as the fused projections leave it
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
 #   qkvviews lossless with each stream's q/k/v in one GEMM over their weights' buffer (the default) and with
@@ -735,6 +737,11 @@ lane_fa4first() {  # the group's first image after its warm-up: cuDNN first (col
 
 lane_quack() {  # quack's CuTe DSL GEMMs against cuBLAS at FLUX.1's shapes, and with the gating in their epilogue
   python3 -m bench.quack_check --output-file "$1/quack.json"
+}
+
+lane_gelu() {  # the feed-forwards' GELU in quack's epilogue against cuBLAS's, per tile; FA4 with the worker's value
+  python3 -m bench.quack_check --parts gelu --seconds 0.4 --output-file "$1/gelu.json"
+  python3 -m bench.fa4_check --heads 24 --tiles "" --output-file "$1/fa4_value.json"
 }
 
 lane_quackrope() {  # a query's projections with their norm and RoPE in quack's epilogue, against the worker's

@@ -1,4 +1,5 @@
-"""quack (CuTe DSL) GEMM epilogues: the gating of a block's output projection inside its GEMM.
+"""quack (CuTe DSL) GEMM epilogues: the gating of a block's output projection, the query/key norms and RoPE,
+and the feed-forward's tanh GELU inside their GEMMs.
 
 Imported only where ``quack-kernels`` and the CuTe DSL are installed (they come with the ``fa4-attention``
 extra) and a Hopper GPU runs them: ``worker.optimizations.quack_gating`` decides. The mods are module-level
@@ -7,11 +8,13 @@ functions, which gives quack's kernel cache an importable anchor.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import cutlass.cute as cute
 from quack.epilogue.frontend import gemm_epilogue
 from quack.epilogue.head_rmsnorm import HeadRstd
-from quack.epilogue.math import pack, unpack
+from quack.epilogue.math import F2, pack, unpack
 from quack.epilogue.ops import RowVecLoad
 from quack.epilogue.rotary import rotary_cos_sin_load
 
@@ -54,3 +57,31 @@ def normed_rotated(acc: Any, table: Any, head_rstd: Any, weight: Any, bias: Any)
     first, second = unpack((acc + bias) * head_rstd * weight)
     cos, sin = unpack(table)
     return {"D": pack(first * cos - second * sin, first * sin + second * cos)}
+
+
+def fast_tanh(value: Any) -> Any:
+    """``tanh`` on the SFU (``tanh.approx.f32``, relative error below 2^-10.9, under a bf16 output's
+    rounding), lane-wise over packed pairs."""
+    if isinstance(value, tuple):
+        return F2(fast_tanh(value[0]), fast_tanh(value[1]))
+    return cute.math.tanh(value, fastmath=True)
+
+
+SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+CUBIC = 0.044715 * SQRT_2_OVER_PI
+
+
+@gemm_epilogue(ops={"bias": RowVecLoad("bias")})
+def gelu_biased(acc: Any, bias: Any) -> dict[str, Any]:
+    """A feed-forward's input projection with its tanh GELU: ``gelu(x @ W.T + bias, approximate="tanh")``
+    from the fp32 accumulator. quack's own ``gemm_act`` GELU fails its epilogue fingerprint in 0.6.5 (a
+    ContextVar it refers to, lease 99); this one refers to nothing but ``cute`` and ``F2``."""
+    x = acc + bias
+    inner = x * (SQRT_2_OVER_PI + CUBIC * (x * x))
+    return {"D": 0.5 * (x + x * fast_tanh(inner))}
+
+
+@gemm_epilogue(ops={"bias": RowVecLoad("bias")})
+def biased(acc: Any, bias: Any) -> dict[str, Any]:
+    """``x @ W.T + bias``: quack's GEMM with the bias alone, the bound its GELU epilogue is timed against."""
+    return {"D": acc + bias}
