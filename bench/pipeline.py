@@ -45,6 +45,7 @@ from worker.optimizations.fp8_attention_processor import Fp8FluxAttnProcessor
 from worker.optimizations.fp8_mlp import apply_fp8_mlp_epilogues
 from worker.optimizations.fused_qkv import fused_buffers
 from worker.optimizations.quack_gating import GatedFeedForwardBlock
+from worker.optimizations.quack_gelu import QuackGELU, QuackGELUSingleBlock
 from worker.optimizations.quack_qk import QuackQKFluxAttnProcessor
 from worker.optimizations.quantize import Fp8Config, apply_fp8, float8_on_cpu
 from worker.options import DType, EngineOptions
@@ -206,6 +207,11 @@ VARIANTS: dict[str, Variant] = {
     "compiled-quack-qk": Variant({**COMPILED, "quack_qk": True}),
     # both quack epilogues
     "compiled-quack": Variant({**COMPILED, "quack_gating": True, "quack_qk": True}),
+    # the feed-forwards' GELU in quack's GEMM epilogue (worker.optimizations.quack_gelu), alone and with the
+    # gating beside it
+    "compiled-quack-gelu": Variant({**COMPILED, "quack_gelu": True}),
+    "compiled-quack-gelu-gating": Variant({**COMPILED, "quack_gelu": True, "quack_gating": True}),
+    "cache-fast-quack-gelu": Variant({**COMPILED, "quack_gelu": True}, "fast"),
     "cache-fast-no-fa4": Variant({**COMPILED, "fa4_attention": False}, "fast"),
     "fp8-compiled-no-fa4": Variant({**FP8, **COMPILED, "fa4_attention": False}),
     "compiled-cd": Variant(COMPILED, inductor={"coordinate_descent_tuning": True}),
@@ -466,6 +472,10 @@ def run_prepared(
     # double blocks gating their feed-forward in quack's GEMM epilogue (worker.optimizations.quack_gating)
     gated = [module for module in pipe.transformer.modules() if isinstance(module, GatedFeedForwardBlock)]
     result["quack_gated_blocks"] = len(gated)
+    # feed-forwards taking their GELU in quack's GEMM epilogue (worker.optimizations.quack_gelu)
+    result["quack_gelu_modules"] = sum(
+        isinstance(module, (QuackGELU, QuackGELUSingleBlock)) for module in pipe.transformer.modules()
+    )
     # attention modules projecting their query and key in quack's epilogue (worker.optimizations.quack_qk)
     result["quack_qk_modules"] = sum(
         isinstance(processor, QuackQKFluxAttnProcessor) for processor in processors

@@ -158,6 +158,7 @@
 #   quack    quack's GEMMs against cuBLAS at FLUX.1's shapes, and the gating in their epilogue (bench.quack_check)
 #   gelu     the feed-forwards' input projections with their tanh GELU in quack's epilogue against cuBLAS's
 #            gelubias and bias-only GEMMs, per tile; FA4 with the value strided as the fused projections leave it
+#   quackgelu  lossless with --quack-gelu, without, and with --quack-gating beside it (profiled); stock first
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
 #   qkvviews lossless with each stream's q/k/v in one GEMM over their weights' buffer (the default) and with
@@ -816,6 +817,12 @@ lane_targets() {  # the one-GPU targets at HEAD, one lease, one card
   stock "$1"
   python3 -m bench.pipeline --variants compiled,cache-fast,cache-medium,cache-ultra,fp8-compiled-fp8-attention,fp8-compiled \
     --repeats 3 --reference all --output-file "$1/targets.json"
+}
+
+lane_quackgelu() {  # the feed-forwards' GELU in quack's epilogue (--quack-gelu), alone and with --quack-gating
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled-quack-gelu,compiled,compiled-quack-gelu-gating --repeats 5 \
+    --reference all --profile --output-file "$1/quackgelu.json"
 }
 
 lane_fp8targets() {  # the fp8 targets at HEAD (the attention's fp8 kernel needs .whl-cudnn)

@@ -100,6 +100,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "projection GEMMs (quack's epilogue; needs the fa4-attention extra)",
     )
     add(
+        "--quack-gelu",
+        action="store_true",
+        default=None,
+        help="with --compile on one Hopper GPU, run the feed-forwards' GELU in quack's GEMM epilogue instead "
+        "of cuBLAS's (needs the fa4-attention extra)",
+    )
+    add(
         "--no-compile-vae",
         dest="compile_vae",
         action="store_false",

@@ -38,6 +38,7 @@ from worker.optimizations.qk_norm_rope import (
     use_fa4_attention,
 )
 from worker.optimizations.quack_gating import apply_quack_gating, quack_unavailable
+from worker.optimizations.quack_gelu import apply_quack_gelu, quack_gelu_unavailable
 from worker.optimizations.quack_qk import apply_quack_qk, quack_qk_unavailable
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
 from worker.optimizations.rows import one_pass_rows
@@ -211,9 +212,9 @@ def compile_for_speed(
     pipeline: Any, options: EngineOptions, layout: ParallelLayout, offloaded: set[str], device: torch.device
 ) -> None:
     """``--compile``: the transformer's blocks compiled regionally, with what was measured faster beside
-    them (docs/performance.md): the GEMM epilogues on a resident, unsharded transformer, ``--quack-gating``
-    and ``--quack-qk`` where asked, and the VAE's decoder compiled when it is resident and whole (the fused
-    query/key processor is set earlier: ``set_fused_attention``)."""
+    them (docs/performance.md): the GEMM epilogues on a resident, unsharded transformer, ``--quack-gating``,
+    ``--quack-qk`` and ``--quack-gelu`` where asked, and the VAE's decoder compiled when it is resident and
+    whole (the fused query/key processor is set earlier: ``set_fused_attention``)."""
     resident = "transformer" not in offloaded and layout.dit_tp == 1
     config = CompileConfig(
         mode=options.compile_mode,
@@ -233,6 +234,8 @@ def compile_for_speed(
         set_quack_gating(pipeline, resident and layout.sp == 1, device)
     if options.quack_qk:
         set_quack_qk(pipeline, resident and layout.sp == 1, device)
+    if options.quack_gelu:
+        set_quack_gelu(pipeline, options.gemm_epilogues and resident and layout.sp == 1, device)
     vae: Any = getattr(pipeline, "vae", None)
     whole = type(vae).__name__ == "AutoencoderKL" and "vae" not in offloaded
     if options.compile_vae and whole and not layout.parallel_vae:  # the split decode patches the decoder
@@ -270,6 +273,19 @@ def set_quack_qk(pipeline: Any, applies: bool, device: torch.device) -> None:
         quack_qk_unavailable,
         apply_quack_qk,
         ("quack query/key epilogue", "attention modules project, norm and rotate in one GEMM"),
+    )
+
+
+def set_quack_gelu(pipeline: Any, applies: bool, device: torch.device) -> None:
+    """``--quack-gelu``: the feed-forwards' GELU in quack's GEMM epilogue, on one GPU with a resident,
+    unsharded transformer whose GEMM epilogues are on, where it builds; the log says where, or why not."""
+    set_quack_epilogue(
+        pipeline,
+        applies,
+        device,
+        quack_gelu_unavailable,
+        apply_quack_gelu,
+        ("quack GELU epilogue", "feed-forwards project and take their GELU in one quack GEMM"),
     )
 
 

@@ -71,6 +71,11 @@ class EngineOptions(BaseSettings):
     # in their GEMM's epilogue (worker.optimizations.quack_qk): opt-in, 0.4 ms off a step (lease 103), within
     # the noise.
     quack_qk: bool = False
+    # With --compile's GEMM epilogues on one Hopper GPU where quack is installed, the feed-forwards' input
+    # projections of image rows take their tanh GELU in quack's GEMM epilogue
+    # (worker.optimizations.quack_gelu): opt-in until measured in the image (its GEMMs 3-5% under cuBLAS's
+    # GELU epilogue, lease 114).
+    quack_gelu: bool = False
     # With --compile, a resident transformer replays each step as a CUDA graph where no Cache-DiT preset
     # runs (worker.optimizations.cuda_graphs): fp8 steps and groups' steps are bound by the host's launches.
     cuda_graphs: bool = True

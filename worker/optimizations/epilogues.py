@@ -136,6 +136,8 @@ class EpilogueSingleBlock(FluxSingleTransformerBlock):
     # split_projection's second GEMM adds into the first's output: the step 0.5% faster on an H100 (0.1255
     # against 0.1261 s, the image 3.551 against 3.567 s, 46.90 dB; lease 64, docs/performance.md)
     accumulate = True
+    # the MLP's projection and GELU (``--quack-gelu``'s subclass takes quack's GEMM)
+    gelu = staticmethod(gelu_linear)
 
     def projected(self, norm_hidden_states: torch.Tensor, attn_output: Any) -> torch.Tensor:
         """``proj_out(cat(attention, gelu(proj_mlp(x))))``, the MLP's GEMM before the attention is awaited.
@@ -144,7 +146,7 @@ class EpilogueSingleBlock(FluxSingleTransformerBlock):
         ``proj_out``'s MLP part runs before its output is awaited (the output crossing back beside it)."""
         if isinstance(attn_output, PendingAttention):
             return beside_projection(self.proj_mlp, self.proj_out, attn_output, norm_hidden_states)
-        mlp_hidden_states = gelu_linear(norm_hidden_states, self.proj_mlp)
+        mlp_hidden_states = self.gelu(norm_hidden_states, self.proj_mlp)
         return split_projection(self.proj_out, settled(attn_output), mlp_hidden_states, self.accumulate)
 
 
