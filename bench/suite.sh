@@ -159,6 +159,7 @@
 #   gelu     the feed-forwards' input projections with their tanh GELU in quack's epilogue against cuBLAS's
 #            gelubias and bias-only GEMMs, per tile; FA4 with the value strided as the fused projections leave it
 #   quackgelu  lossless with --quack-gelu, without, and with --quack-gating beside it (profiled); stock first
+#   quackab  lossless: the default, all three quack epilogues, --quack-gelu with --quack-gating, twice in turn
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
 #   qkvviews lossless with each stream's q/k/v in one GEMM over their weights' buffer (the default) and with
@@ -823,6 +824,12 @@ lane_quackgelu() {  # the feed-forwards' GELU in quack's epilogue (--quack-gelu)
   stock "$1"
   python3 -m bench.pipeline --variants compiled-quack-gelu,compiled,compiled-quack-gelu-gating --repeats 5 \
     --reference all --profile --output-file "$1/quackgelu.json"
+}
+
+lane_quackab() {  # the quack epilogues against the default, alternating (A B C A B C) on one card
+  stock "$1"
+  local V=compiled,compiled-quack-all,compiled-quack-gelu-gating
+  python3 -m bench.pipeline --variants $V,$V --repeats 4 --reference all --output-file "$1/quackab.json"
 }
 
 lane_fp8targets() {  # the fp8 targets at HEAD (the attention's fp8 kernel needs .whl-cudnn)
