@@ -160,6 +160,7 @@
 #            gelubias and bias-only GEMMs, per tile; FA4 with the value strided as the fused projections leave it
 #   quackgelu  lossless with --quack-gelu, without, and with --quack-gating beside it (profiled); stock first
 #   quackab  lossless: the default, all three quack epilogues, --quack-gelu with --quack-gating, twice in turn
+#   quackfast  `fast` with and without --quack-gelu --quack-gating, twice in turn; their engine's restarts
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
 #   qkvviews lossless with each stream's q/k/v in one GEMM over their weights' buffer (the default) and with
@@ -830,6 +831,13 @@ lane_quackab() {  # the quack epilogues against the default, alternating (A B C 
   stock "$1"
   local V=compiled,compiled-quack-all,compiled-quack-gelu-gating
   python3 -m bench.pipeline --variants $V,$V --repeats 4 --reference all --output-file "$1/quackab.json"
+}
+
+lane_quackfast() {  # `fast` with and without --quack-gelu --quack-gating in turn, then their restarts (cold, warm)
+  stock "$1"
+  local V=cache-fast,cache-fast-quack-gelu-gating
+  python3 -m bench.pipeline --variants $V,$V --repeats 4 --reference all --output-file "$1/quackfast.json"
+  restarts "$1" compiled-quack-gelu-gating restart
 }
 
 lane_fp8targets() {  # the fp8 targets at HEAD (the attention's fp8 kernel needs .whl-cudnn)
