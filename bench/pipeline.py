@@ -213,6 +213,9 @@ VARIANTS: dict[str, Variant] = {
     "compiled-quack-gelu-gating": Variant({**COMPILED, "quack_gelu": True, "quack_gating": True}),
     "cache-fast-quack-gelu": Variant({**COMPILED, "quack_gelu": True}, "fast"),
     "cache-fast-quack-gelu-gating": Variant({**COMPILED, "quack_gelu": True, "quack_gating": True}, "fast"),
+    # the worker's default before the two quack epilogues (the GELU and the gating) became its default
+    "compiled-no-quack": Variant({**COMPILED, "quack_gelu": False, "quack_gating": False}),
+    "cache-fast-no-quack": Variant({**COMPILED, "quack_gelu": False, "quack_gating": False}, "fast"),
     # all three quack epilogues: the GELU, the gating, the query/key norms and RoPE
     "compiled-quack-all": Variant({**COMPILED, "quack_gelu": True, "quack_gating": True, "quack_qk": True}),
     "cache-fast-no-fa4": Variant({**COMPILED, "fa4_attention": False}, "fast"),

@@ -161,6 +161,7 @@
 #   quackgelu  lossless with --quack-gelu, without, and with --quack-gating beside it (profiled); stock first
 #   quackab  lossless: the default, all three quack epilogues, --quack-gelu with --quack-gating, twice in turn
 #   quackfast  `fast` with and without --quack-gelu --quack-gating, twice in turn; their engine's restarts
+#   quacktargets  lossless with the quack epilogues (the default) and without, twice in turn; the presets
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
 #   qkvviews lossless with each stream's q/k/v in one GEMM over their weights' buffer (the default) and with
@@ -838,6 +839,13 @@ lane_quackfast() {  # `fast` with and without --quack-gelu --quack-gating in tur
   local V=cache-fast,cache-fast-quack-gelu-gating
   python3 -m bench.pipeline --variants $V,$V --repeats 4 --reference all --output-file "$1/quackfast.json"
   restarts "$1" compiled-quack-gelu-gating restart
+}
+
+lane_quacktargets() {  # the one-GPU targets with the quack epilogues the default, the old default in turn
+  stock "$1"
+  local V=compiled,compiled-no-quack
+  python3 -m bench.pipeline --variants $V,$V,cache-fast,cache-fast-no-quack,cache-medium,cache-ultra --repeats 3 \
+    --reference all --output-file "$1/quacktargets.json"
 }
 
 lane_fp8targets() {  # the fp8 targets at HEAD (the attention's fp8 kernel needs .whl-cudnn)

@@ -90,7 +90,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="with --compile on one Hopper GPU, gate the double blocks' feed-forward inside its output GEMM "
-        "(quack's epilogue; needs the fa4-attention extra)",
+        "(quack's epilogue; needs the fa4-attention extra; the default)",
+    )
+    add(
+        "--no-quack-gating",
+        dest="quack_gating",
+        action="store_false",
+        default=None,
+        help="gate the double blocks' feed-forward in a kernel of its own after cuBLAS's GEMM",
     )
     add(
         "--quack-qk",
@@ -104,7 +111,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="with --compile on one Hopper GPU, run the feed-forwards' GELU in quack's GEMM epilogue instead "
-        "of cuBLAS's (needs the fa4-attention extra)",
+        "of cuBLAS's (needs the fa4-attention extra; the default)",
+    )
+    add(
+        "--no-quack-gelu",
+        dest="quack_gelu",
+        action="store_false",
+        default=None,
+        help="run the feed-forwards' GELU in cuBLAS's GEMM epilogue",
     )
     add(
         "--no-compile-vae",

@@ -65,17 +65,18 @@ class EngineOptions(BaseSettings):
     # the double blocks' joint value is a view, not a copy (worker.optimizations.fused_qkv).
     fused_qkv: bool = True
     # With --compile on one Hopper GPU where quack is installed, the double blocks' feed-forward gating runs
-    # in the output GEMM's epilogue (worker.optimizations.quack_gating): opt-in, 0.3% off a step (lease 100).
-    quack_gating: bool = False
+    # in the output GEMM's epilogue (worker.optimizations.quack_gating). With --quack-gelu (both the
+    # defaults) the lossless image is 1.9% faster on an H100, every run of one faster than every run
+    # without (lease 115, docs/performance.md).
+    quack_gating: bool = True
     # With --compile on one Hopper GPU where quack is installed, the query and key projections norm and rotate
     # in their GEMM's epilogue (worker.optimizations.quack_qk): opt-in, 0.4 ms off a step (lease 103), within
     # the noise.
     quack_qk: bool = False
     # With --compile's GEMM epilogues on one Hopper GPU where quack is installed, the feed-forwards' input
     # projections of image rows take their tanh GELU in quack's GEMM epilogue
-    # (worker.optimizations.quack_gelu): opt-in until measured in the image (its GEMMs 3-5% under cuBLAS's
-    # GELU epilogue, lease 114).
-    quack_gelu: bool = False
+    # (worker.optimizations.quack_gelu; its GEMMs 3-5% under cuBLAS's GELU epilogue, lease 114).
+    quack_gelu: bool = True
     # With --compile, a resident transformer replays each step as a CUDA graph where no Cache-DiT preset
     # runs (worker.optimizations.cuda_graphs): fp8 steps and groups' steps are bound by the host's launches.
     cuda_graphs: bool = True

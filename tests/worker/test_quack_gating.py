@@ -97,10 +97,10 @@ def engine_blocks(monkeypatch: pytest.MonkeyPatch, **options: Any) -> tuple[list
     return gated_blocks(transformer), len(transformer.transformer_blocks)
 
 
-def test_the_engine_gates_with_quack_only_when_asked_and_quack_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_engine_gates_with_quack_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "quack_unavailable", lambda device: None)
-    assert engine_blocks(monkeypatch)[0] == []  # opt-in
-    gated, double_blocks = engine_blocks(monkeypatch, quack_gating=True)
+    assert engine_blocks(monkeypatch, quack_gating=False)[0] == []
+    gated, double_blocks = engine_blocks(monkeypatch)  # the default
     assert double_blocks > 0 and len(gated) == double_blocks
 
 
@@ -141,8 +141,9 @@ def test_an_install_that_fails_its_trial_call_keeps_diffusers_gating(monkeypatch
     assert quack_gating.quack_unavailable(torch.device("cuda", 0)) is None
 
 
-def test_quack_gating_is_off_by_default_and_the_flag_turns_it_on() -> None:
+def test_quack_gating_is_on_by_default_and_a_flag_turns_it_off() -> None:
     parser = argparse.ArgumentParser()
     add_worker_arguments(parser)
-    assert engine_options(parser.parse_args([])).quack_gating is False
+    assert engine_options(parser.parse_args([])).quack_gating is True
     assert engine_options(parser.parse_args(["--compile", "--quack-gating"])).quack_gating is True
+    assert engine_options(parser.parse_args(["--compile", "--no-quack-gating"])).quack_gating is False

@@ -103,10 +103,12 @@ def engine_modules(monkeypatch: pytest.MonkeyPatch, **options: Any) -> list[Any]
     return quack_modules(compiled_engine_transformer(monkeypatch, **options))
 
 
-def test_the_engine_takes_quack_gelu_only_when_asked_and_it_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_engine_takes_quack_gelu_unless_told_not_to_where_it_builds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(engine_module, "quack_gelu_unavailable", lambda device: None)
-    assert engine_modules(monkeypatch) == []  # opt-in
-    assert len(engine_modules(monkeypatch, quack_gelu=True)) > 0
+    assert engine_modules(monkeypatch, quack_gelu=False) == []
+    assert len(engine_modules(monkeypatch)) > 0  # the default
     # without the GEMM epilogues there is no epilogue forward to give quack's GELU
     assert engine_modules(monkeypatch, quack_gelu=True, gemm_epilogues=False) == []
 
@@ -129,8 +131,9 @@ def test_an_install_that_fails_its_trial_call_keeps_cublas_gelu(monkeypatch: pyt
     assert quack_gelu.quack_gelu_unavailable(torch.device("cuda", 0)) is None
 
 
-def test_quack_gelu_is_off_by_default_and_the_flag_turns_it_on() -> None:
+def test_quack_gelu_is_on_by_default_and_a_flag_turns_it_off() -> None:
     parser = argparse.ArgumentParser()
     add_worker_arguments(parser)
-    assert engine_options(parser.parse_args([])).quack_gelu is False
+    assert engine_options(parser.parse_args([])).quack_gelu is True
     assert engine_options(parser.parse_args(["--compile", "--quack-gelu"])).quack_gelu is True
+    assert engine_options(parser.parse_args(["--compile", "--no-quack-gelu"])).quack_gelu is False
