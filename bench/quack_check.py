@@ -21,6 +21,8 @@ against fp32. Last (``rope``), a query's projections with their per-head RMSNorm
 feed-forwards' input projections (4,608 and 4,096 rows, 3,072 -> 12,288) with their tanh GELU,
 cuBLAS's ``gelubias`` epilogue (the worker's) and its bias alone (the bound) against quack GEMMs with the
 GELU on the SFU (``quack_epilogues.gelu_biased``) and with the bias alone, per tile configuration.
+``qkv``: a stream's fused query, key and value projection (3,072 -> 9,216, bias) at 4,608 and 4,096 rows,
+cuBLAS against quack's GEMM with the bias alone (``quack_epilogues.biased``), per tile configuration.
 
 Lease 99 (H100, autotuned): at 4,096 rows quack's GEMM matches cuBLAS (443 against 453 µs) and the gated
 epilogue is free: the double block's gated feed-forward output 442 µs against the worker's 482. At the
@@ -302,6 +304,55 @@ def gelu_row(rows: int, seconds: float, configs: dict[str, Pins]) -> dict[str, A
     return result
 
 
+QKV_CONFIGS = {  # 9,216 columns: the fused query, key and value of a stream
+    "256x128 cooperative c2x1": (256, 128, False, 2, 1),
+    "256x128 cooperative c1x2": (256, 128, False, 1, 2),
+    "256x192 cooperative c2x1": (256, 192, False, 2, 1),
+    "128x256 cooperative c1x2": (128, 256, False, 1, 2),
+    "128x192 pingpong c1x2": (128, 192, True, 1, 2),
+    "192x128 pingpong c1x2": (192, 128, True, 1, 2),
+}
+
+
+def biased_row(rows: int, outputs: int, seconds: float, configs: dict[str, Pins]) -> dict[str, Any]:
+    """``x @ W.T + bias`` (3,072 inputs) at ``rows`` tokens: cuBLAS (the worker's ``F.linear``) against
+    quack's GEMM with the bias in its epilogue, per tile configuration, and their largest difference."""
+    from worker.optimizations import quack_epilogues
+    from worker.optimizations.quack_qk import hopper_config
+
+    x, weight, bias = draws(Shape("projection", rows, 3072, outputs, 1, "linear"))
+    flops = 2 * rows * 3072 * outputs
+    cublas = partial(F.linear, x, weight, bias)
+    expected = cublas().float()
+    out = torch.empty(rows, outputs, device="cuda", dtype=torch.bfloat16)
+
+    def timed(call: Callable[[], torch.Tensor]) -> dict[str, Any]:
+        us = sustained_us(call, seconds)
+        return {"us": round(us, 2), "tflop_s": round(flops / us / 1e6, 1)}
+
+    result: dict[str, Any] = {
+        "rows": rows,
+        "outputs": outputs,
+        "cublas": {**timed(cublas), "kernels": launched(cublas)},
+    }
+
+    def configured(pins: Pins) -> dict[str, Any]:
+        config = hopper_config(*pins)
+
+        def call() -> torch.Tensor:
+            return quack_epilogues.biased(
+                x, weight.t(), out={"D": out}, config=config, tuned=False, bias=bias
+            )["D"]
+
+        row = {**timed(call), "max_abs_diff_vs_cublas": (call().float() - expected).abs().max().item()}
+        row["vs_cublas"] = round(row["us"] / result["cublas"]["us"], 4)
+        print(rows, outputs, pins, row, flush=True)
+        return row
+
+    result["quack"] = {name: guarded(partial(configured, pins)) for name, pins in configs.items()}
+    return result
+
+
 def guarded(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         return work()
@@ -314,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0.5, help="sustained stretch per timing")
     parser.add_argument("--tuned", action="store_true", help="let quack autotune each shape (slow)")
     parser.add_argument(
-        "--parts", default="shapes,gated,rope", help="comma-separated: shapes, gated, rope, gelu"
+        "--parts", default="shapes,gated,rope", help="comma-separated: shapes, gated, rope, gelu, qkv"
     )
     parser.add_argument(
         "--gelu-configs", default=",".join(GELU_CONFIGS), help="comma-separated names of GELU_CONFIGS"
@@ -347,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         configs = {name: GELU_CONFIGS[name] for name in args.gelu_configs.split(",") if name}
         result["gelu"] = {
             f"{rows} rows": guarded(partial(gelu_row, rows, args.seconds, configs)) for rows in (4608, 4096)
+        }
+    if "qkv" in parts:
+        result["qkv"] = {
+            f"{rows} rows": guarded(partial(biased_row, rows, 9216, args.seconds, QKV_CONFIGS))
+            for rows in (4608, 4096)
         }
     report(result, args.output_file)
     return 0

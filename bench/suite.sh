@@ -162,6 +162,7 @@
 #   quackab  lossless: the default, all three quack epilogues, --quack-gelu with --quack-gating, twice in turn
 #   quackfast  `fast` with and without --quack-gelu --quack-gating, twice in turn; their engine's restarts
 #   quacktargets  lossless with the quack epilogues (the default) and without, twice in turn; the presets
+#   quackqkv  the fused query/key/value projection (9,216 outputs): quack's biased GEMM against cuBLAS, per tile
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
 #   qkvviews lossless with each stream's q/k/v in one GEMM over their weights' buffer (the default) and with
@@ -746,6 +747,10 @@ lane_quack() {  # quack's CuTe DSL GEMMs against cuBLAS at FLUX.1's shapes, and 
 lane_gelu() {  # the feed-forwards' GELU in quack's epilogue against cuBLAS's, per tile; FA4 with the worker's value
   python3 -m bench.quack_check --parts gelu --seconds 0.4 --output-file "$1/gelu.json"
   python3 -m bench.fa4_check --heads 24 --tiles "" --output-file "$1/fa4_value.json"
+}
+
+lane_quackqkv() {  # a stream's fused q/k/v projection: quack's GEMM with the bias against cuBLAS's, per tile
+  python3 -m bench.quack_check --parts qkv --seconds 0.4 --output-file "$1/quackqkv.json"
 }
 
 lane_quackrope() {  # a query's projections with their norm and RoPE in quack's epilogue, against the worker's
