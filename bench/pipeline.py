@@ -86,6 +86,9 @@ class Variant:
     # the fused projections' query and key normed and rotated in a launch each, the worker's way before
     # ``qk_pair_norm_rope`` did both in one
     unpaired_qk: bool = False
+    # a double block's fused image-stream projection through quack's GEMM
+    # (worker.optimizations.quack_projection)
+    quack_projection: bool = False
     # the single blocks' proj_out: its second GEMM adds into the first's output (epilogues.accumulate_mm,
     # the worker's since lease 64) or the gating kernel adds both; None: the worker's
     accumulate: bool | None = None
@@ -213,6 +216,8 @@ VARIANTS: dict[str, Variant] = {
     "compiled-quack-gelu-gating": Variant({**COMPILED, "quack_gelu": True, "quack_gating": True}),
     "cache-fast-quack-gelu": Variant({**COMPILED, "quack_gelu": True}, "fast"),
     "cache-fast-quack-gelu-gating": Variant({**COMPILED, "quack_gelu": True, "quack_gating": True}, "fast"),
+    # the double blocks' image-stream q/k/v projection through quack's GEMM
+    "compiled-quack-projection": Variant(COMPILED, quack_projection=True),
     # the worker's default before the two quack epilogues (the GELU and the gating) became its default
     "compiled-no-quack": Variant({**COMPILED, "quack_gelu": False, "quack_gating": False}),
     "cache-fast-no-quack": Variant({**COMPILED, "quack_gelu": False, "quack_gating": False}, "fast"),
@@ -370,6 +375,8 @@ def prepare_engine(variant: Variant, pipe: Any, options: EngineOptions, device: 
         set_on_processors(pipe.transformer, fused, "joint_value", True, exact=True)
     if variant.unpaired_qk:
         set_on_processors(pipe.transformer, fused, "paired_qk", False)
+    if variant.quack_projection:
+        set_on_processors(pipe.transformer, fused, "quack_projection", True)
     if variant.accumulate is not None:  # before the first call traces the blocks
         singles = [m for m in pipe.transformer.modules() if isinstance(m, EpilogueSingleBlock)]
         for module in singles:
@@ -397,6 +404,7 @@ def run_variant(name: str, args: argparse.Namespace, references: dict[Any, Captu
         "accumulate": variant.accumulate,
         "joint_value": variant.joint_value,
         "unpaired_qk": variant.unpaired_qk,
+        "quack_projection": variant.quack_projection,
         "qk_tokens": variant.qk_tokens,
         "blas": variant.blas,
         "sdpa_first": args.sdpa_first,

@@ -163,6 +163,7 @@
 #   quackfast  `fast` with and without --quack-gelu --quack-gating, twice in turn; their engine's restarts
 #   quacktargets  lossless with the quack epilogues (the default) and without, twice in turn; the presets
 #   quackqkv  the fused query/key/value projection (9,216 outputs): quack's biased GEMM against cuBLAS, per tile
+#   quackproj  lossless: the default, the double blocks' image q/k/v through quack, combo kernels; twice in turn
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
 #   qkvviews lossless with each stream's q/k/v in one GEMM over their weights' buffer (the default) and with
@@ -851,6 +852,12 @@ lane_quacktargets() {  # the one-GPU targets with the quack epilogues the defaul
   local V=compiled,compiled-no-quack
   python3 -m bench.pipeline --variants $V,$V,cache-fast,cache-fast-no-quack,cache-medium,cache-ultra --repeats 3 \
     --reference all --output-file "$1/quacktargets.json"
+}
+
+lane_quackproj() {  # the double blocks' image q/k/v projection through quack, and combo kernels, against the default
+  stock "$1"
+  local V=compiled,compiled-quack-projection,compiled-combo
+  python3 -m bench.pipeline --variants $V,$V --repeats 3 --reference all --output-file "$1/quackproj.json"
 }
 
 lane_fp8targets() {  # the fp8 targets at HEAD (the attention's fp8 kernel needs .whl-cudnn)

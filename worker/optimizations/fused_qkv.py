@@ -29,6 +29,7 @@ from torch import nn
 
 from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.joint_value import linear_into
+from worker.optimizations.quack_projection import quack_linear_into
 
 # each stream's projections, in the order their rows sit in the stream's buffer
 STREAMS = {"image": ("to_q", "to_k", "to_v"), "text": ("add_q_proj", "add_k_proj", "add_v_proj")}
@@ -119,10 +120,13 @@ def fused_buffers(attn: Any, stream: str) -> tuple[torch.Tensor, torch.Tensor] |
     return weight, bias
 
 
-def projected_qkv(attn: Any, hidden_states: torch.Tensor, text: torch.Tensor | None) -> Projections | None:
+def projected_qkv(
+    attn: Any, hidden_states: torch.Tensor, text: torch.Tensor | None, quack: bool = False
+) -> Projections | None:
     """The query, key and value as (text, image) parts, views of one GEMM's output per stream, and the
     query and key together; the value whole (text tokens first) as its image part. ``None`` where the
-    module's weights are not fused."""
+    module's weights are not fused. ``quack``: a double block's image stream projects with quack's GEMM
+    (``quack_projection``)."""
     if getattr(attn, "fused_projections", False):  # diffusers' own ``to_qkv`` (a benchmark's variant)
         return None
     image = fused_buffers(attn, "image")
@@ -137,7 +141,7 @@ def projected_qkv(attn: Any, hidden_states: torch.Tensor, text: torch.Tensor | N
     text_tokens = text.shape[1]
     joint = hidden_states.new_empty(hidden_states.shape[0], text_tokens + hidden_states.shape[1], 3 * width)
     linear_into(joint[:, :text_tokens], text, *joint_text)
-    linear_into(joint[:, text_tokens:], hidden_states, *image)
+    (quack_linear_into if quack else linear_into)(joint[:, text_tokens:], hidden_states, *image)
     query, key, value, query_key = (
         joint[..., start * width : end * width] for start, end in ((0, 1), (1, 2), (2, 3), (0, 2))
     )

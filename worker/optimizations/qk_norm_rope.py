@@ -470,6 +470,9 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     # the attention through FlashAttention-4's Hopper kernel (``worker.optimizations.fa4_attention``), where
     # the engine finds it can run (``use_fa4_attention``); SDPA's cuDNN kernel otherwise
     fa4 = False
+    # a double block's fused image-stream projection through quack's GEMM
+    # (``worker.optimizations.quack_projection``; a benchmark's)
+    quack_projection = False
 
     def __call__(
         self,
@@ -501,7 +504,11 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         """The query, key and value projections, each as (text tokens, image tokens); with fused weights
         (``worker.optimizations.fused_qkv``) or ``joint_value`` the value comes whole, as its "image" part
         (``joined`` takes it as it is), and with fused weights the query and key come together too."""
-        fused = None if self._parallel_config is not None else projected_qkv(attn, hidden_states, text)
+        fused = (
+            None
+            if self._parallel_config is not None
+            else projected_qkv(attn, hidden_states, text, self.quack_projection)
+        )
         if fused is not None:
             return fused
         text_value: Any = getattr(attn, "add_v_proj", None)
