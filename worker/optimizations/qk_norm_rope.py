@@ -471,7 +471,7 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     # the engine finds it can run (``use_fa4_attention``); SDPA's cuDNN kernel otherwise
     fa4 = False
     # a double block's fused image-stream projection through quack's GEMM
-    # (``worker.optimizations.quack_projection``; a benchmark's)
+    # (``worker.optimizations.quack_projection``; a benchmark's: no gain in the image, lease 118)
     quack_projection = False
 
     def __call__(

@@ -1,4 +1,4 @@
-"""FLUX.1's double blocks' feed-forward gating inside the output GEMM's epilogue (``--quack-gating``, opt-in).
+"""FLUX.1's double blocks' feed-forward gating inside the output GEMM's epilogue (``--quack-gating``).
 
 A double block ends its image stream with ``hidden + gate * ff(norm(hidden))``: cuBLAS's GEMM writes the
 feed-forward output, and an inductor kernel then reads it with the residual and writes the sum (36 µs a
@@ -17,11 +17,13 @@ single blocks' 4,608 rows quack's GEMMs are 8-9% slower than cuBLAS's, so those 
   of several jobs (one gate per job) keeps diffusers' gating.
 - Where: one GPU, a resident bf16 transformer with plain linear layers (not fp8), ``--compile``, a Hopper
   GPU, quack installed, and a small trial call at load that succeeds (``quack_unavailable`` says why not;
-  the trial call came after leases 100-101 and has not yet run on a GPU).
-- Opt-in: in the image the step was 0.3% faster (lease 100: 3.527 against 3.565 s, runs overlapping), the
-  same image. quack's autotuning of each new shape adds ~40 s to a cold warm-up. It is kept in
-  ``--compile-cache-dir`` (``QUACK_CACHE_DIR``), so a warm restart reached its first image in 16.4 s
-  (lease 101; docs/design.md).
+  the trial call passed on an H100 in leases 115-118).
+- On by default since lease 115, with ``--quack-gelu`` (``worker.optimizations.quack_gelu``): alone it was
+  0.3% off a step (lease 100: 3.527 against 3.565 s, runs overlapping); the two together took the lossless
+  image from 3.550-3.582 to 3.483-3.498 s on one H100 with the runs interleaved (every run of one faster
+  than every run without), 3.444 to 3.403-3.410 s on another (lease 116). quack autotunes the gated GEMM's
+  shape at its first call and keeps the result in ``--compile-cache-dir`` (``QUACK_CACHE_DIR``): a cold
+  start reached its first image in 60.4 s, a warm one in 17.0 s (lease 115; docs/design.md).
 """
 
 from __future__ import annotations

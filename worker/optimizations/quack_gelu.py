@@ -7,7 +7,13 @@ alone at the single blocks' 4,608 rows (534 against 508 µs on an H100) and 1.5%
 (``worker.optimizations.quack_epilogues.gelu_biased``), in 256 x 192 cooperative tiles (2 x 1 clusters),
 takes 508.5 µs at 4,608 rows and 460.5 µs at 4,096 rows, 4.7% and 2.9% under cuBLAS's GELU, with the same
 largest error against fp32 (``bench.quack_check --parts gelu``, lease 114, docs/performance.md). That
-predicts ~1.3 ms a step, ~36 ms a 28-step image.
+predicts ~1.3 ms a step, ~36 ms a 28-step image; profiled in the image the GELU GEMMs took 16 ms less
+(lease 115).
+
+On by default with ``--quack-gating``: the two together took the lossless image from 3.550-3.582 to
+3.483-3.498 s on one H100 (lease 115, the variants interleaved, every run with them faster than every run
+without), and from 3.444 to 3.403-3.410 s on another (lease 116); `fast` 1.475 to 1.458 s. Alone, the GELU
+moved the image within the noise (3.544 against 3.550 s, lease 115).
 
 - ``fluxgate::quack_gelu_linear`` is an op opaque to the compiler. On a CUDA tensor of at least
   ``MIN_ROWS`` rows whose widths quack's tiles take, it launches quack's GEMM with the pinned tiles (no

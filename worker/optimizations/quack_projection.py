@@ -1,4 +1,4 @@
-"""The double blocks' image-stream query/key/value projection as quack's GEMM (a benchmark's until measured).
+"""The double blocks' image-stream query/key/value projection as quack's GEMM (a benchmark's; not adopted).
 
 With the fused projections (``worker.optimizations.fused_qkv``) a double block's image stream is one GEMM of
 4,096 rows, 3,072 -> 9,216, written into its rows of the joint buffer. cuBLAS runs it in 192 x 192 tiles
@@ -6,6 +6,9 @@ With the fused projections (``worker.optimizations.fused_qkv``) a double block's
 (``quack_epilogues.biased``) in 256 x 128 cooperative tiles, 2 x 1 clusters, takes 350.6 µs, the same output
 bit for bit (``bench.quack_check --parts qkv``, lease 117). At the single blocks' 4,608 rows quack only
 matches cuBLAS (382.3 against 382.9 µs), so those keep cuBLAS.
+
+In the image it gained nothing: 3.484 and 3.497 s against the default's 3.472 and 3.472 s, interleaved on
+one H100 (lease 118, ``compiled-quack-projection``). It stays a benchmark's variant.
 
 ``fluxgate::quack_linear_into`` is ``joint_value.linear_into`` with quack's GEMM where it takes the operands
 (CUDA, bf16, aligned rows: ``quack_gelu.takes``) and cuBLAS's elsewhere; opaque to the compiler, as that op.
