@@ -164,6 +164,7 @@
 #   quacktargets  lossless with the quack epilogues (the default) and without, twice in turn; the presets
 #   quackqkv  the fused query/key/value projection (9,216 outputs): quack's biased GEMM against cuBLAS, per tile
 #   quackproj  lossless: the default, the double blocks' image q/k/v through quack, combo kernels; twice in turn
+#   headcheck  lossless at HEAD twice (profiled), the default before the quack epilogues between; stock first
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
 #   qkvviews lossless with each stream's q/k/v in one GEMM over their weights' buffer (the default) and with
@@ -858,6 +859,12 @@ lane_quackproj() {  # the double blocks' image q/k/v projection through quack, a
   stock "$1"
   local V=compiled,compiled-quack-projection,compiled-combo
   python3 -m bench.pipeline --variants $V,$V --repeats 3 --reference all --output-file "$1/quackproj.json"
+}
+
+lane_headcheck() {  # lossless at HEAD (profiled: T5's bias copies gone), the default before the quack epilogues between
+  stock "$1"
+  python3 -m bench.pipeline --variants compiled,compiled-no-quack,compiled --repeats 3 --reference all --profile \
+    --output-file "$1/headcheck.json"
 }
 
 lane_fp8targets() {  # the fp8 targets at HEAD (the attention's fp8 kernel needs .whl-cudnn)
