@@ -44,7 +44,6 @@ from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_suppor
 from worker.optimizations.rows import one_pass_rows
 from worker.optimizations.settled_devices import settle_devices
 from worker.optimizations.symmetric_exchange import set_barrier_timeout
-from worker.optimizations.t5_bias import contiguous_position_bias
 from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
 from worker.options import EngineOptions
 from worker.parallel import (
@@ -165,8 +164,8 @@ def load_pipeline(model_path: str, options: EngineOptions, device: torch.device)
 
 
 def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device) -> set[str]:
-    """The load-time options, in order: VAE checks, attention backend, T5's position bias laid out once,
-    placement (offload or resident), fp8 quantization.
+    """The load-time options, in order: VAE checks, attention backend, placement (offload or resident),
+    fp8 quantization.
 
     Returns the names of the offloaded components.
     """
@@ -177,10 +176,6 @@ def prepare_pipeline(pipeline: Any, options: EngineOptions, device: torch.device
     backend = attention_backend_for(parallel_layout(options), options.attention_backend, device)
     if backend:
         apply_attention_backend(pipeline, backend)
-    for name in TEXT_ENCODERS:  # T5's position bias copied once a prompt, not in each layer
-        encoder = getattr(pipeline, name, None)
-        if isinstance(encoder, torch.nn.Module):
-            contiguous_position_bias(encoder)
     offload = OffloadConfig(
         dit=options.dit_cpu_offload,
         text_encoder=options.text_encoder_cpu_offload,
