@@ -212,9 +212,9 @@ def compile_for_speed(
     pipeline: Any, options: EngineOptions, layout: ParallelLayout, offloaded: set[str], device: torch.device
 ) -> None:
     """``--compile``: the transformer's blocks compiled regionally, with what was measured faster beside
-    them (docs/performance.md): the GEMM epilogues on a resident, unsharded transformer, ``--quack-gating``,
-    ``--quack-qk`` and ``--quack-gelu`` where asked, and the VAE's decoder compiled when it is resident and
-    whole (the fused query/key processor is set earlier: ``set_fused_attention``)."""
+    them (docs/performance.md): the GEMM epilogues on a resident, unsharded transformer, quack's gating and
+    GELU epilogues unless turned off, ``--quack-qk`` where asked, and the VAE's decoder compiled when it is
+    resident and whole (the fused query/key processor is set earlier: ``set_fused_attention``)."""
     resident = "transformer" not in offloaded and layout.dit_tp == 1
     config = CompileConfig(
         mode=options.compile_mode,
@@ -234,8 +234,10 @@ def compile_for_speed(
         set_quack_gating(pipeline, resident and layout.sp == 1, device)
     if options.quack_qk:
         set_quack_qk(pipeline, resident and layout.sp == 1, device)
-    if options.quack_gelu:
-        set_quack_gelu(pipeline, options.gemm_epilogues and resident and layout.sp == 1, device)
+    if options.quack_gelu and not options.gemm_epilogues:
+        log.info("quack GELU epilogue: off (it takes the place of the GEMM epilogues' GELU, which are off)")
+    elif options.quack_gelu:
+        set_quack_gelu(pipeline, resident and layout.sp == 1, device)
     vae: Any = getattr(pipeline, "vae", None)
     whole = type(vae).__name__ == "AutoencoderKL" and "vae" not in offloaded
     if options.compile_vae and whole and not layout.parallel_vae:  # the split decode patches the decoder
@@ -277,8 +279,8 @@ def set_quack_qk(pipeline: Any, applies: bool, device: torch.device) -> None:
 
 
 def set_quack_gelu(pipeline: Any, applies: bool, device: torch.device) -> None:
-    """``--quack-gelu``: the feed-forwards' GELU in quack's GEMM epilogue, on one GPU with a resident,
-    unsharded transformer whose GEMM epilogues are on, where it builds; the log says where, or why not."""
+    """``--quack-gelu``: the feed-forwards' GELU in quack's GEMM epilogue (in the GEMM epilogues' place), on
+    one GPU with a resident, unsharded transformer where it builds; the log says where, or why not."""
     set_quack_epilogue(
         pipeline,
         applies,

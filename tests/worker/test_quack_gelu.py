@@ -109,8 +109,15 @@ def test_the_engine_takes_quack_gelu_unless_told_not_to_where_it_builds(
     monkeypatch.setattr(engine_module, "quack_gelu_unavailable", lambda device: None)
     assert engine_modules(monkeypatch, quack_gelu=False) == []
     assert len(engine_modules(monkeypatch)) > 0  # the default
-    # without the GEMM epilogues there is no epilogue forward to give quack's GELU
-    assert engine_modules(monkeypatch, quack_gelu=True, gemm_epilogues=False) == []
+
+
+def test_without_the_gemm_epilogues_the_log_says_quack_gelu_has_nothing_to_replace(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(engine_module, "quack_gelu_unavailable", lambda device: None)
+    with caplog.at_level(logging.INFO, logger="fluxgate.engine"):
+        assert engine_modules(monkeypatch, gemm_epilogues=False) == []
+    assert "quack GELU epilogue: off (it takes the place of the GEMM epilogues' GELU" in caplog.text
 
 
 def test_the_log_says_why_quack_gelu_is_off(
