@@ -165,6 +165,7 @@
 #   quackqkv  the fused query/key/value projection (9,216 outputs): quack's biased GEMM against cuBLAS, per tile
 #   quackproj  lossless: the default, the double blocks' image q/k/v through quack, combo kernels; twice in turn
 #   headcheck  lossless at HEAD twice (profiled), the default before the quack epilogues between; stock first
+#   imagecheck  the lossless image at HEAD against eager's (no stock: a check of the image)
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
 #   qkvviews lossless with each stream's q/k/v in one GEMM over their weights' buffer (the default) and with
@@ -865,6 +866,10 @@ lane_headcheck() {  # lossless at HEAD (profiled: T5's bias copies gone), the de
   stock "$1"
   python3 -m bench.pipeline --variants compiled,compiled-no-quack,compiled --repeats 3 --reference all --profile \
     --output-file "$1/headcheck.json"
+}
+
+lane_imagecheck() {  # the lossless image at HEAD against eager's, no stock (a check of the image, not a speed)
+  python3 -m bench.pipeline --variants compiled --repeats 2 --reference all --output-file "$1/imagecheck.json"
 }
 
 lane_fp8targets() {  # the fp8 targets at HEAD (the attention's fp8 kernel needs .whl-cudnn)
