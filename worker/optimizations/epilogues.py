@@ -61,8 +61,12 @@ def gelu_linear(hidden_states: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
 class EpilogueGELU(GELU):
     """diffusers' ``GELU`` (a projection, then the activation) as one GEMM with a GELU epilogue."""
 
+    # the projection and GELU (``--quack-gelu``'s subclass takes quack's GEMM), as the single block's;
+    # not ``gelu``, diffusers' method of the activation alone
+    projected_gelu = staticmethod(gelu_linear)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return gelu_linear(hidden_states, self.proj)
+        return self.projected_gelu(hidden_states, self.proj)
 
 
 def settled(attn_output: Any) -> torch.Tensor:
@@ -137,7 +141,7 @@ class EpilogueSingleBlock(FluxSingleTransformerBlock):
     # against 0.1261 s, the image 3.551 against 3.567 s, 46.90 dB; lease 64, docs/performance.md)
     accumulate = True
     # the MLP's projection and GELU (``--quack-gelu``'s subclass takes quack's GEMM)
-    gelu = staticmethod(gelu_linear)
+    projected_gelu = staticmethod(gelu_linear)
 
     def projected(self, norm_hidden_states: torch.Tensor, attn_output: Any) -> torch.Tensor:
         """``proj_out(cat(attention, gelu(proj_mlp(x))))``, the MLP's GEMM before the attention is awaited.
@@ -146,7 +150,7 @@ class EpilogueSingleBlock(FluxSingleTransformerBlock):
         ``proj_out``'s MLP part runs before its output is awaited (the output crossing back beside it)."""
         if isinstance(attn_output, PendingAttention):
             return beside_projection(self.proj_mlp, self.proj_out, attn_output, norm_hidden_states)
-        mlp_hidden_states = self.gelu(norm_hidden_states, self.proj_mlp)
+        mlp_hidden_states = self.projected_gelu(norm_hidden_states, self.proj_mlp)
         return split_projection(self.proj_out, settled(attn_output), mlp_hidden_states, self.accumulate)
 
 

@@ -94,14 +94,17 @@ def quack_gelu(hidden_states: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
 class QuackGELU(EpilogueGELU):
     """diffusers' ``GELU`` (a projection, then the activation) as one quack GEMM with the GELU inside."""
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return quack_gelu(hidden_states, self.proj)
+    projected_gelu = staticmethod(quack_gelu)
 
 
 class QuackGELUSingleBlock(EpilogueSingleBlock):
     """The epilogue single block, its MLP's projection and GELU one quack GEMM."""
 
-    gelu = staticmethod(quack_gelu)
+    projected_gelu = staticmethod(quack_gelu)
+
+
+# the epilogue forwards' classes and their quack subclasses
+QUACK_CLASSES: dict[type, type] = {EpilogueGELU: QuackGELU, EpilogueSingleBlock: QuackGELUSingleBlock}
 
 
 def quack_gelu_unavailable(device: torch.device) -> str | None:
@@ -124,7 +127,7 @@ def apply_quack_gelu(transformer: nn.Module) -> int:
     Call after ``apply_gemm_epilogues``; the modules keep their parameters and names."""
     changed = 0
     for module in transformer.modules():
-        new: Any = {EpilogueGELU: QuackGELU, EpilogueSingleBlock: QuackGELUSingleBlock}.get(type(module))
+        new: Any = QUACK_CLASSES.get(type(module))
         if new is not None:
             module.__class__ = new
             changed += 1
