@@ -18,6 +18,12 @@ each in short bursts (20 calls a graph, 5 replays) and sustained (``--sustained-
 the card holds its power cap, and the rates inside an image are the sustained ones). Every FA4 output is
 compared with cuDNN's (max abs difference, relative L2, PSNR) and with fp32 attention on the first head; each
 variant's first call (its compile) is timed. A variant FA4 refuses is reported with its error.
+
+``--waves`` times ``--fa4-waves``'s split calls instead (``worker.optimizations.fa4_waves``), for each head
+count: FA4 unsplit against the op with the worker's plan and with other part counts, interleaved (unsplit,
+split, unsplit, split: the card's drift falls on both), the plan's three launches alone (the whole waves,
+the tail's parts, the combine), the tail's query copied rather than broadcast, and each output against the
+unsplit one and fp32's first head.
 """
 
 from __future__ import annotations
@@ -119,6 +125,76 @@ def measure(heads: int, tiles: list[tuple[int, int] | None], sustained_replays: 
     return result
 
 
+def measure_waves(heads: int, sustained_replays: int) -> dict[str, Any]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    from worker.optimizations import fa4_waves
+
+    generator = torch.Generator("cuda").manual_seed(heads)
+    q, k, v = (
+        torch.randn(1, TOKENS, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=generator)
+        for _ in range(3)
+    )
+    flops = 4.0 * heads * TOKENS * TOKENS * HEAD_DIM
+    sms = fa4_waves.sm_count(q.device)
+    plan = fa4_waves.wave_plan(1, heads, TOKENS, TOKENS, sms)
+    result: dict[str, Any] = {"sms": sms, "plan": None if plan is None else vars(plan)}
+    unsplit = fa4(q, k, v, None)
+    reference = unsplit().float()
+    truth = fp32_first_head(q, k, v)
+    main_rows = plan.main_rows if plan else 33 * fa4_waves.TILE_ROWS
+    candidates = {"plan": plan} if plan else {}
+    for splits in (2, 3, 4):
+        candidates.setdefault(f"{main_rows}_{splits}", fa4_waves.WavePlan(main_rows, splits))
+
+    def split(p: fa4_waves.WavePlan) -> Callable[[], torch.Tensor]:
+        return lambda: fa4_waves.fa4_attention_waves(q, k, v, p.main_rows, p.splits)
+
+    for name, candidate in candidates.items():
+        try:
+            out = split(candidate)()
+            torch.cuda.synchronize()
+            result[name] = {
+                "vs_unsplit": errors(out, reference),
+                "vs_fp32_first_head": errors(out[:, :, :1], truth),
+            }
+        except Exception as error:
+            result[name] = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
+    result["unsplit_vs_fp32_first_head"] = errors(reference[:, :, :1], truth)
+    timings: dict[str, list[float]] = {}
+    for _ in range(2):  # interleaved: unsplit, then each split, twice
+        for name, fn in [("unsplit", unsplit), *((n, split(c)) for n, c in candidates.items())]:
+            if "error" in result.get(name, {}):
+                continue
+            timings.setdefault(name, []).append(timed(fn, flops, sustained_replays)["sustained_us"])
+    result["sustained_us"] = timings
+    if plan is not None:  # the plan's launches alone, and its tail's query copied
+        out = torch.empty_like(q)
+        tail = q[:, plan.main_rows :].expand(plan.splits, -1, -1, -1)
+        keys = TOKENS // plan.splits
+        key_parts, value_parts = (x[0].unflatten(0, (plan.splits, keys)) for x in (k, v))
+        partial, lse = _flash_attn_fwd(tail, key_parts, value_parts, return_lse=True)[:2]
+        parts: dict[str, Callable[[], Any]] = {
+            "whole_waves": lambda: _flash_attn_fwd(
+                q[:, : plan.main_rows], k, v, out=out[:, : plan.main_rows]
+            )[0],
+            "tail_parts": lambda: _flash_attn_fwd(tail, key_parts, value_parts, return_lse=True)[0],
+            "combine": lambda: fa4_waves.combine(partial, lse, out[0, plan.main_rows :]),
+        }
+        result["parts"] = {name: timed(fn, flops, sustained_replays)["us"] for name, fn in parts.items()}
+        broadcast = fa4_waves.QUERY_BROADCAST
+        fa4_waves.QUERY_BROADCAST = False
+        try:
+            result["plan_query_copied"] = {
+                "sustained_us": timed(split(plan), flops, sustained_replays)["sustained_us"],
+                "vs_unsplit": errors(split(plan)(), reference),
+            }
+        finally:
+            fa4_waves.QUERY_BROADCAST = broadcast
+    print("waves", heads, result, flush=True)
+    return result
+
+
 def parse_tile(text: str) -> tuple[int, int]:
     m, n = text.lower().split("x")
     return int(m), int(n)
@@ -131,8 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sustained-replays", type=int, default=125, help="replays of 20 calls for the sustained rate"
     )
+    parser.add_argument("--waves", action="store_true", help="time --fa4-waves's split calls instead")
     parser.add_argument("--output-file")
     args = parser.parse_args(argv)
+    if args.waves:
+        waves: dict[str, Any] = {"device": torch.cuda.get_device_name()}
+        for heads in (int(h) for h in args.heads.split(",")):
+            waves[f"heads_{heads}"] = measure_waves(heads, args.sustained_replays)
+        report(waves, args.output_file)
+        return 0
     tiles: list[tuple[int, int] | None] = [None, *(parse_tile(t) for t in args.tiles.split(",") if t)]
     result: dict[str, Any] = {"device": torch.cuda.get_device_name()}
     for heads in (int(h) for h in args.heads.split(",")):

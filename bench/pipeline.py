@@ -197,6 +197,9 @@ VARIANTS: dict[str, Variant] = {
     "compiled-no-split-k": Variant(COMPILED, blas="cublaslt, no split-K"),
     # SDPA's cuDNN kernel, not FlashAttention-4's (the worker's default where it runs, since lease 85)
     "compiled-no-fa4": Variant({**COMPILED, "fa4_attention": False}),
+    # FA4's calls unsplit, their last wave partly idle (worker.optimizations.fa4_waves; the default splits)
+    "compiled-no-fa4-waves": Variant({**COMPILED, "fa4_waves": False}),
+    "cache-fast-no-fa4-waves": Variant({**COMPILED, "fa4_waves": False}, "fast"),
     # three GEMMs a stream for the query, key and value, and the double blocks' values concatenated (the
     # worker's default before worker.optimizations.fused_qkv)
     "compiled-unfused-qkv": Variant({**COMPILED, "fused_qkv": False}),
@@ -490,6 +493,8 @@ def run_prepared(
     result["quack_gelu_modules"] = sum(
         isinstance(module, (QuackGELU, QuackGELUSingleBlock)) for module in pipe.transformer.modules()
     )
+    # attention modules whose FA4 calls split to fill the last wave (worker.optimizations.fa4_waves)
+    result["fa4_split_modules"] = sum(getattr(processor, "fa4_wave_sms", 0) > 0 for processor in processors)
     # attention modules projecting their query and key in quack's epilogue (worker.optimizations.quack_qk)
     result["quack_qk_modules"] = sum(
         isinstance(processor, QuackQKFluxAttnProcessor) for processor in processors

@@ -78,6 +78,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "flash-attn-4 is installed and the GPU is a Hopper)",
     )
     add(
+        "--no-fa4-waves",
+        dest="fa4_waves",
+        action="store_false",
+        default=None,
+        help="attend through FlashAttention-4 in one call, not split so that its tiles fill the last wave "
+        "of the GPU's SMs",
+    )
+    add(
         "--no-fused-qkv",
         dest="fused_qkv",
         action="store_false",

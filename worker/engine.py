@@ -16,6 +16,7 @@ from PIL import Image
 
 from shared.schemas import GenerationParams
 from worker.noise import noise_drawn_ahead
+from worker.optimizations import fa4_waves
 from worker.optimizations.attention import apply_attention_backend
 from worker.optimizations.compile import CompileConfig, apply_regional_compile
 from worker.optimizations.cuda_graphs import (
@@ -44,6 +45,7 @@ from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_suppor
 from worker.optimizations.rows import one_pass_rows
 from worker.optimizations.settled_devices import settle_devices
 from worker.optimizations.symmetric_exchange import set_barrier_timeout
+from worker.optimizations.trials import trial_failure
 from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
 from worker.options import EngineOptions
 from worker.parallel import (
@@ -321,7 +323,9 @@ def fuses_qk(options: EngineOptions, layout: ParallelLayout, offloaded: set[str]
     return layout.sp == 1 or (layout.runtime == "diffusers" and layout.ring == 1)
 
 
-def set_fused_attention(pipeline: Any, options: EngineOptions, device: torch.device) -> None:
+def set_fused_attention(
+    pipeline: Any, options: EngineOptions, device: torch.device, layout: ParallelLayout
+) -> None:
     """The fused query/key processor (or ``--attention-fp8``'s, one GPU only), set before a sequence layout
     configures the processors and before the compile traces them."""
     apply = apply_fp8_attention if options.attention_fp8 else apply_fused_qk_norm_rope
@@ -335,10 +339,12 @@ def set_fused_attention(pipeline: Any, options: EngineOptions, device: torch.dev
     if options.attention_fp8:
         log.info("fp8 attention (cuDNN): %d attention modules", changed)
     elif options.fa4_attention:
-        set_fa4_attention(pipeline, options, device)
+        set_fa4_attention(pipeline, options, device, layout)
 
 
-def set_fa4_attention(pipeline: Any, options: EngineOptions, device: torch.device) -> None:
+def set_fa4_attention(
+    pipeline: Any, options: EngineOptions, device: torch.device, layout: ParallelLayout
+) -> None:
     """FlashAttention-4 for the fused processors' attention, where it runs and no backend was asked for; the
     log says which kernel attends, and why not FA4."""
     if options.attention_backend is not None:
@@ -348,8 +354,26 @@ def set_fa4_attention(pipeline: Any, options: EngineOptions, device: torch.devic
     if reason is not None:
         log.info("attention: SDPA (%s)", reason)
         return
-    changed = use_fa4_attention(pipeline.transformer)
+    changed = use_fa4_attention(pipeline.transformer, fa4_wave_sms(options, device, layout))
     log.info("attention: FlashAttention-4 in %d attention modules", changed)
+
+
+def fa4_wave_sms(options: EngineOptions, device: torch.device, layout: ParallelLayout) -> int:
+    """``--fa4-waves``: the SMs FA4's calls are split over (``worker.optimizations.fa4_waves``), 0 where
+    they are not split; the log says which, and why not. One GPU only: a sequence-parallel rank's calls
+    were not measured split."""
+    if not options.fa4_waves:
+        return 0
+    if layout.sp > 1:
+        log.info("attention: FlashAttention-4 unsplit (split calls are measured on one GPU only)")
+        return 0
+    sms = fa4_waves.sm_count(device)
+    reason = trial_failure("FlashAttention-4's split call", fa4_waves.trial_call, device)
+    if reason is not None or sms == 0:
+        log.info("attention: FlashAttention-4 unsplit (%s)", reason or "no CUDA device")
+        return 0
+    log.info("attention: FlashAttention-4's calls split to fill the last wave of %d SMs", sms)
+    return sms
 
 
 def step_graphs_apply(device: torch.device, layout: ParallelLayout, offloaded: set[str]) -> bool:
@@ -426,7 +450,7 @@ class FluxEngine:
         offloaded = prepare_pipeline(pipeline, options, device)
         layout = parallel_layout(options)
         if fuses_qk(options, layout, offloaded):
-            set_fused_attention(pipeline, options, device)
+            set_fused_attention(pipeline, options, device, layout)
         replica = None
         if layout.sp > 1:  # once per process, with its attention backend, before the cache and compile
             replica = replicated_transformer(pipeline.transformer)

@@ -60,6 +60,9 @@ class EngineOptions(BaseSettings):
     # attention runs FlashAttention-4's kernel, not SDPA's cuDNN one (worker.optimizations.fa4_attention):
     # 6% less attention time at FLUX.1's shapes, 1.6% off a lossless image on an H100 (leases 84-85).
     fa4_attention: bool = True
+    # ...each call split where its tiles leave the last wave partly idle (worker.optimizations.fa4_waves):
+    # FLUX.1's 864 tiles on an H100's 132 SMs take 7 waves unsplit, ~6.7 split.
+    fa4_waves: bool = True
     # With --compile's fused query/key processor on one GPU, each stream's query, key and value projections
     # run as one GEMM over one buffer of their weights, which the layers keep as views (no memory added), and
     # the double blocks' joint value is a view, not a copy (worker.optimizations.fused_qkv).

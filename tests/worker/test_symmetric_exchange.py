@@ -27,6 +27,7 @@ from worker.optimizations.symmetric_exchange import (
     send_in,
     symmetric_exchange_applies,
 )
+from worker.parallel import parallel_layout
 from worker.tiny_model import build_tiny_pipeline
 
 HEADS, HEAD_DIM, TOKENS = 6, 4, 5
@@ -161,7 +162,7 @@ def test_no_symmetric_exchange_flag_keeps_nccls_exchange_and_the_barrier_waits_t
     assert options.symmetric_exchange is False
     monkeypatch.setattr(symmetric_exchange, "BARRIER_TIMEOUT_MS", symmetric_exchange.BARRIER_TIMEOUT_MS)
     pipe = build_tiny_pipeline("flux1", seed=0)
-    engine_module.set_fused_attention(pipe, options, torch.device("cpu"))
+    engine_module.set_fused_attention(pipe, options, torch.device("cpu"), parallel_layout(options))
     processors = [
         module.processor
         for module in pipe.transformer.modules()

@@ -34,6 +34,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 
 from worker.optimizations.epilogues import plain_linear
 from worker.optimizations.fa4_attention import fa4_attention, takes
+from worker.optimizations.fa4_waves import fa4_attention_waves, planned
 from worker.optimizations.fp8_attention import E4M3_MAX
 from worker.optimizations.fused_qkv import Projections, projected_qkv
 from worker.optimizations.joint_value import joint_value
@@ -470,6 +471,9 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     # the attention through FlashAttention-4's Hopper kernel (``worker.optimizations.fa4_attention``), where
     # the engine finds it can run (``use_fa4_attention``); SDPA's cuDNN kernel otherwise
     fa4 = False
+    # ...and split where its tiles leave the last wave partly idle (``worker.optimizations.fa4_waves``): the
+    # GPU's SM count, set by the engine (0: never split)
+    fa4_wave_sms = 0
     # a double block's fused image-stream projection through quack's GEMM
     # (``worker.optimizations.quack_projection``; a benchmark's: no gain in the image, lease 118)
     quack_projection = False
@@ -571,20 +575,29 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     def _local_attention(self) -> Any:
         """The attention over every token of this rank's heads: all of them on one GPU, a Ulysses rank's
         once its exchange has brought every token."""
-        backend, fa4 = self._attention_backend, self.fa4
-        return lambda q, k, v: (
-            fa4_attention(q, k, v) if fa4 and takes(q) else dispatch_attention_fn(q, k, v, backend=backend)
-        )
+        backend, fa4, sms = self._attention_backend, self.fa4, self.fa4_wave_sms
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if not (fa4 and takes(q)):
+                return dispatch_attention_fn(q, k, v, backend=backend)
+            plan = planned(q, k, sms)
+            if plan is None:
+                return fa4_attention(q, k, v)
+            return fa4_attention_waves(q, k, v, plan.main_rows, plan.splits)
+
+        return attend
 
 
-def use_fa4_attention(transformer: Any) -> int:
-    """Have every fused processor attend through FlashAttention-4; returns how many. The caller checks that
-    it can run (``fa4_unavailable``) and that no other backend was asked for."""
+def use_fa4_attention(transformer: Any, wave_sms: int = 0) -> int:
+    """Have every fused processor attend through FlashAttention-4, its calls split by
+    ``worker.optimizations.fa4_waves`` on a GPU of ``wave_sms`` SMs (0: unsplit); returns how many. The
+    caller checks that it can run (``fa4_unavailable``) and that no other backend was asked for."""
     changed = 0
     for module in transformer.modules():
         processor: Any = getattr(module, "processor", None)
         if isinstance(processor, FusedQKFluxAttnProcessor):
             processor.fa4 = True
+            processor.fa4_wave_sms = wave_sms
             changed += 1
     return changed
 
