@@ -165,8 +165,8 @@
 #   quackqkv  the fused query/key/value projection (9,216 outputs): quack's biased GEMM against cuBLAS, per tile
 #   quackproj  lossless: the default, the double blocks' image q/k/v through quack, combo kernels; twice in turn
 #   headcheck  lossless at HEAD twice (profiled), the default before the quack epilogues between; stock first
-#   waves    --fa4-waves: FA4's split calls alone (bench.fa4_check --waves), then lossless and `fast` with and
-#            without them in turn; stock first
+#   wavecheck  --fa4-waves: FA4's split calls alone (bench.fa4_check --waves), no stock
+#   waves    lossless and `fast` with --fa4-waves (the default) and without, in turn; stock first
 #   imagecheck  the lossless image at HEAD against eager's (no stock: a check of the image)
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
@@ -870,8 +870,11 @@ lane_headcheck() {  # lossless at HEAD (profiled: T5's bias copies gone), the de
     --output-file "$1/headcheck.json"
 }
 
-lane_waves() {  # FA4's calls split to fill the last wave (--fa4-waves, the default) against unsplit, in turn
+lane_wavecheck() {  # FA4's calls split to fill the last wave (--fa4-waves), the kernels alone
   python3 -m bench.fa4_check --waves --heads 24,12,6 --output-file "$1/fa4waves.json"
+}
+
+lane_waves() {  # FA4's calls split to fill the last wave (--fa4-waves, the default) against unsplit, in turn
   stock "$1"
   local V=compiled,compiled-no-fa4-waves
   python3 -m bench.pipeline --variants $V,$V,cache-fast,cache-fast-no-fa4-waves --repeats 3 --reference all \
