@@ -100,6 +100,8 @@ class Variant:
 
 FP8 = {"quantize": "fp8"}
 COMPILED = {"compile": True}
+NO_WAVES_NO_ROWS = {"fa4_waves": False, "image_rows_last": False}
+
 VARIANTS: dict[str, Variant] = {
     "eager": Variant(),
     "cudnn": Variant({"attention_backend": "_native_cudnn"}),
@@ -200,6 +202,12 @@ VARIANTS: dict[str, Variant] = {
     # FA4's calls unsplit, their last wave partly idle (worker.optimizations.fa4_waves; the default splits)
     "compiled-no-fa4-waves": Variant({**COMPILED, "fa4_waves": False}),
     "cache-fast-no-fa4-waves": Variant({**COMPILED, "fa4_waves": False}, "fast"),
+    # the last single block's text rows computed too, as the model discards them (worker.optimizations.
+    # epilogues.image_rows_last; the default computes its image rows only)
+    "compiled-no-image-rows-last": Variant({**COMPILED, "image_rows_last": False}),
+    # neither of the two: the worker's default before them
+    "compiled-no-waves-no-rows": Variant({**COMPILED, **NO_WAVES_NO_ROWS}),
+    "cache-fast-no-waves-no-rows": Variant({**COMPILED, **NO_WAVES_NO_ROWS}, "fast"),
     # three GEMMs a stream for the query, key and value, and the double blocks' values concatenated (the
     # worker's default before worker.optimizations.fused_qkv)
     "compiled-unfused-qkv": Variant({**COMPILED, "fused_qkv": False}),
@@ -492,6 +500,10 @@ def run_prepared(
     # feed-forwards taking their GELU in quack's GEMM epilogue (worker.optimizations.quack_gelu)
     result["quack_gelu_modules"] = sum(
         isinstance(module, (QuackGELU, QuackGELUSingleBlock)) for module in pipe.transformer.modules()
+    )
+    # single blocks computing their image rows only (the last one, where it applies)
+    result["image_rows_blocks"] = sum(
+        getattr(block, "image_rows_only", False) for block in pipe.transformer.single_transformer_blocks
     )
     # attention modules whose FA4 calls split to fill the last wave (worker.optimizations.fa4_waves)
     result["fa4_split_modules"] = sum(getattr(processor, "fa4_wave_sms", 0) > 0 for processor in processors)

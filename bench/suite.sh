@@ -166,7 +166,8 @@
 #   quackproj  lossless: the default, the double blocks' image q/k/v through quack, combo kernels; twice in turn
 #   headcheck  lossless at HEAD twice (profiled), the default before the quack epilogues between; stock first
 #   wavecheck  --fa4-waves: FA4's split calls alone (bench.fa4_check --waves), no stock
-#   waves    lossless and `fast` with --fa4-waves (the default) and without, in turn; stock first
+#   waves    lossless with --fa4-waves and --image-rows-last (the defaults), with each alone and with neither,
+#            in turn; then `fast` with both and neither; stock first
 #   imagecheck  the lossless image at HEAD against eager's (no stock: a check of the image)
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
@@ -876,9 +877,9 @@ lane_wavecheck() {  # FA4's calls split to fill the last wave (--fa4-waves), the
 
 lane_waves() {  # FA4's calls split to fill the last wave (--fa4-waves, the default) against unsplit, in turn
   stock "$1"
-  local V=compiled,compiled-no-fa4-waves
-  python3 -m bench.pipeline --variants $V,$V,cache-fast,cache-fast-no-fa4-waves --repeats 3 --reference all \
-    --output-file "$1/waves.json"
+  local V=compiled,compiled-no-waves-no-rows,compiled-no-fa4-waves,compiled-no-image-rows-last
+  python3 -m bench.pipeline --variants $V,compiled,compiled-no-waves-no-rows,cache-fast,cache-fast-no-waves-no-rows \
+    --repeats 3 --reference all --output-file "$1/waves.json"
 }
 
 lane_imagecheck() {  # the lossless image at HEAD against eager's, no stock (a check of the image, not a speed)

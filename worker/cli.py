@@ -129,6 +129,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the feed-forwards' GELU in cuBLAS's GEMM epilogue",
     )
     add(
+        "--no-image-rows-last",
+        dest="image_rows_last",
+        action="store_false",
+        default=None,
+        help="compute the last single block's text rows too, which the model discards",
+    )
+    add(
         "--no-compile-vae",
         dest="compile_vae",
         action="store_false",

@@ -26,7 +26,7 @@ from worker.optimizations.cuda_graphs import (
     StepGraphs,
     apply_step_graphs,
 )
-from worker.optimizations.epilogues import apply_gemm_epilogues
+from worker.optimizations.epilogues import apply_gemm_epilogues, image_rows_last
 from worker.optimizations.fa4_attention import fa4_unavailable
 from worker.optimizations.fp8_attention import check_fp8_attention_supported
 from worker.optimizations.fp8_attention_processor import apply_fp8_attention
@@ -40,7 +40,7 @@ from worker.optimizations.qk_norm_rope import (
 )
 from worker.optimizations.quack_gating import apply_quack_gating, quack_unavailable
 from worker.optimizations.quack_gelu import apply_quack_gelu, quack_gelu_unavailable
-from worker.optimizations.quack_qk import apply_quack_qk, quack_qk_unavailable
+from worker.optimizations.quack_qk import QuackQKFluxAttnProcessor, apply_quack_qk, quack_qk_unavailable
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
 from worker.optimizations.rows import one_pass_rows
 from worker.optimizations.settled_devices import settle_devices
@@ -240,6 +240,10 @@ def compile_for_speed(
         log.info("quack GELU epilogue: off (it takes the place of the GEMM epilogues' GELU, which are off)")
     elif options.quack_gelu:
         set_quack_gelu(pipeline, resident and layout.sp == 1, device)
+    bf16_one_gpu = resident and layout.sp == 1 and options.quantize == "none"
+    fused = (FusedQKFluxAttnProcessor, QuackQKFluxAttnProcessor)
+    if options.image_rows_last and bf16_one_gpu and image_rows_last(pipeline.transformer, fused):
+        log.info("the last single block computes its image rows only (the model discards its text rows)")
     vae: Any = getattr(pipeline, "vae", None)
     whole = type(vae).__name__ == "AutoencoderKL" and "vae" not in offloaded
     if options.compile_vae and whole and not layout.parallel_vae:  # the split decode patches the decoder

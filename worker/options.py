@@ -80,6 +80,10 @@ class EngineOptions(BaseSettings):
     # projections of image rows take their tanh GELU in quack's GEMM epilogue
     # (worker.optimizations.quack_gelu; its GEMMs 3-5% under cuBLAS's GELU epilogue, lease 114).
     quack_gelu: bool = True
+    # With --compile's GEMM epilogues and fused query/key processor on one GPU (bf16 weights), the last
+    # single block attends, projects and gates its image rows only: the model discards its text rows
+    # (worker.optimizations.epilogues.image_rows_last).
+    image_rows_last: bool = True
     # With --compile, a resident transformer replays each step as a CUDA graph where no Cache-DiT preset
     # runs (worker.optimizations.cuda_graphs): fp8 steps and groups' steps are bound by the host's launches.
     cuda_graphs: bool = True

@@ -58,7 +58,10 @@ class Fp8FluxAttnProcessor(FusedQKFluxAttnProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: Any = None,
         overlap: bool = False,
+        queries_from: int = 0,
     ) -> Any:
+        if queries_from:  # the engine gives the image rows only to the bf16 processors' blocks
+            raise ValueError("the fp8 processor attends every row's query")
         direct = self.project_e4m3 and encoder_hidden_states is not None and image_rotary_emb is not None
         direct = direct and attention_mask is None and attn.added_kv_proj_dim is not None
         if not (direct and rowwise_fp8_linear(attn.to_out[0]) and rowwise_fp8_linear(attn.to_add_out)):

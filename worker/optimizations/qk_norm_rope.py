@@ -486,12 +486,18 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: Any = None,
         overlap: bool = False,
+        queries_from: int = 0,
     ) -> Any:
         if image_rotary_emb is None or attention_mask is not None:
             return super().__call__(
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
         projections = self._projections(attn, hidden_states, encoder_hidden_states)
+        if queries_from:  # a single block's rows from ``queries_from`` on attend every row (one GPU)
+            if self._parallel_config is not None or encoder_hidden_states is not None:
+                raise ValueError("queries_from is for a single block on one GPU")
+            q, k, v = self._inputs(attn, projections, image_rotary_emb)
+            return self._local_attention()(q[:, queries_from:], k, v).flatten(2, 3).to(q.dtype)
         if overlap and encoder_hidden_states is None and self._overlapped(projections.query[1]):
             return self.attend_later(attn, projections, image_rotary_emb)
         hidden_states = self.attend(attn, projections, image_rotary_emb)
