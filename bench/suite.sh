@@ -168,6 +168,9 @@
 #   wavecheck  --fa4-waves: FA4's split calls alone (bench.fa4_check --waves), no stock
 #   waves    lossless with --fa4-waves and --image-rows-last (the defaults), with each alone and with neither,
 #            in turn; then `fast` with both and neither; stock first
+#   vaelayout  the decode (bench.vae_check, profiled) as the worker compiles it, without inductor's layout
+#            optimisation and from channels-last; then the lossless image at HEAD profiled. No stock
+#   restart1 the lossless engine's restart at HEAD: two fresh processes on one compile cache (cold, warm)
 #   imagecheck  the lossless image at HEAD against eager's (no stock: a check of the image)
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
@@ -880,6 +883,16 @@ lane_waves() {  # FA4's calls split to fill the last wave (--fa4-waves, the defa
   local V=compiled,compiled-no-waves-no-rows,compiled-no-fa4-waves,compiled-no-image-rows-last
   python3 -m bench.pipeline --variants $V,compiled,compiled-no-waves-no-rows,cache-fast,cache-fast-no-waves-no-rows \
     --repeats 3 --reference all --output-file "$1/waves.json"
+}
+
+lane_vaelayout() {  # the decode's kernels by layout, then the lossless image's (profiled), no stock
+  python3 -m bench.vae_check --variants compiled-tuned,compiled-tuned-no-layout,compiled-tuned-channels-last \
+    --profile --output-file "$1/vaelayout.json"
+  python3 -m bench.pipeline --variants compiled --repeats 2 --reference none --profile --output-file "$1/profile.json"
+}
+
+lane_restart1() {  # the lossless engine at HEAD in two fresh processes on one compile cache (cold, warm)
+  restarts "$1" compiled restart
 }
 
 lane_imagecheck() {  # the lossless image at HEAD against eager's, no stock (a check of the image, not a speed)

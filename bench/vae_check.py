@@ -55,6 +55,10 @@ VARIANTS: dict[str, tuple[bool, bool, dict[str, Any]]] = {
     "compiled-no-persistent": (True, False, {"triton.persistent_reductions": False}),
     "compiled-tuned": (True, False, {"max_autotune_pointwise": True}),
     "compiled-cd": (True, False, {"coordinate_descent_tuning": True}),
+    # the worker's (tuned) with inductor's layout optimisation off (its tensors NCHW whatever the convolutions
+    # prefer), and from channels-last weights and latent
+    "compiled-tuned-no-layout": (True, False, {"max_autotune_pointwise": True, "layout_optimization": False}),
+    "compiled-tuned-channels-last": (True, True, {"max_autotune_pointwise": True}),
 }
 
 
