@@ -171,6 +171,8 @@
 #   vaelayout  the decode (bench.vae_check, profiled) as the worker compiles it, without inductor's layout
 #            optimisation and from channels-last; then the lossless image at HEAD profiled. No stock
 #   restart1 the lossless engine's restart at HEAD: two fresh processes on one compile cache (cold, warm)
+#   targets22  the one-GPU targets at HEAD: lossless with --fa4-waves and --image-rows-last (the defaults) and
+#            without them in turn, then `fast`, `medium` and `ultra`; stock first
 #   imagecheck  the lossless image at HEAD against eager's (no stock: a check of the image)
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
@@ -893,6 +895,13 @@ lane_vaelayout() {  # the decode's kernels by layout, then the lossless image's 
 
 lane_restart1() {  # the lossless engine at HEAD in two fresh processes on one compile cache (cold, warm)
   restarts "$1" compiled restart
+}
+
+lane_targets22() {  # the one-GPU targets at HEAD, the two new defaults against neither in turn
+  stock "$1"
+  local V=compiled,compiled-no-waves-no-rows
+  python3 -m bench.pipeline --variants $V,$V,cache-fast,cache-medium,cache-ultra --repeats 3 --reference all \
+    --output-file "$1/targets22.json"
 }
 
 lane_imagecheck() {  # the lossless image at HEAD against eager's, no stock (a check of the image, not a speed)
