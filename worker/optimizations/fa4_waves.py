@@ -35,11 +35,12 @@ except ImportError:  # CPU installs: the combine runs torch's math
 
 TILE_ROWS = 128  # FA4's Hopper query tile at head dims 65-256 (flash_attn.cute.interface._tile_size_fwd_sm90)
 MAX_SPLITS = 4
-# in a whole tile's time: a tile's fixed cost (its query loaded, its output and log-sum-exp stored), and the
-# tail's launch with the combine's; a split is taken where it saves this much of the unsplit waves at least
-TILE_OVERHEAD = 0.03
-CALL_OVERHEAD = 0.05
-MIN_SAVING = 0.02
+# in a whole tile's time: a tile's fixed cost (its query loaded, its output and log-sum-exp stored: a third of
+# the keys took 0.40 of a whole tile's time on an H100, lease 121), and the tail's launch with the combine's
+# (2.8 us of a ~61 us wave); a split is taken where it saves this much of the unsplit waves at least
+TILE_OVERHEAD = 0.07
+CALL_OVERHEAD = 0.06
+MIN_SAVING = 0.01
 
 # FA4 reads the tail's query once for every part, through a batch stride of 0; cleared by ``trial_call``
 # where an install refuses that, and the query is then copied once for each part
