@@ -11,6 +11,9 @@ the keys (1,536 each), every part a batch of one call of its own (216 short tile
 third). The parts' outputs are combined by their log-sum-exps (``combine``), as FlashAttention's own split-KV
 does, and written beside the first call's, which FA4 writes into the same output buffer. By the tile count
 the attention takes ~6.7 waves' time for 7; the tail's call and the combine cost a few microseconds more.
+Measured alone on an H100 (lease 121, ``bench.fa4_check --waves``): 1% off one GPU's call (the tail's
+third-length tiles still load their query and store their output), 9% off a Ulysses-2 rank's; in the lossless
+image, with ``--image-rows-last``, 1.2-1.7% (leases 122, 124 and 125; docs/performance.md).
 
 ``fluxgate::fa4_attention_waves`` is the op, opaque to the compiler like ``fluxgate::fa4_attention``. On
 CUDA the attention is FA4's (the tail's query read through a batch stride of 0, not copied, where FA4
@@ -79,7 +82,8 @@ def wave_plan(batch: int, heads: int, tokens: int, keys: int, sms: int) -> WaveP
 def planned(query: torch.Tensor, key: torch.Tensor, sms: int) -> WavePlan | None:
     """``wave_plan`` for a token-major (batch, tokens, heads, head_dim) query and its key on ``sms`` SMs:
     ``None`` for shapes the compiler keeps symbolic (a plan is per shape) and head dims the combine does not
-    take (powers of two)."""
+    take (powers of two). FLUX's head dim is 128; at 64 and under FA4's tiles are 192 rows, so a plan counted
+    in ``TILE_ROWS`` is off there (the split still gives the same output)."""
     batch, tokens, heads, head_dim = query.shape
     keys = key.shape[1]
     if not all(isinstance(size, int) for size in (batch, tokens, heads, head_dim, keys)):
