@@ -87,13 +87,19 @@ def timed(fn: Callable[[], torch.Tensor], flops: float, sustained_replays: int) 
     }
 
 
-def measure(heads: int, tiles: list[tuple[int, int] | None], sustained_replays: int) -> dict[str, Any]:
+def random_qkv(heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Token-major bf16 query, key and value of ``heads`` heads over FLUX.1's tokens (seeded by the head
+    count), and the attention's FLOPs."""
     generator = torch.Generator("cuda").manual_seed(heads)
     q, k, v = (
         torch.randn(1, TOKENS, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=generator)
         for _ in range(3)
     )
-    flops = 4.0 * heads * TOKENS * TOKENS * HEAD_DIM
+    return q, k, v, 4.0 * heads * TOKENS * TOKENS * HEAD_DIM
+
+
+def measure(heads: int, tiles: list[tuple[int, int] | None], sustained_replays: int) -> dict[str, Any]:
+    q, k, v, flops = random_qkv(heads)
     reference = cudnn(q, k, v)().float()
     truth = fp32_first_head(q, k, v)
     result: dict[str, Any] = {
@@ -130,12 +136,7 @@ def measure_waves(heads: int, sustained_replays: int) -> dict[str, Any]:
 
     from worker.optimizations import fa4_waves
 
-    generator = torch.Generator("cuda").manual_seed(heads)
-    q, k, v = (
-        torch.randn(1, TOKENS, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=generator)
-        for _ in range(3)
-    )
-    flops = 4.0 * heads * TOKENS * TOKENS * HEAD_DIM
+    q, k, v, flops = random_qkv(heads)
     sms = fa4_waves.sm_count(q.device)
     plan = fa4_waves.wave_plan(1, heads, TOKENS, TOKENS, sms)
     result: dict[str, Any] = {"sms": sms, "plan": None if plan is None else vars(plan)}
@@ -170,9 +171,7 @@ def measure_waves(heads: int, sustained_replays: int) -> dict[str, Any]:
     result["sustained_us"] = timings
     if plan is not None:  # the plan's launches alone, and its tail's query copied
         out = torch.empty_like(q)
-        tail = q[:, plan.main_rows :].expand(plan.splits, -1, -1, -1)
-        keys = TOKENS // plan.splits
-        key_parts, value_parts = (x[0].unflatten(0, (plan.splits, keys)) for x in (k, v))
+        tail, key_parts, value_parts = fa4_waves.tail_parts(q, k, v, plan.main_rows, plan.splits)
         partial, lse = _flash_attn_fwd(tail, key_parts, value_parts, return_lse=True)[:2]
         parts: dict[str, Callable[[], Any]] = {
             "whole_waves": lambda: _flash_attn_fwd(

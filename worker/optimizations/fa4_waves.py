@@ -135,13 +135,22 @@ def split_attention(
     equal parts of the keys, combined into the output's last rows. Batches of one."""
     out = query.new_empty((*query.shape[:-1], value.shape[-1]))
     attend(query[:, :main_rows], key, value, out[:, :main_rows], False)
+    partial, log_sum_exp = attend(*tail_parts(query, key, value, main_rows, splits), None, True)
+    combine(partial, log_sum_exp, out[0, main_rows:])
+    return out
+
+
+def tail_parts(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, main_rows: int, splits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tail's call as a batch of ``splits``: the queries after ``main_rows`` once for each part (through a
+    batch stride of 0 where ``QUERY_BROADCAST``, copied otherwise), and the key and value as views of their
+    ``splits`` equal parts."""
     tail = query[:, main_rows:]
     tail = tail.expand(splits, *tail.shape[1:]) if QUERY_BROADCAST else tail.repeat(splits, 1, 1, 1)
     keys = key.shape[1] // splits
     key_parts, value_parts = (x[0].unflatten(0, (splits, keys)) for x in (key, value))
-    partial, log_sum_exp = attend(tail, key_parts, value_parts, None, True)
-    combine(partial, log_sum_exp, out[0, main_rows:])
-    return out
+    return tail, key_parts, value_parts
 
 
 def combine(partial: torch.Tensor, log_sum_exp: torch.Tensor, out: torch.Tensor) -> None:
