@@ -40,7 +40,7 @@ from worker.optimizations.qk_norm_rope import (
 )
 from worker.optimizations.quack_gating import apply_quack_gating, quack_unavailable
 from worker.optimizations.quack_gelu import apply_quack_gelu, quack_gelu_unavailable
-from worker.optimizations.quack_qk import QuackQKFluxAttnProcessor, apply_quack_qk, quack_qk_unavailable
+from worker.optimizations.quack_qk import apply_quack_qk, quack_qk_unavailable
 from worker.optimizations.quantize import Fp8Config, apply_fp8, check_fp8_supported
 from worker.optimizations.rows import one_pass_rows
 from worker.optimizations.settled_devices import settle_devices
@@ -241,8 +241,7 @@ def compile_for_speed(
     elif options.quack_gelu:
         set_quack_gelu(pipeline, resident and layout.sp == 1, device)
     bf16_one_gpu = resident and layout.sp == 1 and options.quantize == "none"
-    fused = (FusedQKFluxAttnProcessor, QuackQKFluxAttnProcessor)
-    if options.image_rows_last and bf16_one_gpu and image_rows_last(pipeline.transformer, fused):
+    if options.image_rows_last and bf16_one_gpu and image_rows_last(pipeline.transformer):
         log.info("the last single block computes its image rows only (the model discards its text rows)")
     vae: Any = getattr(pipeline, "vae", None)
     whole = type(vae).__name__ == "AutoencoderKL" and "vae" not in offloaded
@@ -372,9 +371,10 @@ def fa4_wave_sms(options: EngineOptions, device: torch.device, layout: ParallelL
         log.info("attention: FlashAttention-4 unsplit (split calls are measured on one GPU only)")
         return 0
     sms = fa4_waves.sm_count(device)
-    reason = trial_failure("FlashAttention-4's split call", fa4_waves.trial_call, device)
-    if reason is not None or sms == 0:
-        log.info("attention: FlashAttention-4 unsplit (%s)", reason or "no CUDA device")
+    reason = "no CUDA device" if sms == 0 else None
+    reason = reason or trial_failure("FlashAttention-4's split call", fa4_waves.trial_call, device)
+    if reason is not None:
+        log.info("attention: FlashAttention-4 unsplit (%s)", reason)
         return 0
     log.info("attention: FlashAttention-4's calls split to fill the last wave of %d SMs", sms)
     return sms

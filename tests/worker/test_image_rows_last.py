@@ -13,13 +13,12 @@ from worker.cli import add_worker_arguments, engine_options
 from worker.optimizations import qk_norm_rope as qk_module
 from worker.optimizations.cache_dit import CacheDitConfig, apply_cache_dit
 from worker.optimizations.epilogues import apply_gemm_epilogues, image_rows_last
+from worker.optimizations.fp8_attention_processor import apply_fp8_attention
 from worker.optimizations.qk_norm_rope import FusedQKFluxAttnProcessor, apply_fused_qk_norm_rope
 from worker.tiny_model import build_tiny_pipeline
 
 from .device_support import compiled_engine_transformer
 from .transformer_support import compiled_error, inputs, relative_rms, tiny_transformer
-
-FUSED = (FusedQKFluxAttnProcessor,)
 
 
 def prepared(model: Any) -> Any:
@@ -33,7 +32,7 @@ def prepared(model: Any) -> Any:
 def test_the_last_block_on_image_rows_gives_the_models_output(dtype: torch.dtype, tolerance: float) -> None:
     expected = prepared(tiny_transformer(dtype))(**inputs(dtype))[0]
     model = prepared(tiny_transformer(dtype))
-    assert image_rows_last(model, FUSED)
+    assert image_rows_last(model)
     assert relative_rms(model(**inputs(dtype))[0], expected) < tolerance
 
 
@@ -42,7 +41,7 @@ def test_only_the_last_single_block_attends_with_its_image_rows_as_queries(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = prepared(tiny_transformer())
-    image_rows_last(model, FUSED)
+    image_rows_last(model)
     assert [block.image_rows_only for block in model.single_transformer_blocks] == [False, False, True]
     query_rows: list[int] = []
     real = FusedQKFluxAttnProcessor._local_attention
@@ -59,10 +58,14 @@ def test_only_the_last_single_block_attends_with_its_image_rows_as_queries(
 
 def test_blocks_without_the_epilogue_forward_or_the_fused_processor_keep_every_row() -> None:
     plain = tiny_transformer()
-    assert not image_rows_last(plain, FUSED)  # diffusers' single blocks
+    assert not image_rows_last(plain)  # diffusers' single blocks
     unfused = tiny_transformer()
     apply_gemm_epilogues(unfused)
-    assert not image_rows_last(unfused, FUSED)  # diffusers' processor takes no queries_from
+    assert not image_rows_last(unfused)  # diffusers' processor takes no queries_from
+    fp8 = tiny_transformer(torch.bfloat16)
+    apply_fp8_attention(fp8)
+    apply_gemm_epilogues(fp8)
+    assert not image_rows_last(fp8)  # the fp8 processor attends every row's query
 
 
 def test_the_fused_processor_refuses_queries_from_in_a_double_block() -> None:
@@ -78,7 +81,7 @@ def test_the_fused_processor_refuses_queries_from_in_a_double_block() -> None:
 def test_compiled_blocks_trace_the_image_rows_block_in_one_graph() -> None:
     def image_rows(model: Any) -> None:
         prepared(model)
-        image_rows_last(model, FUSED)
+        image_rows_last(model)
 
     assert compiled_error(image_rows) < 0.02
 
@@ -91,7 +94,7 @@ def test_cache_dit_presets_give_the_same_image_with_the_last_blocks_image_rows()
         controller = apply_cache_dit(pipe, presets)
         prepared(pipe.transformer)
         if rows:
-            assert image_rows_last(pipe.transformer, FUSED)
+            assert image_rows_last(pipe.transformer)
         controller.prepare("fast", 12, true_cfg=False)
         generator = torch.Generator("cpu").manual_seed(0)
         with torch.inference_mode():
@@ -119,7 +122,7 @@ def test_processors_attend_image_rows_through_fa4_where_it_runs(monkeypatch: pyt
     bf16 = torch.bfloat16
     expected = prepared(tiny_transformer(bf16))(**inputs(bf16))[0]
     model = prepared(tiny_transformer(bf16))
-    image_rows_last(model, FUSED)
+    image_rows_last(model)
     qk_module.use_fa4_attention(model)
     with torch.no_grad():
         assert relative_rms(model(**inputs(bf16))[0], expected) < 0.01

@@ -183,15 +183,17 @@ def beside_projection(
     return (projected + proj_out.bias).view(*hidden_states.shape[:-1], -1)
 
 
-def image_rows_last(transformer: nn.Module, processors: tuple[type, ...]) -> bool:
+def image_rows_last(transformer: nn.Module) -> bool:
     """Have the last single block compute its image rows only (``EpilogueSingleBlock.image_rows_only``),
-    where it has the epilogue forward and its attention one of ``processors`` (which take
-    ``queries_from``); returns whether it does. One GPU only: a sequence-parallel rank's rows are a shard."""
+    where it has the epilogue forward and its attention processor attends a subset of query rows
+    (``attends_query_rows``: the fused bf16 ones); returns whether it does. One GPU only: a
+    sequence-parallel rank's rows are a shard."""
     blocks = getattr(transformer, "single_transformer_blocks", None)
     if not blocks:
         return False
     last = blocks[-1]
-    if not isinstance(last, EpilogueSingleBlock) or type(last.attn.processor) not in processors:
+    processor = last.attn.processor if isinstance(last, EpilogueSingleBlock) else None
+    if not getattr(processor, "attends_query_rows", False):
         return False
     last.image_rows_only = True
     return True

@@ -49,6 +49,7 @@ class Fp8FluxAttnProcessor(FusedQKFluxAttnProcessor):
     # e4m3 output straight into per-row fp8 output projections (False: dequantized first; for the benchmark)
     project_e4m3 = True
     overlaps = False  # its attention is cuDNN's fp8 kernel, called whole
+    attends_query_rows = False  # ...over every row's query
 
     def __call__(
         self,

@@ -474,6 +474,9 @@ class FusedQKFluxAttnProcessor(FluxAttnProcessor):
     # ...and split where its tiles leave the last wave partly idle (``worker.optimizations.fa4_waves``): the
     # GPU's SM count, set by the engine (0: never split)
     fa4_wave_sms = 0
+    # its call takes ``queries_from``: a single block's queries from that row on (the last single block's
+    # image rows, ``worker.optimizations.epilogues.image_rows_last``)
+    attends_query_rows = True
     # a double block's fused image-stream projection through quack's GEMM
     # (``worker.optimizations.quack_projection``; a benchmark's: no gain in the image, lease 118)
     quack_projection = False
