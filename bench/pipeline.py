@@ -208,6 +208,9 @@ VARIANTS: dict[str, Variant] = {
     # neither of the two: the worker's default before them
     "compiled-no-waves-no-rows": Variant({**COMPILED, **NO_WAVES_NO_ROWS}),
     "cache-fast-no-waves-no-rows": Variant({**COMPILED, **NO_WAVES_NO_ROWS}, "fast"),
+    # each single block gating its own output, not in the next block's norm kernel (worker.optimizations.
+    # epilogues.defer_gating; the default defers it in calls without Cache-DiT hooks)
+    "compiled-no-deferred-gating": Variant({**COMPILED, "deferred_gating": False}),
     # three GEMMs a stream for the query, key and value, and the double blocks' values concatenated (the
     # worker's default before worker.optimizations.fused_qkv)
     "compiled-unfused-qkv": Variant({**COMPILED, "fused_qkv": False}),
@@ -505,6 +508,9 @@ def run_prepared(
     result["image_rows_blocks"] = sum(
         getattr(block, "image_rows_only", False) for block in pipe.transformer.single_transformer_blocks
     )
+    # whether single blocks leave their gating to the next block's norm kernel (worker.optimizations.
+    # epilogues.defer_gating: in calls without Cache-DiT hooks)
+    result["deferred_gating"] = engine.defers_gating
     # attention modules whose FA4 calls split to fill the last wave (worker.optimizations.fa4_waves)
     result["fa4_split_modules"] = sum(getattr(processor, "fa4_wave_sms", 0) > 0 for processor in processors)
     # attention modules projecting their query and key in quack's epilogue (worker.optimizations.quack_qk)

@@ -173,6 +173,8 @@
 #   restart1 the lossless engine's restart at HEAD: two fresh processes on one compile cache (cold, warm)
 #   targets22  the one-GPU targets at HEAD: lossless with --fa4-waves and --image-rows-last (the defaults) and
 #            without them in turn, then `fast`, `medium` and `ultra`; stock first
+#   deferred  lossless with --deferred-gating (the default) and without, in turn, then `fast`; stock first
+#   deferredprof  the same two profiled, then the engine's restart at HEAD (cold, warm); no stock
 #   imagecheck  the lossless image at HEAD against eager's (no stock: a check of the image)
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
@@ -902,6 +904,18 @@ lane_targets22() {  # the one-GPU targets at HEAD, the two new defaults against 
   local V=compiled,compiled-no-waves-no-rows
   python3 -m bench.pipeline --variants $V,$V,cache-fast,cache-medium,cache-ultra --repeats 3 --reference all \
     --output-file "$1/targets22.json"
+}
+
+lane_deferred() {  # lossless with --deferred-gating (the default) and without, in turn; `fast`; stock first
+  stock "$1"
+  local V=compiled,compiled-no-deferred-gating
+  python3 -m bench.pipeline --variants $V,$V,cache-fast --repeats 3 --reference all --output-file "$1/deferred.json"
+}
+
+lane_deferredprof() {  # the same two profiled (the norm kernels' fusion), then restarts at HEAD (cold, warm)
+  python3 -m bench.pipeline --variants compiled,compiled-no-deferred-gating --repeats 2 --reference none \
+    --profile --output-file "$1/deferredprof.json"
+  restarts "$1" compiled restart
 }
 
 lane_imagecheck() {  # the lossless image at HEAD against eager's, no stock (a check of the image, not a speed)

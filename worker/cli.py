@@ -136,6 +136,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute the last single block's text rows too, which the model discards",
     )
     add(
+        "--no-deferred-gating",
+        dest="deferred_gating",
+        action="store_false",
+        default=None,
+        help="gate each single block's output in its own kernel, not in the next block's norm kernel",
+    )
+    add(
         "--no-compile-vae",
         dest="compile_vae",
         action="store_false",

@@ -26,7 +26,7 @@ from worker.optimizations.cuda_graphs import (
     StepGraphs,
     apply_step_graphs,
 )
-from worker.optimizations.epilogues import apply_gemm_epilogues, image_rows_last
+from worker.optimizations.epilogues import apply_gemm_epilogues, defer_gating, image_rows_last
 from worker.optimizations.fa4_attention import fa4_unavailable
 from worker.optimizations.fp8_attention import check_fp8_attention_supported
 from worker.optimizations.fp8_attention_processor import apply_fp8_attention
@@ -250,6 +250,21 @@ def compile_for_speed(
         log.info("VAE decoder compiled")
 
 
+def set_deferred_gating(
+    transformer: Any, options: EngineOptions, layout: ParallelLayout, offloaded: set[str]
+) -> bool:
+    """``--deferred-gating``: the single blocks' gating in the next block's norm kernel, on one GPU with the
+    GEMM epilogues' single blocks (a resident bf16 transformer); returns whether it applies. The engine
+    turns it off for calls that Cache-DiT's hooks run (``_prepared_transformer``)."""
+    resident = "transformer" not in offloaded and layout.dit_tp == 1
+    if not (options.deferred_gating and options.gemm_epilogues and resident and layout.sp == 1):
+        return False
+    deferring = defer_gating(transformer, True)
+    if deferring:
+        log.info("deferred gating: %d single blocks gate in the next block's norm kernel", deferring)
+    return deferring > 0
+
+
 # The decoder's reductions (its GroupNorms: 4 channels x 1 M pixels a group at 1024x1024) with launch
 # configurations inductor benchmarks at compile: a 1024x1024 decode 33.3 against 37.8 ms on an H100
 # (bench.vae_check, lease 108, docs/performance.md); coordinate descent (32.4 ms) took 180 s to compile.
@@ -425,6 +440,9 @@ class FluxEngine:
         self.modulation: dict[int, ModulationTables] = {}
         # --one-pass-rows under --compile: inductor's row limit while a call may compile (0: inductor's own)
         self.row_limit = 0
+        # --deferred-gating: the single blocks leave their gating to the next block in calls without
+        # Cache-DiT hooks (set per call: the hooks compare gated outputs)
+        self.defers_gating = False
 
     @classmethod
     def load(cls, model_path: str, options: EngineOptions, cache: CacheFactory | None = None) -> FluxEngine:
@@ -474,6 +492,7 @@ class FluxEngine:
             engine.precompute_modulation()  # before compile: the compiled blocks trace the tabled layers
         if options.compile:
             compile_for_speed(pipeline, options, layout, offloaded, device)
+            engine.defers_gating = set_deferred_gating(pipeline.transformer, options, layout, offloaded)
             engine.row_limit = options.one_pass_rows
             if options.cuda_graphs and device.type == "cuda":
                 engine.apply_graphs(options, offloaded, cache is not None)
@@ -599,8 +618,11 @@ class FluxEngine:
             # True CFG runs the transformer twice per step; the cache must count both passes.
             true_cfg = params.negative_prompt is not None and (params.true_cfg_scale or 1.0) > 1.0
             cache.prepare(params.cache, params.num_inference_steps, true_cfg=true_cfg)
+        caching = bool(cache and cache.caching())
+        if self.defers_gating:
+            defer_gating(transformer, not caching)
         tables = self.modulation.get(id(transformer))
-        if self.graphs is not None and transformer is self.graphs.module and not (cache and cache.caching()):
+        if self.graphs is not None and transformer is self.graphs.module and not caching:
             transformer = self.graphs
         if tables is not None:
             transformer = tables.schedule(transformer, self.pipeline.scheduler)

@@ -84,6 +84,10 @@ class EngineOptions(BaseSettings):
     # single block attends, projects and gates its image rows only: the model discards its text rows
     # (worker.optimizations.epilogues.image_rows_last).
     image_rows_last: bool = True
+    # With --compile's GEMM epilogues on one GPU, each single block but the last leaves its gating
+    # (``residual + gate * proj_out(...)``) to the next block's norm kernel, in calls without Cache-DiT
+    # hooks: one pass over the rows fewer a block (worker.optimizations.epilogues.defer_gating).
+    deferred_gating: bool = True
     # With --compile, a resident transformer replays each step as a CUDA graph where no Cache-DiT preset
     # runs (worker.optimizations.cuda_graphs): fp8 steps and groups' steps are bound by the host's launches.
     cuda_graphs: bool = True

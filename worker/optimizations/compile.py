@@ -12,6 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+# Graphs a repeated block's forward may take before dynamo stops compiling it (a fullgraph compile then
+# fails): one per variant the blocks trace (the single blocks: the first, the others and the last, each
+# gated or with its gating deferred to the next block, ``epilogues.defer_gating``: six), and from a second
+# resolution on a dynamic-shape one each. Dynamo's default is 8.
+RECOMPILE_LIMIT = 32
+
 
 @dataclass(frozen=True)
 class CompileConfig:
@@ -37,6 +45,7 @@ def apply_regional_compile(pipe: Any, config: CompileConfig) -> None:
     """Compile each repeated transformer block; graphs are built on the first call (the warm-up)."""
     if config.cache_dir:
         configure_compile_cache(config.cache_dir)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     kwargs: dict[str, Any] = {"fullgraph": config.fullgraph, "backend": config.backend}
     if config.mode:
         kwargs["mode"] = config.mode

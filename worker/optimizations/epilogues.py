@@ -20,7 +20,7 @@ epilogue is CUDA's, and the CPU kernel's GELU is the exact one).
 
 from __future__ import annotations
 
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -102,14 +102,42 @@ def split_projection(
     if not accumulate:
         projected = F.linear(attention, linear.weight[:, :dim], linear.bias)
         return projected + F.linear(mlp, linear.weight[:, dim:])
+    return (accumulated_projection(linear, attention, mlp) + linear.bias).view(*attention.shape[:-1], -1)
+
+
+def accumulated_projection(linear: nn.Linear, attention: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+    """``cat(attention, mlp) @ W^T`` without the bias, rows flattened: two GEMMs, the second adding into the
+    first one's output (``accumulate_mm``)."""
+    dim = attention.shape[-1]
     projected = torch.mm(attention.reshape(-1, dim), linear.weight[:, :dim].t())
     accumulate_mm(projected, mlp.reshape(-1, mlp.shape[-1]), linear.weight[:, dim:].t())
-    return (projected + linear.bias).view(*attention.shape[:-1], -1)
+    return projected
 
 
 def clipped(hidden_states: torch.Tensor) -> torch.Tensor:
     """fp16 kept finite, as diffusers' single block does."""
     return hidden_states.clip(-65504, 65504) if hidden_states.dtype == torch.float16 else hidden_states
+
+
+class PendingGating(NamedTuple):
+    """A single block's output with its gating left to the next block (``EpilogueSingleBlock.
+    gating_deferred``): ``residual + gate * (projected + bias)`` over its text and image rows, the text rows'
+    residual travelling as the next block's ``encoder_hidden_states``."""
+
+    image: torch.Tensor  # the residual's image rows
+    projected: torch.Tensor  # ``proj_out``'s output, its rows flattened where two GEMMs accumulated it
+    bias: torch.Tensor | None  # ``proj_out``'s bias where ``projected`` lacks it
+    gate: torch.Tensor
+
+
+def gated(text: torch.Tensor, pending: PendingGating) -> torch.Tensor:
+    """The gating a block left to this one, in the single block's order of operations: in the compiled block
+    it is one kernel with this block's norm, which reads the result it stores."""
+    residual = torch.cat([text, pending.image], dim=1)
+    projected = pending.projected.view(residual.shape)
+    if pending.bias is not None:
+        projected = projected + pending.bias
+    return clipped(residual + pending.gate.unsqueeze(1) * projected)
 
 
 class EpilogueSingleBlock(FluxSingleTransformerBlock):
@@ -119,18 +147,22 @@ class EpilogueSingleBlock(FluxSingleTransformerBlock):
     this subclass shadows), whose only change, overlapping the attention's exchange with the MLP, it keeps.
     """
 
-    def forward(
+    def forward(  # type: ignore[override]  # a PendingGating in and out where gating is deferred
         self,
-        hidden_states: torch.Tensor,
+        hidden_states: torch.Tensor | PendingGating,
         encoder_hidden_states: torch.Tensor,
         temb: torch.Tensor,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | PendingGating]:
         text_seq_len = encoder_hidden_states.shape[1]
-        image = hidden_states
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+        if isinstance(hidden_states, PendingGating):  # the block before left its gating to this one
+            joint = gated(encoder_hidden_states, hidden_states)
+            text, image = joint[:, :text_seq_len], joint[:, text_seq_len:]
+        else:
+            text, image = encoder_hidden_states, hidden_states
+            joint = torch.cat([text, image], dim=1)
+        norm_hidden_states, gate = self.norm(joint, emb=temb)
         # attention first: under cache-dit's async Ulysses it returns a pending exchange the MLP overlaps;
         # the fused processor does so when asked (``overlap``: its exchanges through symmetric memory)
         kwargs = joint_attention_kwargs or {}
@@ -142,14 +174,18 @@ class EpilogueSingleBlock(FluxSingleTransformerBlock):
         if self.image_rows_only:  # the text rows' output is the model's to discard: none computed
             projected = self.projected(norm_hidden_states[:, text_seq_len:], attn_output)
             return encoder_hidden_states, clipped(image + gate.unsqueeze(1) * projected)
-        hidden_states = hidden_states + gate.unsqueeze(1) * self.projected(norm_hidden_states, attn_output)
-        hidden_states = clipped(hidden_states)
-        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+        if self.gating_deferred:
+            return text, PendingGating(image, *self.ungated(norm_hidden_states, attn_output), gate)
+        joint = clipped(joint + gate.unsqueeze(1) * self.projected(norm_hidden_states, attn_output))
+        return joint[:, :text_seq_len], joint[:, text_seq_len:]
 
     # The transformer's last single block, on one GPU with the fused processor (``image_rows_last``): its
     # text rows' output is discarded by the model (only the image rows reach ``norm_out``), so it attends,
     # projects and gates the image rows only; its key and value still come from every row.
     image_rows_only = False
+    # A single block that leaves its gating to the next one (``defer_gating``): it returns a
+    # ``PendingGating`` for the next block's norm kernel to gate, one pass over the rows fewer.
+    gating_deferred = False
     # split_projection's second GEMM adds into the first's output: the step 0.5% faster on an H100 (0.1255
     # against 0.1261 s, the image 3.551 against 3.567 s, 46.90 dB; lease 64, docs/performance.md)
     accumulate = True
@@ -165,6 +201,18 @@ class EpilogueSingleBlock(FluxSingleTransformerBlock):
             return beside_projection(self.proj_mlp, self.proj_out, attn_output, norm_hidden_states)
         mlp_hidden_states = self.projected_gelu(norm_hidden_states, self.proj_mlp)
         return split_projection(self.proj_out, settled(attn_output), mlp_hidden_states, self.accumulate)
+
+    def ungated(
+        self, norm_hidden_states: torch.Tensor, attn_output: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``proj_out``'s output and the bias it still lacks (None: included), for the next block to gate.
+        The accumulated GEMMs' output is returned as they wrote it, so that no kernel adds the bias in this
+        block: the next block's norm kernel does, with the gating."""
+        linear = self.proj_out
+        if not self.accumulate or type(linear) is not nn.Linear or isinstance(attn_output, PendingAttention):
+            return self.projected(norm_hidden_states, attn_output), None
+        mlp_hidden_states = self.projected_gelu(norm_hidden_states, self.proj_mlp)
+        return accumulated_projection(linear, settled(attn_output), mlp_hidden_states), linear.bias
 
 
 def beside_projection(
@@ -197,6 +245,19 @@ def image_rows_last(transformer: nn.Module) -> bool:
         return False
     last.image_rows_only = True
     return True
+
+
+def defer_gating(transformer: nn.Module, deferred: bool) -> int:
+    """Have each single block but the last leave its gating to the next one, whose norm kernel then gates
+    (``deferred``), or gate its own output; returns how many blocks defer. Only where every single block has
+    the epilogue forward. Cache-DiT's hooks compare the blocks' outputs, so its calls take them gated
+    (the engine sets this per call)."""
+    blocks = list(getattr(transformer, "single_transformer_blocks", ()))
+    if not blocks or not all(isinstance(block, EpilogueSingleBlock) for block in blocks):
+        return 0
+    for block in blocks[:-1]:
+        block.gating_deferred = deferred
+    return len(blocks) - 1 if deferred else 0
 
 
 def apply_gemm_epilogues(transformer: nn.Module) -> int:
