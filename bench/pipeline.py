@@ -211,6 +211,12 @@ VARIANTS: dict[str, Variant] = {
     # each single block gating its own output, not in the next block's norm kernel (worker.optimizations.
     # epilogues.defer_gating; the default defers it in calls without Cache-DiT hooks)
     "compiled-no-deferred-gating": Variant({**COMPILED, "deferred_gating": False}),
+    # the compiled decoder's GroupNorm statistics from inductor's reduction (worker.optimizations.group_stats;
+    # the default reads whole pixels), alone and with the gating undeferred too
+    "compiled-inductor-vae-stats": Variant({**COMPILED, "vae_group_stats": False}),
+    "compiled-no-deferred-gating-inductor-vae-stats": Variant(
+        {**COMPILED, "deferred_gating": False, "vae_group_stats": False}
+    ),
     # three GEMMs a stream for the query, key and value, and the double blocks' values concatenated (the
     # worker's default before worker.optimizations.fused_qkv)
     "compiled-unfused-qkv": Variant({**COMPILED, "fused_qkv": False}),

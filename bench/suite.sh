@@ -175,6 +175,8 @@
 #            without them in turn, then `fast`, `medium` and `ultra`; stock first
 #   deferred  lossless with --deferred-gating (the default) and without, in turn, then `fast`; stock first
 #   deferredprof  the same two profiled, then the engine's restart at HEAD (cold, warm); no stock
+#   final23  the decode with --vae-group-stats and without (bench.vae_check, profiled), then lossless with
+#            --deferred-gating and without in turn, and `fast`; stock first
 #   imagecheck  the lossless image at HEAD against eager's (no stock: a check of the image)
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
@@ -916,6 +918,17 @@ lane_deferredprof() {  # the same two profiled (the norm kernels' fusion), then 
   python3 -m bench.pipeline --variants compiled,compiled-no-deferred-gating --repeats 2 --reference none \
     --profile --output-file "$1/deferredprof.json"
   restarts "$1" compiled restart
+}
+
+lane_final23() {  # the decode with --vae-group-stats (its statistics checked first) and without, profiled; then
+  # lossless with --deferred-gating and without in turn, and `fast`; stock first. Where the decode's check
+  # fails, the lossless runs take inductor's statistics and `fast` is left out
+  stock "$1"
+  local V=compiled,compiled-no-deferred-gating F=,cache-fast
+  python3 -m bench.vae_check --variants compiled-tuned-inductor-stats,compiled-tuned --profile \
+    --output-file "$1/vaestats.json" >"$1/vaestats.log" 2>&1 ||
+    { V=compiled-inductor-vae-stats,compiled-no-deferred-gating-inductor-vae-stats F=; }
+  python3 -m bench.pipeline --variants $V,$V$F --repeats 3 --reference all --output-file "$1/final23.json"
 }
 
 lane_imagecheck() {  # the lossless image at HEAD against eager's, no stock (a check of the image, not a speed)

@@ -8,6 +8,9 @@ decoder (FLUX.1-dev's config, random weights, bf16) on one 128 x 128 x 16 latent
 * eager and compiled (``decoder.compile()``, the worker's ``--compile``), the tensors NCHW;
 * the same with the VAE's weights and the latent in channels-last;
 * compiled with inductor's reductions configured otherwise (``VARIANTS``);
+* the worker's compiled decoder with its GroupNorms' statistics from the kernel that reads whole pixels
+  (``worker.optimizations.group_stats``, the compiled variants not in ``INDUCTOR_STATS``), after a check of
+  that kernel's statistics against torch's at the decoder's shapes;
 
 GPU milliseconds per decode from CUDA events (after the warm-up, which compiles), the peak memory, and each
 output's max abs difference from the eager NCHW decode. ``--smoke`` runs a tiny VAE on the CPU.
@@ -27,6 +30,7 @@ from diffusers import AutoencoderKL
 from bench.attention_probe import time_ms
 from bench.profiling import kernel_seconds
 from bench.random_flux import init_random
+from worker.optimizations.group_stats import apply_group_stats, group_norm_stats, pixels_rows
 
 FLUX_VAE = {
     "act_fn": "silu",
@@ -59,18 +63,64 @@ VARIANTS: dict[str, tuple[bool, bool, dict[str, Any]]] = {
     # prefer), and from channels-last weights and latent
     "compiled-tuned-no-layout": (True, False, {"max_autotune_pointwise": True, "layout_optimization": False}),
     "compiled-tuned-channels-last": (True, True, {"max_autotune_pointwise": True}),
+    # the worker's (tuned) with its GroupNorms' statistics from inductor's reduction, not from the kernel that
+    # reads whole pixels (worker.optimizations.group_stats, the worker's default)
+    "compiled-tuned-inductor-stats": (True, False, {"max_autotune_pointwise": True}),
 }
+# variants whose GroupNorms stay PyTorch's; the other compiled ones take worker.optimizations.group_stats
+INDUCTOR_STATS = {"compiled", "compiled-channels-last", "compiled-no-persistent", "compiled-cd"} | {
+    "compiled-tuned-no-layout",
+    "compiled-tuned-channels-last",
+    "compiled-tuned-inductor-stats",
+}
+# the decoder's GroupNorm inputs at 1024 x 1024, and 1008 x 1008's uneven ones: (channels, side)
+STATS_SHAPES = (
+    (128, 1024),
+    (256, 1024),
+    (256, 512),
+    (512, 512),
+    (512, 256),
+    (512, 128),
+    (128, 1008),
+    (512, 126),
+)
 
 
-def prepared(vae: Any, compiled: bool, channels_last: bool, options: dict[str, Any]) -> Any:
-    """A copy of ``vae`` with its decoder compiled (with these inductor options) and its weights in
-    channels-last, as asked."""
+def prepared(
+    vae: Any, compiled: bool, channels_last: bool, options: dict[str, Any], stats: bool = False
+) -> Any:
+    """A copy of ``vae`` with its decoder compiled (with these inductor options), its GroupNorms' statistics
+    from ``worker.optimizations.group_stats`` (``stats``) and its weights in channels-last, as asked."""
     variant = copy.deepcopy(vae)
     if channels_last:
         variant.to(memory_format=torch.channels_last)
+    if stats:
+        apply_group_stats(variant.decoder)
     if compiled:
         variant.decoder.compile(options=options or None)
     return variant
+
+
+def stats_check(device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """``fluxgate::group_norm_stats`` on channels-last random activations of the decoder's shapes against
+    torch's ``var_mean`` in fp32: the largest differences of the mean and of the reciprocal deviation
+    (relative). A smoke run checks one small shape on the CPU (torch's statistics both)."""
+    checks = []
+    for channels, side in STATS_SHAPES if device.type == "cuda" else ((32, 16),):
+        x = torch.randn(1, channels, side, side, device=device, dtype=dtype) * 3 + 1.5
+        x = x.contiguous(memory_format=torch.channels_last)
+        mean, rstd = group_norm_stats(x, 32, 1e-6)
+        var, expected = torch.var_mean(x.float().reshape(1, 32, -1), dim=-1, correction=0)
+        expected_rstd = torch.rsqrt(var + 1e-6)
+        checks.append(
+            {
+                "shape": [channels, side, side],
+                "kernel": x.is_cuda and pixels_rows(x, 32),
+                "mean_max_abs_diff": float((mean - expected).abs().max()),
+                "rstd_max_rel_diff": float(((rstd - expected_rstd) / expected_rstd).abs().max()),
+            }
+        )
+    return checks
 
 
 def decode_ms(decode: Any, repeats: int, cuda: bool) -> float:
@@ -96,10 +146,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "res": args.res,
         "device": torch.cuda.get_device_name() if not args.smoke else "cpu",
     }
+    results["stats_check"] = stats_check(device, dtype)
+    print("RESULT", json.dumps({"stats_check": results["stats_check"]}), flush=True)
     reference = None
     for name in args.variants.split(","):
         compiled, channels_last, options = VARIANTS[name]
-        variant = prepared(vae, compiled, channels_last, options)
+        variant = prepared(vae, compiled, channels_last, options, compiled and name not in INDUCTOR_STATS)
         latent = latents.contiguous(memory_format=torch.channels_last) if channels_last else latents
 
         def decode(variant: Any = variant, latent: torch.Tensor = latent) -> torch.Tensor:

@@ -143,6 +143,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="gate each single block's output in its own kernel, not in the next block's norm kernel",
     )
     add(
+        "--no-vae-group-stats",
+        dest="vae_group_stats",
+        action="store_false",
+        default=None,
+        help="the compiled VAE decoder's GroupNorm statistics from inductor's reduction, not the kernel",
+    )
+    add(
         "--no-compile-vae",
         dest="compile_vae",
         action="store_false",

@@ -31,6 +31,7 @@ from worker.optimizations.fa4_attention import fa4_unavailable
 from worker.optimizations.fp8_attention import check_fp8_attention_supported
 from worker.optimizations.fp8_attention_processor import apply_fp8_attention
 from worker.optimizations.fused_qkv import apply_fused_qkv
+from worker.optimizations.group_stats import apply_group_stats
 from worker.optimizations.modulation import ModulationTables, Schedule, apply_modulation_tables
 from worker.optimizations.offload import OffloadConfig, apply_offload
 from worker.optimizations.qk_norm_rope import (
@@ -246,8 +247,9 @@ def compile_for_speed(
     vae: Any = getattr(pipeline, "vae", None)
     whole = type(vae).__name__ == "AutoencoderKL" and "vae" not in offloaded
     if options.compile_vae and whole and not layout.parallel_vae:  # the split decode patches the decoder
+        stats = apply_group_stats(vae.decoder) if options.vae_group_stats else 0
         vae.decoder.compile(options=DECODER_COMPILE_OPTIONS)  # not the blocks' compile mode
-        log.info("VAE decoder compiled")
+        log.info("VAE decoder compiled (%d GroupNorms with the pixel statistics kernel)", stats)
 
 
 def set_deferred_gating(

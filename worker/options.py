@@ -88,6 +88,10 @@ class EngineOptions(BaseSettings):
     # (``residual + gate * proj_out(...)``) to the next block's norm kernel, in calls without Cache-DiT
     # hooks: one pass over the rows fewer a block (worker.optimizations.epilogues.defer_gating).
     deferred_gating: bool = True
+    # With --compile's compiled VAE decoder, its GroupNorms take their statistics from a kernel that reads
+    # whole channels-last pixels (worker.optimizations.group_stats); inductor's reduction reads one channel
+    # of a pixel per load.
+    vae_group_stats: bool = True
     # With --compile, a resident transformer replays each step as a CUDA graph where no Cache-DiT preset
     # runs (worker.optimizations.cuda_graphs): fp8 steps and groups' steps are bound by the host's launches.
     cuda_graphs: bool = True

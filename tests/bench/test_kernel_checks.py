@@ -52,6 +52,8 @@ def test_the_vae_check_times_each_variant_and_compares_it_with_the_first(tmp_pat
     assert results["eager"]["max_abs_diff_vs_first"] == 0.0
     assert results["eager-channels-last"]["ms"] > 0
     assert results["eager-channels-last"]["max_abs_diff_vs_first"] < 1e-3  # the same decode, other strides
+    (check,) = results["stats_check"]  # the group statistics against torch's, on the CPU torch's both
+    assert not check["kernel"] and check["mean_max_abs_diff"] < 1e-5 and check["rstd_max_rel_diff"] < 1e-5
 
 
 def test_the_text_beside_check_times_the_workers_gemm_calls_in_order() -> None:
