@@ -177,6 +177,7 @@
 #   deferredprof  the same two profiled, then the engine's restart at HEAD (cold, warm); no stock
 #   final23  the decode with --vae-group-stats and without (bench.vae_check, profiled), then lossless with
 #            --deferred-gating and without in turn, and `fast`; stock first
+#   vaeattn  the decode with --vae-gemm-attention and without, in turn (bench.vae_check, profiled), no stock
 #   imagecheck  the lossless image at HEAD against eager's (no stock: a check of the image)
 #   quackrope  the query/key projections with their per-head RMSNorm and RoPE in quack's epilogue (bench.quack_check)
 #   quackqk  lossless with --quack-qk, with both quack epilogues, and without
@@ -929,6 +930,11 @@ lane_final23() {  # the decode with --vae-group-stats (its statistics checked fi
     --output-file "$1/vaestats.json" >"$1/vaestats.log" 2>&1 ||
     { V=compiled-inductor-vae-stats,compiled-no-deferred-gating-inductor-vae-stats F=; }
   python3 -m bench.pipeline --variants $V,$V$F --repeats 3 --reference all --output-file "$1/final23.json"
+}
+
+lane_vaeattn() {  # the decode with its attention as two GEMMs (the default) and on SDPA's kernel, profiled; no stock
+  python3 -m bench.vae_check --variants compiled-tuned-sdpa-attention,compiled-tuned,compiled-tuned-sdpa-attention \
+    --profile --output-file "$1/vaeattn.json"
 }
 
 lane_imagecheck() {  # the lossless image at HEAD against eager's, no stock (a check of the image, not a speed)

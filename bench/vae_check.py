@@ -10,7 +10,9 @@ decoder (FLUX.1-dev's config, random weights, bf16) on one 128 x 128 x 16 latent
 * compiled with inductor's reductions configured otherwise (``VARIANTS``);
 * the worker's compiled decoder with its GroupNorms' statistics from the kernel that reads whole pixels
   (``worker.optimizations.group_stats``, the compiled variants not in ``INDUCTOR_STATS``), after a check of
-  that kernel's statistics against torch's at the decoder's shapes;
+  that kernel's statistics against torch's at the decoder's shapes, and with its mid-block attention as two
+  GEMMs around a softmax (``worker.optimizations.vae_attention``, the compiled variants not in
+  ``SDPA_ATTENTION``);
 
 GPU milliseconds per decode from CUDA events (after the warm-up, which compiles), the peak memory, and each
 output's max abs difference from the eager NCHW decode. ``--smoke`` runs a tiny VAE on the CPU.
@@ -31,6 +33,7 @@ from bench.attention_probe import time_ms
 from bench.profiling import kernel_seconds
 from bench.random_flux import init_random
 from worker.optimizations.group_stats import apply_group_stats, group_norm_stats, pixels_rows
+from worker.optimizations.vae_attention import apply_gemm_attention
 
 FLUX_VAE = {
     "act_fn": "silu",
@@ -63,16 +66,18 @@ VARIANTS: dict[str, tuple[bool, bool, dict[str, Any]]] = {
     # prefer), and from channels-last weights and latent
     "compiled-tuned-no-layout": (True, False, {"max_autotune_pointwise": True, "layout_optimization": False}),
     "compiled-tuned-channels-last": (True, True, {"max_autotune_pointwise": True}),
-    # the worker's (tuned) with its GroupNorms' statistics from inductor's reduction, not from the kernel that
-    # reads whole pixels (worker.optimizations.group_stats, the worker's default)
+    # the worker's (tuned) with its GroupNorms' statistics from inductor's reduction, not from the kernel
+    # that reads whole pixels (worker.optimizations.group_stats), and with its mid-block attention on SDPA's
+    # kernel, not two GEMMs around a softmax (worker.optimizations.vae_attention): the worker's defaults
     "compiled-tuned-inductor-stats": (True, False, {"max_autotune_pointwise": True}),
+    "compiled-tuned-sdpa-attention": (True, False, {"max_autotune_pointwise": True}),
 }
-# variants whose GroupNorms stay PyTorch's; the other compiled ones take worker.optimizations.group_stats
-INDUCTOR_STATS = {"compiled", "compiled-channels-last", "compiled-no-persistent", "compiled-cd"} | {
-    "compiled-tuned-no-layout",
-    "compiled-tuned-channels-last",
-    "compiled-tuned-inductor-stats",
-}
+# compiled variants whose GroupNorms stay PyTorch's (the others take worker.optimizations.group_stats), and
+# whose attention stays SDPA's (the others take worker.optimizations.vae_attention)
+BEFORE = {"compiled", "compiled-channels-last", "compiled-no-persistent", "compiled-cd"}
+BEFORE |= {"compiled-tuned-no-layout", "compiled-tuned-channels-last"}
+INDUCTOR_STATS = BEFORE | {"compiled-tuned-inductor-stats"}
+SDPA_ATTENTION = BEFORE | {"compiled-tuned-sdpa-attention"}
 # the decoder's GroupNorm inputs at 1024 x 1024, and 1008 x 1008's uneven ones: (channels, side)
 STATS_SHAPES = (
     (128, 1024),
@@ -87,15 +92,23 @@ STATS_SHAPES = (
 
 
 def prepared(
-    vae: Any, compiled: bool, channels_last: bool, options: dict[str, Any], stats: bool = False
+    vae: Any,
+    compiled: bool,
+    channels_last: bool,
+    options: dict[str, Any],
+    stats: bool = False,
+    gemm_attention: bool = False,
 ) -> Any:
     """A copy of ``vae`` with its decoder compiled (with these inductor options), its GroupNorms' statistics
-    from ``worker.optimizations.group_stats`` (``stats``) and its weights in channels-last, as asked."""
+    from ``worker.optimizations.group_stats`` (``stats``), its attention through two GEMMs
+    (``gemm_attention``) and its weights in channels-last, as asked."""
     variant = copy.deepcopy(vae)
     if channels_last:
         variant.to(memory_format=torch.channels_last)
     if stats:
         apply_group_stats(variant.decoder)
+    if gemm_attention:
+        apply_gemm_attention(variant.decoder)
     if compiled:
         variant.decoder.compile(options=options or None)
     return variant
@@ -151,7 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reference = None
     for name in args.variants.split(","):
         compiled, channels_last, options = VARIANTS[name]
-        variant = prepared(vae, compiled, channels_last, options, compiled and name not in INDUCTOR_STATS)
+        stats, gemm = compiled and name not in INDUCTOR_STATS, compiled and name not in SDPA_ATTENTION
+        variant = prepared(vae, compiled, channels_last, options, stats, gemm)
         latent = latents.contiguous(memory_format=torch.channels_last) if channels_last else latents
 
         def decode(variant: Any = variant, latent: torch.Tensor = latent) -> torch.Tensor:

@@ -150,6 +150,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="the compiled VAE decoder's GroupNorm statistics from inductor's reduction, not the kernel",
     )
     add(
+        "--no-vae-gemm-attention",
+        dest="vae_gemm_attention",
+        action="store_false",
+        default=None,
+        help="the compiled VAE decoder's attention on SDPA's kernel, not two GEMMs around a softmax",
+    )
+    add(
         "--no-compile-vae",
         dest="compile_vae",
         action="store_false",

@@ -48,6 +48,7 @@ from worker.optimizations.settled_devices import settle_devices
 from worker.optimizations.symmetric_exchange import set_barrier_timeout
 from worker.optimizations.trials import trial_failure
 from worker.optimizations.vae import apply_vae_tiling, check_vae_fits, load_vae
+from worker.optimizations.vae_attention import apply_gemm_attention
 from worker.options import EngineOptions
 from worker.parallel import (
     ParallelLayout,
@@ -248,8 +249,13 @@ def compile_for_speed(
     whole = type(vae).__name__ == "AutoencoderKL" and "vae" not in offloaded
     if options.compile_vae and whole and not layout.parallel_vae:  # the split decode patches the decoder
         stats = apply_group_stats(vae.decoder) if options.vae_group_stats else 0
+        gemm = apply_gemm_attention(vae.decoder) if options.vae_gemm_attention else 0
         vae.decoder.compile(options=DECODER_COMPILE_OPTIONS)  # not the blocks' compile mode
-        log.info("VAE decoder compiled (%d GroupNorms with the pixel statistics kernel)", stats)
+        log.info(
+            "VAE decoder compiled (%d GroupNorms with the pixel statistics kernel, %d attentions as GEMMs)",
+            stats,
+            gemm,
+        )
 
 
 def set_deferred_gating(

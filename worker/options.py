@@ -92,6 +92,9 @@ class EngineOptions(BaseSettings):
     # whole channels-last pixels (worker.optimizations.group_stats); inductor's reduction reads one channel
     # of a pixel per load.
     vae_group_stats: bool = True
+    # With --compile's compiled VAE decoder, its mid-block attention (one head of width 512, which no flash
+    # kernel takes) runs as two cuBLAS GEMMs around a softmax (worker.optimizations.vae_attention).
+    vae_gemm_attention: bool = True
     # With --compile, a resident transformer replays each step as a CUDA graph where no Cache-DiT preset
     # runs (worker.optimizations.cuda_graphs): fp8 steps and groups' steps are bound by the host's launches.
     cuda_graphs: bool = True

@@ -37,3 +37,13 @@ def compiled_engine_transformer(monkeypatch: pytest.MonkeyPatch, **options: Any)
     settings = EngineOptions(compile=True, compile_vae=False, cuda_graphs=False, **options)
     engine_module.FluxEngine.from_pipeline(pipe, settings, torch.device("cpu"))
     return pipe.transformer
+
+
+def compiled_engine_vae_decoder(monkeypatch: pytest.MonkeyPatch, **options: Any) -> Any:
+    """The tiny FLUX.1 pipeline's VAE decoder as the ``--compile`` engine prepares it on the CPU (``options``
+    added; the decoder compiled when first called, which these tests do not)."""
+    monkeypatch.setattr(engine_module, "apply_regional_compile", lambda *args: None)
+    pipe = build_tiny_pipeline("flux1", seed=0)
+    settings = EngineOptions(compile=True, compile_vae=True, cuda_graphs=False, **options)
+    engine_module.FluxEngine.from_pipeline(pipe, settings, torch.device("cpu"))
+    return pipe.vae.decoder

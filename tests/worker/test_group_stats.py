@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from worker import engine as engine_module
 from worker.cli import add_worker_arguments, engine_options
 from worker.optimizations.group_stats import (
     StatsGroupNorm,
@@ -19,8 +17,8 @@ from worker.optimizations.group_stats import (
     group_norm_stats,
     pixels_rows,
 )
-from worker.options import EngineOptions
-from worker.tiny_model import build_tiny_pipeline
+
+from .device_support import compiled_engine_vae_decoder
 
 
 def activations(channels: int = 32, side: int = 6, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -95,22 +93,14 @@ def test_a_vae_decoder_with_the_statistics_decodes_the_same_image() -> None:
     assert torch.allclose(vae.decode(latent).sample, expected, atol=1e-5)
 
 
-def compiled_vae_decoder(monkeypatch: pytest.MonkeyPatch, **options: Any) -> Any:
-    """The tiny pipeline's VAE decoder as the ``--compile`` engine prepares it on the CPU (compiled when
-    first called)."""
-    monkeypatch.setattr(engine_module, "apply_regional_compile", lambda *args: None)
-    pipe = build_tiny_pipeline("flux1", seed=0)
-    settings = EngineOptions(compile=True, compile_vae=True, cuda_graphs=False, **options)
-    engine_module.FluxEngine.from_pipeline(pipe, settings, torch.device("cpu"))
-    return pipe.vae.decoder
-
-
 def test_the_compiled_engine_gives_the_decoder_the_statistics_unless_told_not_to(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    norms = [type(m) for m in compiled_vae_decoder(monkeypatch).modules() if isinstance(m, nn.GroupNorm)]
+    norms = [
+        type(m) for m in compiled_engine_vae_decoder(monkeypatch).modules() if isinstance(m, nn.GroupNorm)
+    ]
     assert norms and set(norms) == {StatsGroupNorm}
-    decoder = compiled_vae_decoder(monkeypatch, vae_group_stats=False)
+    decoder = compiled_engine_vae_decoder(monkeypatch, vae_group_stats=False)
     assert {type(m) for m in decoder.modules() if isinstance(m, nn.GroupNorm)} == {nn.GroupNorm}
     parser = argparse.ArgumentParser()
     add_worker_arguments(parser)
