@@ -7,7 +7,6 @@ import argparse
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
 
 from worker.cli import add_worker_arguments, engine_options
@@ -19,6 +18,7 @@ from worker.optimizations.group_stats import (
 )
 
 from .device_support import compiled_engine_vae_decoder
+from .vae_support import tiny_vae
 
 
 def activations(channels: int = 32, side: int = 6, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -79,14 +79,7 @@ def test_the_compiled_decoder_traces_the_statistics_in_one_graph() -> None:
 
 @torch.no_grad()
 def test_a_vae_decoder_with_the_statistics_decodes_the_same_image() -> None:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-    ).eval()
+    vae = tiny_vae()
     latent = torch.randn(1, 4, 8, 8)
     expected = vae.decode(latent).sample
     assert apply_group_stats(vae.decoder) == sum(isinstance(m, nn.GroupNorm) for m in vae.decoder.modules())

@@ -8,7 +8,6 @@ import argparse
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from worker import engine as engine_module
@@ -17,17 +16,7 @@ from worker.optimizations import vae_attention
 from worker.optimizations.vae_attention import GemmAttnProcessor, apply_gemm_attention, gemm_attention
 
 from .device_support import compiled_engine_vae_decoder
-
-
-def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-    ).eval()
+from .vae_support import tiny_vae
 
 
 @pytest.mark.parametrize("chunk", [4096, 50])
