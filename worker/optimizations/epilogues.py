@@ -96,22 +96,30 @@ def split_projection(
     ``accumulate``: the second GEMM adds into the first one's output (``accumulate_mm``), so the gating
     kernel after it reads one partial sum instead of two (28 MB less a single block at 1024x1024), and
     the bias joins that kernel."""
+    return with_bias(*unbiased_projection(linear, attention, mlp, accumulate), attention)
+
+
+def unbiased_projection(
+    linear: nn.Module, attention: torch.Tensor, mlp: torch.Tensor, accumulate: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``split_projection``'s GEMMs and the bias still to add to their output (None: included). Accumulated,
+    the output is returned as the GEMMs wrote it (rows flattened), so that the kernel that gates it adds the
+    bias: this block's, or the next one's (``EpilogueSingleBlock.gating_deferred``)."""
     if type(linear) is not nn.Linear:  # swapped after the epilogues were applied: call it as is
-        return linear(torch.cat([attention, mlp], dim=-1))
+        return linear(torch.cat([attention, mlp], dim=-1)), None
     dim = attention.shape[-1]
     if not accumulate:
         projected = F.linear(attention, linear.weight[:, :dim], linear.bias)
-        return projected + F.linear(mlp, linear.weight[:, dim:])
-    return (accumulated_projection(linear, attention, mlp) + linear.bias).view(*attention.shape[:-1], -1)
-
-
-def accumulated_projection(linear: nn.Linear, attention: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
-    """``cat(attention, mlp) @ W^T`` without the bias, rows flattened: two GEMMs, the second adding into the
-    first one's output (``accumulate_mm``)."""
-    dim = attention.shape[-1]
+        return projected + F.linear(mlp, linear.weight[:, dim:]), None
     projected = torch.mm(attention.reshape(-1, dim), linear.weight[:, :dim].t())
     accumulate_mm(projected, mlp.reshape(-1, mlp.shape[-1]), linear.weight[:, dim:].t())
-    return projected
+    return projected, linear.bias
+
+
+def with_bias(projected: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``projected + bias`` shaped as ``like`` but for its last dimension (``projected`` as it is where its
+    bias is included)."""
+    return projected if bias is None else (projected + bias).view(*like.shape[:-1], -1)
 
 
 def clipped(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -193,26 +201,22 @@ class EpilogueSingleBlock(FluxSingleTransformerBlock):
     projected_gelu = staticmethod(gelu_linear)
 
     def projected(self, norm_hidden_states: torch.Tensor, attn_output: Any) -> torch.Tensor:
-        """``proj_out(cat(attention, gelu(proj_mlp(x))))``, the MLP's GEMM before the attention is awaited.
-
-        A ``PendingAttention`` attends after that GEMM (its query, key and value crossed beside it), and
-        ``proj_out``'s MLP part runs before its output is awaited (the output crossing back beside it)."""
-        if isinstance(attn_output, PendingAttention):
-            return beside_projection(self.proj_mlp, self.proj_out, attn_output, norm_hidden_states)
-        mlp_hidden_states = self.projected_gelu(norm_hidden_states, self.proj_mlp)
-        return split_projection(self.proj_out, settled(attn_output), mlp_hidden_states, self.accumulate)
+        """``proj_out(cat(attention, gelu(proj_mlp(x))))``: ``ungated``'s output with its bias."""
+        return with_bias(*self.ungated(norm_hidden_states, attn_output), norm_hidden_states)
 
     def ungated(
         self, norm_hidden_states: torch.Tensor, attn_output: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``proj_out``'s output and the bias it still lacks (None: included), for the next block to gate.
-        The accumulated GEMMs' output is returned as they wrote it, so that no kernel adds the bias in this
-        block: the next block's norm kernel does, with the gating."""
-        linear = self.proj_out
-        if not self.accumulate or type(linear) is not nn.Linear or isinstance(attn_output, PendingAttention):
-            return self.projected(norm_hidden_states, attn_output), None
+        """``proj_out(cat(attention, gelu(proj_mlp(x))))`` and the bias still to add (None: included), the
+        MLP's GEMM before the attention is awaited; the block gates the sum, or leaves it to the next block
+        (``gating_deferred``), whose norm kernel then adds the bias.
+
+        A ``PendingAttention`` attends after that GEMM (its query, key and value crossed beside it), and
+        ``proj_out``'s MLP part runs before its output is awaited (the output crossing back beside it)."""
+        if isinstance(attn_output, PendingAttention):
+            return beside_projection(self.proj_mlp, self.proj_out, attn_output, norm_hidden_states), None
         mlp_hidden_states = self.projected_gelu(norm_hidden_states, self.proj_mlp)
-        return accumulated_projection(linear, settled(attn_output), mlp_hidden_states), linear.bias
+        return unbiased_projection(self.proj_out, settled(attn_output), mlp_hidden_states, self.accumulate)
 
 
 def beside_projection(

@@ -229,13 +229,15 @@ def fp8_project(
 class Fp8MlpSingleBlock(EpilogueSingleBlock):
     """FLUX.1's single block with ``proj_out``'s input (attention and GELU'd MLP) quantized by the kernels."""
 
-    def projected(self, norm_hidden_states: torch.Tensor, attn_output: Any) -> torch.Tensor:
+    def ungated(
+        self, norm_hidden_states: torch.Tensor, attn_output: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         mlp_hidden_states = self.proj_mlp(norm_hidden_states)
         attention = settled(attn_output)
         if not rowwise_fp8_linear(self.proj_out):  # swapped after this class was applied: diffusers' math
-            return self.proj_out(torch.cat([attention, self.act_mlp(mlp_hidden_states)], dim=2))
+            return self.proj_out(torch.cat([attention, self.act_mlp(mlp_hidden_states)], dim=2)), None
         rows, scale = fp8_quantize_rows(attention.contiguous(), mlp_hidden_states, True)
-        return fp8_project(rows, scale, self.proj_out, mlp_hidden_states)
+        return fp8_project(rows, scale, self.proj_out, mlp_hidden_states), None  # the bias in the GEMM
 
 
 class Fp8MlpFeedForward(FeedForward):
